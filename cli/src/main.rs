@@ -1,0 +1,2 @@
+//! colony
+fn main() {}

@@ -1,0 +1,384 @@
+//! The JetStream bus and the transactional outbox: idempotent stream and consumer setup, typed
+//! protobuf publish and consume with `Nats-Msg-Id` and W3C `traceparent` headers, and the
+//! mapping of handler outcomes to ack, nak-with-delay and term.
+
+mod consume;
+pub mod metrics;
+pub mod outbox;
+pub mod subjects;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use async_nats;
+pub use consume::{ConsumeOptions, Delivery, Outcome, consume};
+pub use outbox::{Outbox, RelayOptions};
+
+/// Header carrying the W3C trace context of the publishing span.
+pub const TRACEPARENT: &str = "traceparent";
+/// Header JetStream deduplicates on within the stream's duplicate window.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("consumer {consumer}: {message}")]
+    Consumer { consumer: String, message: String },
+    #[error("publish to {subject} failed: {message}")]
+    Publish { subject: String, message: String },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// Publish and connection failures heal by themselves; configuration errors do not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Publish { .. } | Error::Connect { .. } | Error::Database(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub url: String,
+    /// Prepended to every subject (`<prefix>.colony.v1…`) and stream name, so that several
+    /// Colony installations (or tests) share one NATS server without meeting.
+    pub prefix: String,
+    /// How long a dispatch or report message may stay unacknowledged before redelivery.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries of one message before JetStream gives up on it.
+    pub max_deliver: i64,
+    /// How long lifecycle events are kept.
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+    /// Bytes of lifecycle events kept.
+    pub events_max_bytes: i64,
+    /// Window within which a repeated `Nats-Msg-Id` is dropped.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: String::new(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            events_max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BusConfig {
+    pub fn validate(&self, problems: &mut Vec<String>) {
+        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
+            problems.push(format!(
+                "bus.url: {:?} must start with nats:// or tls://",
+                self.url
+            ));
+        }
+        if !self
+            .prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            problems.push(format!(
+                "bus.prefix: {:?} may hold only letters, digits, '_' and '-'",
+                self.prefix
+            ));
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            problems.push("bus.ack_wait: must be at least 1s".into());
+        }
+        if self.max_deliver < 1 {
+            problems.push("bus.max_deliver: must be at least 1".into());
+        }
+        if self.duplicate_window > self.events_max_age {
+            problems.push("bus.duplicate_window: must not exceed bus.events_max_age".into());
+        }
+    }
+}
+
+/// The streams Colony uses. Each is created idempotently by [`Bus::ensure_streams`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Work queue of task dispatch hints; one durable consumer per role shared by workers.
+    Dispatch,
+    /// Work queue of worker reports, consumed by the orchestrator.
+    Reports,
+    /// Run and task lifecycle, heartbeats and usage records; bounded by age and size.
+    Events,
+    /// Messages a consumer terminated, kept for inspection.
+    DeadLetter,
+}
+
+impl StreamKind {
+    pub const ALL: [StreamKind; 4] = [
+        StreamKind::Dispatch,
+        StreamKind::Reports,
+        StreamKind::Events,
+        StreamKind::DeadLetter,
+    ];
+
+    fn base_name(self) -> &'static str {
+        match self {
+            StreamKind::Dispatch => "COLONY_DISPATCH",
+            StreamKind::Reports => "COLONY_REPORTS",
+            StreamKind::Events => "COLONY_EVENTS",
+            StreamKind::DeadLetter => "COLONY_DEADLETTER",
+        }
+    }
+
+    fn subjects(self) -> &'static [&'static str] {
+        match self {
+            StreamKind::Dispatch => &["colony.v1.task.dispatch.>"],
+            StreamKind::Reports => &["colony.v1.task.report.>"],
+            StreamKind::Events => &[
+                "colony.v1.event.>",
+                "colony.v1.worker.>",
+                "colony.v1.usage.>",
+            ],
+            StreamKind::DeadLetter => &["colony.v1.deadletter.>"],
+        }
+    }
+}
+
+/// A connection to NATS with JetStream, scoped to one subject prefix.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    config: Arc<BusConfig>,
+}
+
+impl Bus {
+    /// Connects to NATS. `name` shows in the server's connection list.
+    pub async fn connect(config: &BusConfig, name: &str) -> Result<Self, Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(config.connect_timeout)
+            .retry_on_initial_connect()
+            .connect(config.url.as_str());
+        let client = tokio::time::timeout(config.connect_timeout, client)
+            .await
+            .map_err(|_| Error::Connect {
+                url: config.url.clone(),
+                message: format!("no answer within {:?}", config.connect_timeout),
+            })?
+            .map_err(|e| Error::Connect {
+                url: config.url.clone(),
+                message: e.to_string(),
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            jetstream,
+            config: Arc::new(config.clone()),
+        })
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.config
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// The wire subject for a logical subject such as `colony.v1.event.run.created`.
+    pub fn subject(&self, logical: &str) -> String {
+        if self.config.prefix.is_empty() {
+            logical.to_owned()
+        } else {
+            format!("{}.{logical}", self.config.prefix)
+        }
+    }
+
+    /// The logical subject of a wire subject (the inverse of [`Bus::subject`]).
+    pub fn logical<'a>(&self, wire: &'a str) -> &'a str {
+        if self.config.prefix.is_empty() {
+            return wire;
+        }
+        wire.strip_prefix(self.config.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(wire)
+    }
+
+    pub fn stream_name(&self, kind: StreamKind) -> String {
+        if self.config.prefix.is_empty() {
+            kind.base_name().to_owned()
+        } else {
+            format!("{}_{}", self.config.prefix, kind.base_name())
+        }
+    }
+
+    fn stream_config(&self, kind: StreamKind) -> stream::Config {
+        let subjects = kind.subjects().iter().map(|s| self.subject(s)).collect();
+        let base = stream::Config {
+            name: self.stream_name(kind),
+            subjects,
+            storage: stream::StorageType::File,
+            duplicate_window: self.config.duplicate_window,
+            ..Default::default()
+        };
+        match kind {
+            StreamKind::Dispatch | StreamKind::Reports => stream::Config {
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..base
+            },
+            StreamKind::Events => stream::Config {
+                retention: stream::RetentionPolicy::Limits,
+                max_age: self.config.events_max_age,
+                max_bytes: self.config.events_max_bytes,
+                ..base
+            },
+            StreamKind::DeadLetter => stream::Config {
+                retention: stream::RetentionPolicy::Limits,
+                max_age: Duration::from_secs(30 * 24 * 3600),
+                ..base
+            },
+        }
+    }
+
+    /// Creates every stream that does not exist yet; existing streams are left as they are.
+    pub async fn ensure_streams(&self) -> Result<(), Error> {
+        for kind in StreamKind::ALL {
+            let config = self.stream_config(kind);
+            let name = config.name.clone();
+            self.jetstream
+                .get_or_create_stream(config)
+                .await
+                .map_err(|e| Error::Stream {
+                    stream: name,
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Creates (or reuses) a durable pull consumer on `kind` for the logical `filter` subject.
+    pub async fn durable_consumer(
+        &self,
+        kind: StreamKind,
+        durable: &str,
+        filter: &str,
+    ) -> Result<consumer::PullConsumer, Error> {
+        let stream_name = self.stream_name(kind);
+        let stream = self
+            .jetstream
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| Error::Stream {
+                stream: stream_name.clone(),
+                message: e.to_string(),
+            })?;
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.to_owned()),
+            filter_subject: self.subject(filter),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: self.config.max_deliver,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(durable, config)
+            .await
+            .map_err(|e| Error::Consumer {
+                consumer: durable.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Publishes `message` on the logical `subject` and waits for JetStream's acknowledgement.
+    /// `msg_id` makes the publish idempotent within the duplicate window.
+    pub async fn publish<M: prost::Message>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        message: &M,
+    ) -> Result<(), Error> {
+        let traceparent = colony_telemetry::current_traceparent();
+        self.publish_bytes(
+            subject,
+            msg_id,
+            traceparent.as_deref(),
+            Bytes::from(message.encode_to_vec()),
+        )
+        .await
+    }
+
+    /// Publishes raw bytes (the outbox relay stores encoded messages) and waits for the ack.
+    pub async fn publish_bytes(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        traceparent: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), Error> {
+        self.start_publish(subject, msg_id, traceparent, payload)
+            .await?
+            .await
+            .map_err(|e| Error::Publish {
+                subject: subject.to_owned(),
+                message: e.to_string(),
+            })
+            .map(|_| ())
+    }
+
+    /// Sends a publish and returns the future of its acknowledgement, so callers can pipeline.
+    pub async fn start_publish(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        traceparent: Option<&str>,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID, msg_id);
+        if let Some(traceparent) = traceparent {
+            headers.insert(TRACEPARENT, traceparent);
+        }
+        let wire = self.subject(subject);
+        let future = self
+            .jetstream
+            .publish_with_headers(wire, headers, payload)
+            .await
+            .map_err(|e| Error::Publish {
+                subject: subject.to_owned(),
+                message: e.to_string(),
+            })?;
+        ::metrics::counter!(metrics::PUBLISHED, "kind" => subjects::kind_of(subject)).increment(1);
+        Ok(future)
+    }
+
+    /// Waits until everything sent so far has reached the server (used at shutdown).
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.client.flush().await.map_err(|e| Error::Publish {
+            subject: "<flush>".into(),
+            message: e.to_string(),
+        })
+    }
+}

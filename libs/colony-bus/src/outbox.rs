@@ -1,0 +1,232 @@
+//! The transactional outbox: a service writes the event into its outbox table in the same
+//! transaction as the state change; the relay publishes unsent rows and marks them sent.
+//!
+//! Nothing is lost on a crash between commit and publish (the row stays unsent and the next
+//! relay pass, on any replica, publishes it), and nothing is published twice in a way that
+//! matters: `FOR UPDATE SKIP LOCKED` keeps two relays off the same row, and the row's `msg_id`
+//! travels as `Nats-Msg-Id`, so JetStream drops a repeat after a crash between publish and
+//! marking the row sent.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bus, Error, metrics};
+
+/// One service's outbox table. `table` and `channel` are compile-time constants of the owning
+/// service (they are formatted into SQL, never taken from input).
+#[derive(Debug, Clone, Copy)]
+pub struct Outbox {
+    table: &'static str,
+    channel: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Rows published per pass.
+    pub batch: i64,
+    /// Pass interval when no notification arrives (notifications make it near-instant).
+    pub poll_interval: Duration,
+    /// Sent rows are deleted after this long.
+    pub retention: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Outbox {
+    /// `table` as `schema.outbox`; `channel` is the `LISTEN` channel that wakes the relay.
+    pub const fn new(table: &'static str, channel: &'static str) -> Self {
+        Self { table, channel }
+    }
+
+    pub fn table(&self) -> &'static str {
+        self.table
+    }
+
+    /// Adds `message` for the logical `subject` inside the caller's transaction. The current
+    /// span's trace context is stored with it so the trace continues across the relay.
+    pub async fn enqueue<M: prost::Message>(
+        &self,
+        conn: &mut PgConnection,
+        subject: &str,
+        msg_id: &str,
+        message: &M,
+    ) -> Result<(), Error> {
+        let traceparent = colony_telemetry::current_traceparent();
+        sqlx::query(&format!(
+            "INSERT INTO {} (msg_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (msg_id) DO NOTHING",
+            self.table
+        ))
+        .bind(msg_id)
+        .bind(subject)
+        .bind(message.encode_to_vec())
+        .bind(traceparent)
+        .execute(&mut *conn)
+        .await?;
+        // Delivered at commit, so the relay wakes only for committed rows.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.channel)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes up to `batch` unsent rows and marks them sent. Returns how many were sent.
+    pub async fn relay_once(&self, pool: &PgPool, bus: &Bus, batch: i64) -> Result<usize, Error> {
+        let mut tx = pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT id, msg_id, subject, payload, traceparent, \
+                    EXTRACT(EPOCH FROM (now() - created_at))::float8 AS age \
+             FROM {} WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            self.table
+        ))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let lag = rows
+            .first()
+            .map(|row| row.get::<f64, _>("age"))
+            .unwrap_or(0.0);
+        ::metrics::gauge!(metrics::OUTBOX_LAG_SECONDS, "table" => self.table).set(lag);
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        // Send every publish first, then wait for the acks: one round trip per batch.
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.get("id");
+            let subject: String = row.get("subject");
+            let msg_id: String = row.get("msg_id");
+            let payload: Vec<u8> = row.get("payload");
+            let traceparent: Option<String> = row.get("traceparent");
+            match bus
+                .start_publish(&subject, &msg_id, traceparent.as_deref(), payload.into())
+                .await
+            {
+                Ok(ack) => pending.push((id, subject, ack)),
+                Err(error) => tracing::warn!(%error, table = self.table, "outbox publish failed"),
+            }
+        }
+        let acks = join_all(pending.into_iter().map(|(id, subject, ack)| async move {
+            match ack.await {
+                Ok(_) => Some(id),
+                Err(error) => {
+                    tracing::warn!(%error, %subject, "outbox publish not acknowledged");
+                    None
+                }
+            }
+        }))
+        .await;
+        let sent: Vec<i64> = acks.into_iter().flatten().collect();
+        sqlx::query(&format!(
+            "UPDATE {} SET sent_at = now() WHERE id = ANY($1)",
+            self.table
+        ))
+        .bind(&sent)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        ::metrics::counter!(metrics::OUTBOX_RELAYED, "table" => self.table)
+            .increment(sent.len() as u64);
+        Ok(sent.len())
+    }
+
+    /// Deletes rows sent longer ago than `retention`.
+    pub async fn prune(&self, pool: &PgPool, retention: Duration) -> Result<u64, Error> {
+        let seconds = retention.as_secs_f64();
+        let result = sqlx::query(&format!(
+            "DELETE FROM {} WHERE sent_at < now() - make_interval(secs => $1)",
+            self.table
+        ))
+        .bind(seconds)
+        .execute(pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Relays until `shutdown`: woken by `NOTIFY` on commit, and by a poll as a safety net.
+    /// On start it publishes whatever an earlier process left unsent.
+    pub async fn run_relay(
+        self,
+        pool: PgPool,
+        bus: Bus,
+        options: RelayOptions,
+        shutdown: CancellationToken,
+    ) {
+        let mut listener = None;
+        let mut last_prune = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        loop {
+            if listener.is_none() {
+                listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(mut l) => match l.listen(self.channel).await {
+                        Ok(()) => Some(l),
+                        Err(error) => {
+                            tracing::warn!(%error, "outbox listen failed; polling");
+                            None
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox listener connect failed; polling");
+                        None
+                    }
+                };
+            }
+            let sent = match self.relay_once(&pool, &bus, options.batch).await {
+                Ok(sent) => {
+                    failures = 0;
+                    sent
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    ::metrics::counter!(metrics::OUTBOX_ERRORS, "table" => self.table)
+                        .increment(1);
+                    tracing::warn!(%error, table = self.table, failures, "outbox relay pass failed");
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => continue,
+                    }
+                }
+            };
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = tokio::time::Instant::now();
+                if let Err(error) = self.prune(&pool, options.retention).await {
+                    tracing::warn!(%error, table = self.table, "outbox prune failed");
+                }
+            }
+            if sent as i64 >= options.batch {
+                continue;
+            }
+            let wait = async {
+                match listener.as_mut() {
+                    Some(l) => match tokio::time::timeout(options.poll_interval, l.recv()).await {
+                        Ok(Ok(_)) | Err(_) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "outbox listener lost");
+                            return false;
+                        }
+                    },
+                    None => tokio::time::sleep(options.poll_interval).await,
+                }
+                true
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                healthy = wait => if !healthy { listener = None },
+            }
+        }
+    }
+}

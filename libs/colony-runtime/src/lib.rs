@@ -1,0 +1,177 @@
+//! Process runtime shared by the services: signals → cancellation, one task tracker, readiness,
+//! and the `/healthz`, `/readyz`, `/metrics` endpoints.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// The root of a service's lifetime: cancelling `shutdown` stops intake everywhere; `tracker`
+/// owns every background task so shutdown can wait for them.
+#[derive(Clone)]
+pub struct Runtime {
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    ready: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            shutdown,
+            tracker: TaskTracker::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Spawns `future` on the tracker so shutdown waits for it.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(future)
+    }
+
+    /// Marks the service ready (dependencies connected, consumers running).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+    }
+
+    /// Waits for every tracked task, at most `grace`. Returns false when the grace ran out.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.set_ready(false);
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    // Not tracked: it must outlive the tracker's drain to cancel it.
+    #[expect(clippy::disallowed_methods, reason = "the signal watcher outlives the tracker")]
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+            () = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+#[derive(Clone)]
+struct HealthState {
+    runtime: Runtime,
+    metrics: PrometheusHandle,
+}
+
+/// `/healthz` (the process answers), `/readyz` (ready and not shutting down), `/metrics`
+/// (Prometheus text). Merge a service's own routes into it.
+pub fn health_routes(runtime: &Runtime, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(HealthState {
+            runtime: runtime.clone(),
+            metrics,
+        })
+}
+
+async fn readyz(State(state): State<HealthState>) -> (StatusCode, &'static str) {
+    if state.runtime.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn render_metrics(State(state): State<HealthState>) -> String {
+    state.metrics.run_upkeep();
+    state.metrics.render()
+}
+
+/// Binds `addr`, failing with the address in the message.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid listen address {addr:?}: {e}"))?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves `router` on `listener` until `shutdown`, as a tracked task.
+pub fn serve_http(runtime: &Runtime, listener: TcpListener, router: Router) {
+    let shutdown = runtime.shutdown.clone();
+    runtime.spawn(async move {
+        let local = listener.local_addr().ok();
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, ?local, "http server failed");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_follows_state_and_shutdown() {
+        let runtime = Runtime::new(CancellationToken::new());
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve_http(
+            &runtime,
+            listener,
+            health_routes(&runtime, colony_telemetry::prometheus()),
+        );
+        let url = format!("http://{addr}");
+        let client = reqwest::Client::new();
+        let status = |path: &'static str| {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                client
+                    .get(format!("{url}{path}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        assert_eq!(status("/healthz").await, 200);
+        assert_eq!(status("/readyz").await, 503);
+        runtime.set_ready(true);
+        assert_eq!(status("/readyz").await, 200);
+        assert_eq!(status("/metrics").await, 200);
+        runtime.shutdown.cancel();
+        assert!(runtime.drain(Duration::from_secs(5)).await);
+        assert!(!runtime.is_ready());
+    }
+}

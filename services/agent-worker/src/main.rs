@@ -1,0 +1,2 @@
+//! colony-agent-worker
+fn main() {}

@@ -1,0 +1,2 @@
+//! colony-memory
+fn main() {}

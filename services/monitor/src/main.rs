@@ -1,0 +1,2 @@
+//! colony-monitor
+fn main() {}

@@ -1,0 +1,2 @@
+//! colony-orchestrator
+fn main() {}

@@ -1,0 +1,2 @@
+//! colony-router
+fn main() {}
