@@ -11,12 +11,16 @@ CREATE TABLE router.usage_ledger (
     provider          text        NOT NULL,
     model             text        NOT NULL,
     outcome           text        NOT NULL CHECK (outcome IN ('ok', 'error')),
-    error_class       text,
-    prompt_tokens     bigint      NOT NULL DEFAULT 0,
-    completion_tokens bigint      NOT NULL DEFAULT 0,
-    cost_micros_usd   bigint      NOT NULL DEFAULT 0,
-    latency_ms        bigint      NOT NULL,
-    occurred_at       timestamptz NOT NULL DEFAULT now()
+    -- Set exactly when outcome = 'error'; the values of the `colony-error-class` metadata.
+    error_class       text        CHECK (error_class IN ('transient', 'permanent', 'user_fixable',
+                                                         'external_rate_limit', 'external_degrading')),
+    prompt_tokens     bigint      NOT NULL DEFAULT 0 CHECK (prompt_tokens >= 0),
+    completion_tokens bigint      NOT NULL DEFAULT 0 CHECK (completion_tokens >= 0),
+    -- Millionths of a US dollar: tokens × price per million tokens.
+    cost_micros_usd   bigint      NOT NULL DEFAULT 0 CHECK (cost_micros_usd >= 0),
+    latency_ms        bigint      NOT NULL CHECK (latency_ms >= 0),
+    occurred_at       timestamptz NOT NULL DEFAULT now(),
+    CHECK ((outcome = 'error') = (error_class IS NOT NULL))
 );
 CREATE INDEX usage_by_tenant ON router.usage_ledger (tenant, occurred_at);
 

@@ -85,6 +85,7 @@ pg_cluster() {
         fi
     fi
     if [[ -d /etc/postgresql ]] && [[ -n $(ls -A /etc/postgresql 2>/dev/null) ]]; then
+        # shellcheck disable=SC2012 # version directories: plain numbers
         echo "$(ls /etc/postgresql | head -1) main"
         return 0
     fi
@@ -129,6 +130,7 @@ ensure_postgres() {
         fi
         if ! read -r version cluster < <(pg_cluster); then
             # Package present but no cluster (dropped, or postinst skipped it).
+            # shellcheck disable=SC2012 # version directories: plain numbers
             version=$(ls /usr/lib/postgresql | sort -V | tail -1)
             cluster=main
             "${SUDO[@]}" pg_createcluster --port "$PG_PORT" "$version" "$cluster" </dev/null >/dev/null

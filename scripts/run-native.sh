@@ -20,7 +20,7 @@ RUN_DIR=.cache/run
 CONFIG_DIR=deploy/config/native
 DB_NAME=colony
 READY_SECS="${READY_SECS:-60}"
-STOP_GRACE_SECS="${STOP_GRACE_SECS:-15}"
+STOP_GRACE_SECS="${STOP_GRACE_SECS:-35}" # > the services' own shutdown_grace (30s max)
 
 # Start order: dependencies first. Stopped in reverse, so workers drain while
 # the orchestrator, router and memory are still up.
@@ -79,6 +79,7 @@ stop_one() {
 
 stop_all() {
     local i
+    set +m # no job-status chatter while stopping
     for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
         stop_one "${SERVICES[i]}"
     done

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +106,42 @@ pub async fn consume<M, H, Fut>(
     H: Fn(Delivery<M>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
+    let decode = |payload: &Bytes| M::decode(payload.as_ref()).map_err(|e| e.to_string());
+    consume_with(bus, consumer, options, shutdown, tracker, decode, handler).await;
+}
+
+/// Like [`consume`], for streams that carry several message types: the handler gets the raw
+/// payload and decodes by subject. It should answer `Outcome::Terminate("malformed …")` for a
+/// payload that does not decode, so the message is counted as malformed.
+pub async fn consume_bytes<H, Fut>(
+    bus: Bus,
+    consumer: PullConsumer,
+    options: ConsumeOptions,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    handler: H,
+) where
+    H: Fn(Delivery<Bytes>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let decode = |payload: &Bytes| Ok::<_, String>(payload.clone());
+    consume_with(bus, consumer, options, shutdown, tracker, decode, handler).await;
+}
+
+async fn consume_with<M, D, H, Fut>(
+    bus: Bus,
+    consumer: PullConsumer,
+    options: ConsumeOptions,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    decode: D,
+    handler: H,
+) where
+    M: Send + 'static,
+    D: Fn(&Bytes) -> Result<M, String> + Copy + Send + Sync + 'static,
+    H: Fn(Delivery<M>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(options.concurrency));
     let name: Arc<str> = Arc::from(options.name.as_str());
     loop {
@@ -160,16 +197,21 @@ pub async fn consume<M, H, Fut>(
             let handler = handler.clone();
             let name = name.clone();
             tracker.spawn(async move {
-                handle_one(&bus, &name, raw, handler).await;
+                handle_one(&bus, &name, raw, decode, handler).await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn handle_one<M, H, Fut>(bus: &Bus, name: &str, raw: jetstream::Message, handler: H)
-where
-    M: prost::Message + Default,
+async fn handle_one<M, D, H, Fut>(
+    bus: &Bus,
+    name: &str,
+    raw: jetstream::Message,
+    decode: D,
+    handler: H,
+) where
+    D: Fn(&Bytes) -> Result<M, String>,
     H: Fn(Delivery<M>) -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
@@ -186,7 +228,7 @@ where
         ::metrics::counter!(metrics::REDELIVERED, "consumer" => name.to_owned()).increment(1);
     }
     let raw = Arc::new(raw);
-    let outcome = match M::decode(raw.payload.as_ref()) {
+    let outcome = match decode(&raw.payload) {
         Err(error) => {
             span.in_scope(|| {
                 tracing::warn!(%error, subject = %subject, consumer = %name, "malformed message terminated")

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use async_nats;
-pub use consume::{ConsumeOptions, Delivery, Outcome, consume};
+pub use consume::{ConsumeOptions, Delivery, Outcome, ProgressHandle, consume, consume_bytes};
 pub use outbox::{Outbox, RelayOptions};
 
 /// Header carrying the W3C trace context of the publishing span.

@@ -1,0 +1,79 @@
+//! The one error type of the memory service and its one conversion to `tonic::Status`.
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong; retrying it unchanged cannot help.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A short, stable name for metrics labels and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::Database(_) if self.is_retryable() => "unavailable",
+            Error::Database(_) => "internal",
+        }
+    }
+
+    /// Whether the same request may succeed later (the database was unreachable or busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidArgument { .. } => false,
+            Error::Database(error) => matches!(
+                error,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::InvalidArgument { .. } => tonic::Status::invalid_argument(error.to_string()),
+            // Database details stay in the logs; clients learn only whether to retry.
+            Error::Database(_) if error.is_retryable() => {
+                tonic::Status::unavailable("the memory database is unavailable; retry later")
+            }
+            Error::Database(_) => tonic::Status::internal("internal error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let status = tonic::Status::from(Error::invalid("tenant", "is required"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "tenant: is required");
+    }
+
+    #[test]
+    fn database_errors_do_not_leak() {
+        let status = tonic::Status::from(Error::Database(sqlx::Error::Protocol(
+            "secret detail".into(),
+        )));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("secret"));
+        let status = tonic::Status::from(Error::Database(sqlx::Error::PoolTimedOut));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+}

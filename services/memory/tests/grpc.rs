@@ -1,0 +1,482 @@
+//! In-process service tests: the real gRPC server on port 0 against a fresh database.
+
+use std::time::Duration;
+
+use colony_memory::Config;
+use colony_proto::v1;
+use colony_proto::v1::memory_client::MemoryClient;
+use colony_runtime::Runtime;
+use colony_testkit::{TestBus, TestDb};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Service {
+    client: MemoryClient<Channel>,
+    http: String,
+    runtime: Runtime,
+    handle: Option<colony_memory::Handle>,
+    _db: TestDb,
+    _bus: TestBus,
+}
+
+impl Service {
+    async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::new().await;
+        let bus = TestBus::new();
+        let mut config = Config {
+            database: db.config(),
+            bus: bus.config(),
+            ..Config::default()
+        };
+        config.http.addr = "127.0.0.1:0".into();
+        config.grpc.addr = "127.0.0.1:0".into();
+        tweak(&mut config);
+        let runtime = Runtime::new(CancellationToken::new());
+        let handle = colony_memory::spawn(config, &runtime)
+            .await
+            .expect("the service starts");
+        let channel = Channel::from_shared(format!("http://{}", handle.grpc_addr))
+            .expect("a valid endpoint")
+            .connect()
+            .await
+            .expect("the gRPC server accepts connections");
+        let client = MemoryClient::new(channel);
+        Self {
+            client,
+            http: format!("http://{}", handle.http_addr),
+            runtime,
+            handle: Some(handle),
+            _db: db,
+            _bus: bus,
+        }
+    }
+
+    async fn append(
+        &mut self,
+        tenant: &str,
+        session: &str,
+        messages: &[(&str, &str)],
+    ) -> Result<v1::AppendMessagesResponse, tonic::Status> {
+        self.client
+            .append_messages(v1::AppendMessagesRequest {
+                tenant: tenant.into(),
+                session_id: session.into(),
+                run_id: "run-1".into(),
+                task_id: "task-1".into(),
+                messages: messages
+                    .iter()
+                    .map(|(role, content)| v1::ChatMessage {
+                        role: (*role).into(),
+                        content: (*content).into(),
+                    })
+                    .collect(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn list(
+        &mut self,
+        tenant: &str,
+        session: &str,
+        after_seq: u64,
+        page_size: u32,
+    ) -> Result<v1::ListMessagesResponse, tonic::Status> {
+        self.client
+            .list_messages(v1::ListMessagesRequest {
+                tenant: tenant.into(),
+                session_id: session.into(),
+                page_size,
+                after_seq,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Every message of a session, fetched page by page.
+    async fn list_all(
+        &mut self,
+        tenant: &str,
+        session: &str,
+        page_size: u32,
+    ) -> Vec<v1::StoredMessage> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .list(tenant, session, after, page_size)
+                .await
+                .expect("list succeeds");
+            all.extend(page.messages);
+            if page.next_after_seq == 0 {
+                return all;
+            }
+            after = page.next_after_seq;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics has a body")
+    }
+
+    async fn stop(mut self) {
+        self.runtime.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.wait().await.expect("a clean shutdown");
+        }
+    }
+}
+
+fn seqs(messages: &[v1::StoredMessage]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+fn contents(messages: &[v1::StoredMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.message.clone().unwrap_or_default().content)
+        .collect()
+}
+
+#[tokio::test]
+async fn append_then_list_round_trips_with_paging() {
+    let mut service = Service::start(|_| {}).await;
+    let appended = service
+        .append(
+            "acme",
+            "s1",
+            &[
+                ("system", "be brief"),
+                ("user", "hello there"),
+                ("assistant", ""),
+                ("tool", "{\"ok\":true}"),
+                ("user", "thanks"),
+            ],
+        )
+        .await
+        .expect("append succeeds");
+    assert_eq!(appended.message_count, 5);
+    // 8/4=2, 11/4→3, 0→1 (floor of one), 11/4→3, 6/4→2.
+    assert_eq!(appended.token_count, 2 + 3 + 1 + 3 + 2);
+
+    let first = service
+        .list("acme", "s1", 0, 2)
+        .await
+        .expect("list succeeds");
+    assert_eq!(seqs(&first.messages), [1, 2]);
+    assert_eq!(first.next_after_seq, 2);
+    let stored = &first.messages[1];
+    let message = stored
+        .message
+        .clone()
+        .expect("a stored message has its message");
+    assert_eq!(
+        (message.role.as_str(), message.content.as_str()),
+        ("user", "hello there")
+    );
+    assert_eq!(stored.token_count, 3);
+    assert!(stored.created_at.is_some());
+
+    let second = service
+        .list("acme", "s1", 2, 2)
+        .await
+        .expect("list succeeds");
+    assert_eq!(seqs(&second.messages), [3, 4]);
+    assert_eq!(second.next_after_seq, 4);
+    let last = service
+        .list("acme", "s1", 4, 2)
+        .await
+        .expect("list succeeds");
+    assert_eq!(seqs(&last.messages), [5]);
+    assert_eq!(last.next_after_seq, 0, "no page after the last one");
+
+    // An exact fit ends without an extra empty page.
+    let exact = service
+        .list("acme", "s1", 3, 2)
+        .await
+        .expect("list succeeds");
+    assert_eq!(seqs(&exact.messages), [4, 5]);
+    assert_eq!(exact.next_after_seq, 0);
+
+    // page_size 0 means the default page (100): everything at once.
+    let all = service
+        .list("acme", "s1", 0, 0)
+        .await
+        .expect("list succeeds");
+    assert_eq!(
+        contents(&all.messages),
+        ["be brief", "hello there", "", "{\"ok\":true}", "thanks"]
+    );
+    assert_eq!(all.next_after_seq, 0);
+
+    let none = service
+        .list("acme", "never-written", 0, 10)
+        .await
+        .expect("list succeeds");
+    assert!(none.messages.is_empty());
+    assert_eq!(none.next_after_seq, 0);
+
+    let metrics = service.metrics().await;
+    assert!(
+        metrics
+            .contains("colony_memory_operations_total{method=\"AppendMessages\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("colony_memory_messages_appended_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("colony_memory_operation_duration_seconds"),
+        "{metrics}"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn sequence_numbers_continue_across_appends() {
+    let mut service = Service::start(|_| {}).await;
+    let first = service
+        .append("acme", "s1", &[("user", "one"), ("assistant", "two")])
+        .await
+        .expect("append succeeds");
+    assert_eq!(first.message_count, 2);
+    let second = service
+        .append(
+            "acme",
+            "s1",
+            &[("user", "three"), ("assistant", "four"), ("user", "five")],
+        )
+        .await
+        .expect("append succeeds");
+    assert_eq!(second.message_count, 5);
+    // "three" is two tokens, "four" and "five" one each.
+    assert_eq!(second.token_count, first.token_count + 2 + 1 + 1);
+    let all = service.list_all("acme", "s1", 2).await;
+    assert_eq!(seqs(&all), [1, 2, 3, 4, 5]);
+    assert_eq!(contents(&all), ["one", "two", "three", "four", "five"]);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_gap_free_sequences() {
+    let mut service = Service::start(|_| {}).await;
+    let appends = (0..8).map(|i| {
+        let mut client = service.client.clone();
+        async move {
+            client
+                .append_messages(v1::AppendMessagesRequest {
+                    tenant: "acme".into(),
+                    session_id: "busy".into(),
+                    messages: vec![
+                        v1::ChatMessage {
+                            role: "user".into(),
+                            content: format!("{i}-a"),
+                        },
+                        v1::ChatMessage {
+                            role: "assistant".into(),
+                            content: format!("{i}-b"),
+                        },
+                    ],
+                    ..Default::default()
+                })
+                .await
+                .expect("append succeeds");
+        }
+    });
+    futures::future::join_all(appends).await;
+    let all = service.list_all("acme", "busy", 1000).await;
+    assert_eq!(seqs(&all), (1..=16).collect::<Vec<_>>());
+    // Each append's two messages are adjacent: appends do not interleave.
+    for pair in all.chunks(2) {
+        let texts = contents(pair);
+        assert_eq!(
+            texts[0].trim_end_matches("-a"),
+            texts[1].trim_end_matches("-b")
+        );
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_others_sessions() {
+    let mut service = Service::start(|_| {}).await;
+    service
+        .append("acme", "shared", &[("user", "acme secret")])
+        .await
+        .expect("append succeeds");
+    let globex = service
+        .append(
+            "globex",
+            "shared",
+            &[("user", "globex one"), ("user", "globex two")],
+        )
+        .await
+        .expect("append succeeds");
+    // Same session id, separate sessions: globex's counts start from zero.
+    assert_eq!(globex.message_count, 2);
+    let acme = service
+        .append("acme", "shared", &[("assistant", "acme reply")])
+        .await
+        .expect("append succeeds");
+    assert_eq!(acme.message_count, 2);
+
+    let acme_messages = service.list_all("acme", "shared", 10).await;
+    assert_eq!(contents(&acme_messages), ["acme secret", "acme reply"]);
+    assert_eq!(seqs(&acme_messages), [1, 2]);
+    let globex_messages = service.list_all("globex", "shared", 10).await;
+    assert_eq!(contents(&globex_messages), ["globex one", "globex two"]);
+    assert_eq!(seqs(&globex_messages), [1, 2]);
+    let initech = service
+        .list("initech", "shared", 0, 10)
+        .await
+        .expect("list succeeds");
+    assert!(initech.messages.is_empty());
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_with_clear_messages() {
+    let mut service = Service::start(|config| {
+        config.max_message_bytes = 16;
+        config.max_messages_per_append = 3;
+    })
+    .await;
+    // (tenant, session_id, messages, start of the expected message)
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: [Case; 7] = [
+        ("", "s", vec![("user", "x")], "tenant: is required"),
+        ("acme", "", vec![("user", "x")], "session_id: is required"),
+        (
+            "acme",
+            "s",
+            vec![],
+            "messages: at least one message is required",
+        ),
+        (
+            "acme",
+            "s",
+            vec![("user", "x"), ("robot", "x")],
+            "messages[1].role: unknown role \"robot\"",
+        ),
+        (
+            "acme",
+            "s",
+            vec![("user", "seventeen bytes!!")],
+            "messages[0].content: is 17 bytes; the limit is 16 bytes",
+        ),
+        (
+            "acme",
+            "s",
+            vec![("user", "x"); 4],
+            "messages: 4 messages exceed the limit of 3 per append",
+        ),
+        (
+            "acme",
+            "s",
+            vec![("user", "nul\0byte")],
+            "messages[0].content: must not contain NUL",
+        ),
+    ];
+    for (tenant, session, messages, expected) in cases {
+        let status = service
+            .append(tenant, session, &messages)
+            .await
+            .expect_err("the append is rejected");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{expected}: {status:?}"
+        );
+        assert!(
+            status.message().starts_with(expected),
+            "expected {expected:?}, got {:?}",
+            status.message()
+        );
+    }
+    // Nothing was stored by the rejected appends.
+    let listed = service
+        .list("acme", "s", 0, 10)
+        .await
+        .expect("list succeeds");
+    assert!(listed.messages.is_empty());
+
+    let status = service
+        .list("", "s", 0, 10)
+        .await
+        .expect_err("the list is rejected");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "tenant: is required");
+    let status = service
+        .list("acme", "", 0, 10)
+        .await
+        .expect_err("the list is rejected");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "session_id: is required");
+
+    let metrics = service.metrics().await;
+    assert!(
+        metrics.contains(
+            "colony_memory_operations_total{method=\"AppendMessages\",outcome=\"invalid_argument\"}"
+        ),
+        "{metrics}"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn pages_stop_at_the_byte_budget() {
+    let mut service = Service::start(|config| {
+        config.max_message_bytes = 100;
+        config.max_page_bytes = 250;
+    })
+    .await;
+    let big = "x".repeat(100);
+    service
+        .append(
+            "acme",
+            "s",
+            &[
+                ("user", &big),
+                ("user", &big),
+                ("user", &big),
+                ("user", &big),
+            ],
+        )
+        .await
+        .expect("append succeeds");
+    let page = service
+        .list("acme", "s", 0, 1000)
+        .await
+        .expect("list succeeds");
+    assert_eq!(
+        seqs(&page.messages),
+        [1, 2],
+        "two messages fit 250 bytes, three do not"
+    );
+    assert_eq!(page.next_after_seq, 2);
+    let all = service.list_all("acme", "s", 1000).await;
+    assert_eq!(seqs(&all), [1, 2, 3, 4]);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_turns_off_at_shutdown() {
+    let service = Service::start(|_| {}).await;
+    let readyz = format!("{}/readyz", service.http);
+    colony_testkit::wait_http_ok(&readyz, Duration::from_secs(5)).await;
+    service.runtime.shutdown.cancel();
+    assert!(!service.runtime.is_ready());
+    service.stop().await;
+}

@@ -1,0 +1,231 @@
+//! The EVENTS consumer: decodes each payload by its subject (the stream carries several
+//! message types), applies it, and maps the result to ack / retry / terminate. The only module
+//! that sees prost types.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use colony_bus::{Delivery, Outcome, subjects};
+use colony_proto::prost::Message;
+use colony_proto::v1;
+
+use crate::Error;
+use crate::Monitor;
+use crate::events::{Event, Heartbeat};
+
+/// The durable consumer's name.
+pub const CONSUMER: &str = "monitor";
+/// Everything on the EVENTS stream (`colony.v1.event.>`, `colony.v1.worker.>`,
+/// `colony.v1.usage.>`). JetStream accepts a filter wider than the stream's subjects; the
+/// stream's own subjects bound what arrives.
+pub const FILTER: &str = "colony.v1.>";
+
+fn decode_as<M: Message + Default>(
+    subject: &str,
+    expected: &'static str,
+    payload: &Bytes,
+) -> Result<M, Error> {
+    M::decode(payload.as_ref()).map_err(|error| Error::Malformed {
+        subject: subject.to_owned(),
+        expected,
+        message: error.to_string(),
+    })
+}
+
+fn time(timestamp: Option<&colony_proto::prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    let timestamp = timestamp?;
+    DateTime::from_timestamp(timestamp.seconds, u32::try_from(timestamp.nanos).ok()?)
+}
+
+fn run_kind(kind: i32) -> &'static str {
+    match v1::RunEventKind::try_from(kind) {
+        Ok(v1::RunEventKind::Created) => "run.created",
+        Ok(v1::RunEventKind::Succeeded) => "run.succeeded",
+        Ok(v1::RunEventKind::Failed) => "run.failed",
+        Ok(v1::RunEventKind::Cancelled) => "run.cancelled",
+        Ok(v1::RunEventKind::Unspecified) | Err(_) => "run.unspecified",
+    }
+}
+
+fn task_kind(kind: i32) -> &'static str {
+    match v1::TaskEventKind::try_from(kind) {
+        Ok(v1::TaskEventKind::Queued) => "task.queued",
+        Ok(v1::TaskEventKind::Started) => "task.started",
+        Ok(v1::TaskEventKind::Succeeded) => "task.succeeded",
+        Ok(v1::TaskEventKind::Failed) => "task.failed",
+        Ok(v1::TaskEventKind::Requeued) => "task.requeued",
+        Ok(v1::TaskEventKind::Unspecified) | Err(_) => "task.unspecified",
+    }
+}
+
+/// Decodes `payload` as the type its logical `subject` carries. Kind labels come from the
+/// decoded enum, not from the subject, so they stay a fixed set whatever a publisher sends.
+pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
+    let family = subject.rsplit_once('.').map_or("", |(family, _)| family);
+    if family == subjects::EVENT_RUN {
+        let event: v1::RunEvent = decode_as(subject, "RunEvent", payload)?;
+        return Ok(Event::Run {
+            kind: run_kind(event.kind),
+        });
+    }
+    if family == subjects::EVENT_TASK {
+        let event: v1::TaskEvent = decode_as(subject, "TaskEvent", payload)?;
+        return Ok(Event::Task {
+            kind: task_kind(event.kind),
+        });
+    }
+    if subject == subjects::WORKER_HEARTBEAT {
+        let beat: v1::WorkerHeartbeat = decode_as(subject, "WorkerHeartbeat", payload)?;
+        if beat.worker_id.is_empty() {
+            return Err(Error::Invalid {
+                subject: subject.to_owned(),
+                expected: "WorkerHeartbeat",
+                reason: "worker_id is empty".into(),
+            });
+        }
+        return Ok(Event::Heartbeat(Heartbeat {
+            started_at: time(beat.started_at.as_ref()),
+            sent_at: time(beat.sent_at.as_ref()),
+            worker_id: beat.worker_id,
+            roles: beat.roles,
+            slots_total: beat.slots_total,
+            slots_busy: beat.slots_busy,
+            version: beat.version,
+        }));
+    }
+    if subject == subjects::USAGE_RECORDED {
+        let record: v1::UsageRecord = decode_as(subject, "UsageRecord", payload)?;
+        let usage = record.usage.unwrap_or_default();
+        return Ok(Event::Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+        });
+    }
+    Ok(Event::Other)
+}
+
+/// Handles one delivery. Errors are logged here, once.
+pub async fn handle(monitor: Arc<Monitor>, delivery: Delivery<Bytes>) -> Outcome {
+    let result = match decode(&delivery.subject, &delivery.message) {
+        Ok(event) => monitor.apply(event).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => Outcome::Ack,
+        Err(error) => {
+            let outcome = error.outcome(delivery.delivered);
+            match &outcome {
+                Outcome::Retry(delay) => tracing::warn!(
+                    %error,
+                    subject = %delivery.subject,
+                    delivered = delivery.delivered,
+                    ?delay,
+                    "event not handled; will retry"
+                ),
+                _ => tracing::warn!(
+                    %error,
+                    subject = %delivery.subject,
+                    code = error.code(),
+                    "event terminated"
+                ),
+            }
+            outcome
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<M: Message>(message: &M) -> Bytes {
+        Bytes::from(message.encode_to_vec())
+    }
+
+    #[test]
+    fn decodes_by_subject_with_kinds_from_the_payload() {
+        let run = v1::RunEvent {
+            kind: v1::RunEventKind::Created as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            decode("colony.v1.event.run.created", &bytes(&run)).ok(),
+            Some(Event::Run {
+                kind: "run.created"
+            })
+        );
+        let task = v1::TaskEvent {
+            kind: v1::TaskEventKind::Succeeded as i32,
+            ..Default::default()
+        };
+        // The label follows the payload even when the subject's last token is unexpected.
+        let event = decode("colony.v1.event.task.whatever", &bytes(&task)).ok();
+        assert_eq!(event.map(|e| e.kind()), Some("task.succeeded"));
+        let unknown_kind = v1::TaskEvent {
+            kind: 99,
+            ..Default::default()
+        };
+        let event = decode("colony.v1.event.task.x", &bytes(&unknown_kind)).ok();
+        assert_eq!(event.map(|e| e.kind()), Some("task.unspecified"));
+    }
+
+    #[test]
+    fn heartbeat_and_usage_keep_their_fields() {
+        let beat = v1::WorkerHeartbeat {
+            worker_id: "w1".into(),
+            roles: vec!["generalist".into()],
+            slots_total: 4,
+            slots_busy: 1,
+            sent_at: Some(colony_proto::prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            version: "0.1.0".into(),
+            ..Default::default()
+        };
+        let Ok(Event::Heartbeat(decoded)) = decode(subjects::WORKER_HEARTBEAT, &bytes(&beat))
+        else {
+            panic!("expected a heartbeat");
+        };
+        assert_eq!(decoded.worker_id, "w1");
+        assert_eq!(decoded.slots_total, 4);
+        assert_eq!(
+            decoded.sent_at.map(|t| t.timestamp_nanos_opt()),
+            Some(Some(1_700_000_000_000_000_005))
+        );
+        assert_eq!(decoded.started_at, None);
+
+        let usage = v1::UsageRecord {
+            usage: Some(v1::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 3,
+                cost_micros_usd: 0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            decode(subjects::USAGE_RECORDED, &bytes(&usage)).ok(),
+            Some(Event::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 3
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed_and_anonymous_heartbeats_are_invalid() {
+        let garbage = Bytes::from_static(b"\xff\xff\xff\xff");
+        let error = decode("colony.v1.event.task.failed", &garbage).err();
+        assert_eq!(error.as_ref().map(Error::code), Some("malformed"));
+        let anonymous = bytes(&v1::WorkerHeartbeat::default());
+        let error = decode(subjects::WORKER_HEARTBEAT, &anonymous).err();
+        assert_eq!(error.as_ref().map(Error::code), Some("invalid"));
+    }
+
+    #[test]
+    fn unknown_subjects_are_other() {
+        let event = decode("colony.v1.worker.retired", &Bytes::from_static(b"\xff")).ok();
+        assert_eq!(event, Some(Event::Other));
+    }
+}

@@ -1,0 +1,147 @@
+//! Configuration: defaults → file → `MONITOR__…` environment → overrides, then [`Validate`].
+
+use std::time::Duration;
+
+use colony_bus::BusConfig;
+use colony_config::Validate;
+use colony_store::DatabaseConfig;
+use colony_telemetry::TelemetryConfig;
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix: `MONITOR__WORKER_STALE_AFTER` → `worker_stale_after`.
+pub const ENV_PREFIX: &str = "MONITOR";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub bus: BusConfig,
+    pub telemetry: TelemetryConfig,
+    /// A worker without a heartbeat for this long is dead.
+    #[serde(with = "humantime_serde")]
+    pub worker_stale_after: Duration,
+    /// How often the sweep recounts live workers and looks for dead ones.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Workers not seen for this long are removed from the registry.
+    #[serde(with = "humantime_serde")]
+    pub worker_retention: Duration,
+    /// Events handled at once.
+    pub consumer_concurrency: usize,
+    /// How long in-flight events may take to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Status API, `/healthz`, `/readyz`, `/metrics`.
+    pub addr: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            bus: BusConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            worker_stale_after: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(5),
+            worker_retention: Duration::from_secs(24 * 3600),
+            consumer_concurrency: 8,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:8084".into(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, problems: &mut Vec<String>) {
+        colony_config::check_socket_addr(problems, "http.addr", &self.http.addr);
+        self.database.validate(problems);
+        self.bus.validate(problems);
+        self.telemetry.validate(problems);
+        if self.worker_stale_after < Duration::from_millis(100) {
+            problems.push("worker_stale_after: must be at least 100ms".into());
+        }
+        if self.sweep_interval < Duration::from_millis(10) {
+            problems.push("sweep_interval: must be at least 10ms".into());
+        }
+        if self.worker_retention < self.worker_stale_after {
+            problems.push(
+                "worker_retention: must be at least worker_stale_after, or live workers would be \
+                 removed"
+                    .into(),
+            );
+        }
+        if self.consumer_concurrency == 0 {
+            problems.push("consumer_concurrency: must be at least 1".into());
+        }
+        if self.shutdown_grace.is_zero() {
+            problems.push("shutdown_grace: must be more than 0s".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colony_config::Sources;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, colony_config::Error> {
+        let sources = Sources {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        };
+        colony_config::load(ENV_PREFIX, &sources)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = load(&[]).expect("defaults load");
+        assert_eq!(config.http.addr, "0.0.0.0:8084");
+        assert_eq!(config.worker_stale_after, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn environment_sets_durations() {
+        let config = load(&[
+            ("MONITOR__WORKER_STALE_AFTER", "2s"),
+            ("MONITOR__SWEEP_INTERVAL", "250ms"),
+            ("MONITOR__HTTP__ADDR", "127.0.0.1:0"),
+        ])
+        .expect("the environment loads");
+        assert_eq!(config.worker_stale_after, Duration::from_secs(2));
+        assert_eq!(config.sweep_interval, Duration::from_millis(250));
+        assert_eq!(config.http.addr, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let error = load(&[
+            ("MONITOR__SWEEP_INTERVAL", "1ms"),
+            ("MONITOR__WORKER_RETENTION", "10s"),
+            ("MONITOR__CONSUMER_CONCURRENCY", "0"),
+        ])
+        .expect_err("bad values fail");
+        let text = error.to_string();
+        for key in ["sweep_interval", "worker_retention", "consumer_concurrency"] {
+            assert!(text.contains(key), "{key} missing from {text}");
+        }
+        let unknown = load(&[("MONITOR__GRPC__ADDR", "127.0.0.1:1")]).expect_err("no grpc section");
+        assert!(unknown.to_string().contains("grpc"), "{unknown}");
+    }
+}

@@ -1,0 +1,159 @@
+//! colony-monitor: watches the EVENTS stream — run and task lifecycle, worker heartbeats and
+//! usage records — and turns it into metrics, a worker registry with liveness, and a small
+//! status API. See `README.md` for subjects, semantics and failure modes.
+
+mod bus;
+pub mod config;
+mod error;
+pub mod events;
+mod http;
+pub mod metrics;
+mod store;
+mod workers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use colony_bus::{Bus, ConsumeOptions, StreamKind};
+use colony_runtime::Runtime;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use bus::{CONSUMER, FILTER};
+pub use config::Config;
+pub use error::Error;
+
+use events::{Event, Tally};
+use store::Store;
+
+/// State shared by the consumer and the status API.
+struct Monitor {
+    store: Store,
+    tally: Tally,
+    stale_after: Duration,
+    started_at: DateTime<Utc>,
+}
+
+impl Monitor {
+    /// Applies one decoded event. Counters move only after the event was handled, so a retried
+    /// event is counted once it succeeds.
+    async fn apply(&self, event: Event) -> Result<(), Error> {
+        match &event {
+            Event::Heartbeat(beat) => self.store.record_heartbeat(beat).await?,
+            Event::Usage {
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                ::metrics::counter!(metrics::TOKENS, "direction" => "prompt")
+                    .increment(*prompt_tokens);
+                ::metrics::counter!(metrics::TOKENS, "direction" => "completion")
+                    .increment(*completion_tokens);
+            }
+            Event::Run { .. } | Event::Task { .. } => {}
+            Event::Other => tracing::debug!("event of an unknown subject acknowledged"),
+        }
+        let kind = event.kind();
+        ::metrics::counter!(metrics::EVENTS, "kind" => kind).increment(1);
+        self.tally.add(kind);
+        Ok(())
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, then shuts down in order.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let runtime = Runtime::new(shutdown);
+    let handle = spawn(config, &runtime).await?;
+    tracing::info!(http = %handle.http_addr, "colony-monitor ready");
+    handle.wait().await;
+    Ok(())
+}
+
+/// A started service. Cancel the runtime's shutdown token, then [`Handle::wait`].
+pub struct Handle {
+    /// Where the status API, `/healthz`, `/readyz` and `/metrics` answer.
+    pub http_addr: SocketAddr,
+    runtime: Runtime,
+    pool: PgPool,
+    bus: Bus,
+    grace: Duration,
+}
+
+/// Starts the service on `runtime`: connects the database (applying migrations) and the bus,
+/// creates the durable consumer, binds the HTTP listener (port 0 picks a free port; the bound
+/// address is in the handle), starts the consumer and the liveness sweep, and marks the runtime
+/// ready.
+pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
+    metrics::describe();
+    let pool = colony_store::connect(&config.database).await?;
+    let bus = Bus::connect(&config.bus, "colony-monitor").await?;
+    bus.ensure_streams().await?;
+    let consumer = bus
+        .durable_consumer(StreamKind::Events, CONSUMER, FILTER)
+        .await?;
+
+    let http = colony_runtime::bind(&config.http.addr).await?;
+    let http_addr = http.local_addr().context("http listener address")?;
+
+    let store = Store::new(pool.clone());
+    let monitor = Arc::new(Monitor {
+        store: store.clone(),
+        tally: Tally::default(),
+        stale_after: config.worker_stale_after,
+        started_at: Utc::now(),
+    });
+    colony_runtime::serve_http(
+        runtime,
+        http,
+        colony_runtime::health_routes(runtime, colony_telemetry::prometheus())
+            .merge(http::routes(monitor.clone())),
+    );
+
+    let handler = move |delivery| bus::handle(monitor.clone(), delivery);
+    runtime.spawn(colony_bus::consume_bytes(
+        bus.clone(),
+        consumer,
+        ConsumeOptions::new(CONSUMER, config.consumer_concurrency),
+        runtime.shutdown.clone(),
+        runtime.tracker.clone(),
+        handler,
+    ));
+    runtime.spawn(workers::sweep(
+        store,
+        workers::SweepOptions {
+            stale_after: config.worker_stale_after,
+            interval: config.sweep_interval,
+            retention: config.worker_retention,
+        },
+        runtime.shutdown.clone(),
+    ));
+
+    runtime.set_ready(true);
+    Ok(Handle {
+        http_addr,
+        runtime: runtime.clone(),
+        pool,
+        bus,
+        grace: config.shutdown_grace,
+    })
+}
+
+impl Handle {
+    /// Waits for the runtime's shutdown token, then shuts down in order.
+    pub async fn wait(self) {
+        self.runtime.shutdown.cancelled().await;
+        // Shutdown order: intake has stopped (the cancelled token ends the pull loop, the sweep
+        // and the HTTP server; /readyz answers 503) → let in-flight events finish within the
+        // grace period (unfinished ones are redelivered after ack_wait) → flush NATS → close
+        // the pool.
+        if !self.runtime.drain(self.grace).await {
+            tracing::warn!(grace = ?self.grace, "in-flight events did not finish within the grace period");
+        }
+        if let Err(error) = self.bus.flush().await {
+            tracing::warn!(%error, "bus flush failed");
+        }
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,156 @@
+//! The `monitor` schema: the worker registry.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use crate::Error;
+use crate::events::Heartbeat;
+
+/// A registered worker as the status API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Worker {
+    pub worker_id: String,
+    pub roles: Vec<String>,
+    pub slots_total: u32,
+    pub slots_busy: u32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Seen within `worker_stale_after`.
+    pub alive: bool,
+}
+
+/// Live and dead workers in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCounts {
+    pub alive: u64,
+    pub dead: u64,
+}
+
+/// Access to the monitor tables. Only this service reads or writes them.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+fn slots(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Records a heartbeat. `last_seen_at` is the heartbeat's send time, never later than now
+    /// (a fast worker clock cannot keep it alive), and never moves backwards: a redelivered or
+    /// reordered older heartbeat changes nothing.
+    pub async fn record_heartbeat(&self, beat: &Heartbeat) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO monitor.workers \
+                 (worker_id, roles, slots_total, slots_busy, version, started_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, COALESCE($6, now()), LEAST(COALESCE($7, now()), now())) \
+             ON CONFLICT (worker_id) DO UPDATE SET \
+                 roles = EXCLUDED.roles, slots_total = EXCLUDED.slots_total, \
+                 slots_busy = EXCLUDED.slots_busy, version = EXCLUDED.version, \
+                 started_at = EXCLUDED.started_at, last_seen_at = EXCLUDED.last_seen_at \
+             WHERE monitor.workers.last_seen_at <= EXCLUDED.last_seen_at",
+        )
+        .bind(&beat.worker_id)
+        .bind(&beat.roles)
+        .bind(slots(beat.slots_total))
+        .bind(slots(beat.slots_busy))
+        .bind(&beat.version)
+        .bind(beat.started_at)
+        .bind(beat.sent_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every registered worker, most recently seen first.
+    pub async fn workers(&self, stale_after: Duration) -> Result<Vec<Worker>, Error> {
+        let rows = sqlx::query(
+            "SELECT worker_id, roles, slots_total, slots_busy, version, started_at, last_seen_at, \
+                    last_seen_at > now() - make_interval(secs => $1) AS alive \
+             FROM monitor.workers ORDER BY last_seen_at DESC, worker_id",
+        )
+        .bind(seconds(stale_after))
+        .fetch_all(&self.pool)
+        .await?;
+        let workers = rows
+            .iter()
+            .map(|row| {
+                let slots_total: i32 = row.try_get("slots_total")?;
+                let slots_busy: i32 = row.try_get("slots_busy")?;
+                Ok(Worker {
+                    worker_id: row.try_get("worker_id")?,
+                    roles: row.try_get("roles")?,
+                    slots_total: u32::try_from(slots_total).unwrap_or(0),
+                    slots_busy: u32::try_from(slots_busy).unwrap_or(0),
+                    version: row.try_get("version")?,
+                    started_at: row.try_get("started_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                    alive: row.try_get("alive")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(workers)
+    }
+
+    /// How many registered workers are alive and dead.
+    pub async fn counts(&self, stale_after: Duration) -> Result<WorkerCounts, Error> {
+        let row = sqlx::query(
+            "SELECT count(*) FILTER (WHERE last_seen_at > now() - make_interval(secs => $1)) \
+                        AS alive, \
+                    count(*) FILTER (WHERE last_seen_at <= now() - make_interval(secs => $1)) \
+                        AS dead \
+             FROM monitor.workers",
+        )
+        .bind(seconds(stale_after))
+        .fetch_one(&self.pool)
+        .await?;
+        let alive: i64 = row.try_get("alive")?;
+        let dead: i64 = row.try_get("dead")?;
+        Ok(WorkerCounts {
+            alive: u64::try_from(alive).unwrap_or(0),
+            dead: u64::try_from(dead).unwrap_or(0),
+        })
+    }
+
+    /// Dead workers' ids and when they were last seen, oldest first.
+    pub async fn dead_workers(
+        &self,
+        stale_after: Duration,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, Error> {
+        let rows = sqlx::query(
+            "SELECT worker_id, last_seen_at FROM monitor.workers \
+             WHERE last_seen_at <= now() - make_interval(secs => $1) ORDER BY last_seen_at",
+        )
+        .bind(seconds(stale_after))
+        .fetch_all(&self.pool)
+        .await?;
+        let dead = rows
+            .iter()
+            .map(|row| Ok((row.try_get("worker_id")?, row.try_get("last_seen_at")?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(dead)
+    }
+
+    /// Forgets workers not seen for `retention`. Returns how many were removed.
+    pub async fn prune(&self, retention: Duration) -> Result<u64, Error> {
+        let result = sqlx::query(
+            "DELETE FROM monitor.workers WHERE last_seen_at < now() - make_interval(secs => $1)",
+        )
+        .bind(seconds(retention))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}

@@ -1,0 +1,107 @@
+//! Worker liveness: a periodic sweep sets the live-worker gauge, warns once about each worker
+//! that went silent, and forgets workers past their retention.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics;
+use crate::store::Store;
+
+/// Which dead workers have been reported, so each is warned about once.
+#[derive(Debug, Default)]
+pub struct DeadWorkers {
+    reported: HashSet<String>,
+}
+
+impl DeadWorkers {
+    /// Takes the workers dead now; returns those not reported before. A worker that comes back
+    /// (or is forgotten) leaves the set, so dying again is reported again.
+    pub fn update<'a>(
+        &mut self,
+        dead_now: &'a [(String, DateTime<Utc>)],
+    ) -> Vec<&'a (String, DateTime<Utc>)> {
+        let newly: Vec<_> = dead_now
+            .iter()
+            .filter(|(id, _)| !self.reported.contains(id))
+            .collect();
+        self.reported = dead_now.iter().map(|(id, _)| id.clone()).collect();
+        newly
+    }
+}
+
+/// Liveness settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepOptions {
+    pub stale_after: Duration,
+    pub interval: Duration,
+    pub retention: Duration,
+}
+
+/// Sweeps every `options.interval` until `shutdown`.
+pub async fn sweep(store: Store, options: SweepOptions, shutdown: CancellationToken) {
+    let mut dead = DeadWorkers::default();
+    let mut ticker = tokio::time::interval(options.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(error) = sweep_once(&store, &options, &mut dead).await {
+            tracing::warn!(%error, "worker sweep failed");
+        }
+    }
+}
+
+async fn sweep_once(
+    store: &Store,
+    options: &SweepOptions,
+    dead: &mut DeadWorkers,
+) -> Result<(), crate::Error> {
+    let forgotten = store.prune(options.retention).await?;
+    if forgotten > 0 {
+        tracing::info!(forgotten, retention = ?options.retention, "forgot long-dead workers");
+    }
+    let counts = store.counts(options.stale_after).await?;
+    // The gauge takes an f64; worker counts are far below 2^52.
+    ::metrics::gauge!(metrics::WORKERS).set(counts.alive as f64);
+    let dead_now = store.dead_workers(options.stale_after).await?;
+    for (worker_id, last_seen_at) in dead.update(&dead_now) {
+        tracing::warn!(
+            %worker_id,
+            %last_seen_at,
+            stale_after = ?options.stale_after,
+            "worker is dead: no heartbeat within stale_after"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead(ids: &[&str]) -> Vec<(String, DateTime<Utc>)> {
+        ids.iter()
+            .map(|id| ((*id).to_owned(), Utc::now()))
+            .collect()
+    }
+
+    fn ids(newly: Vec<&(String, DateTime<Utc>)>) -> Vec<&str> {
+        newly.into_iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    #[test]
+    fn each_dead_worker_is_reported_once() {
+        let mut reported = DeadWorkers::default();
+        assert_eq!(ids(reported.update(&dead(&["a", "b"]))), ["a", "b"]);
+        assert!(reported.update(&dead(&["a", "b"])).is_empty());
+        assert_eq!(ids(reported.update(&dead(&["a", "b", "c"]))), ["c"]);
+        // "a" came back; when it dies again it is reported again.
+        assert!(reported.update(&dead(&["b", "c"])).is_empty());
+        assert_eq!(ids(reported.update(&dead(&["a", "b", "c"]))), ["a"]);
+    }
+}
