@@ -1,6 +1,8 @@
 //! Process runtime shared by the services: signals → cancellation, one task tracker, readiness,
 //! and the `/healthz`, `/readyz`, `/metrics` endpoints.
 
+mod service;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use service::{ServiceConfig, main};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// The root of a service's lifetime: cancelling `shutdown` stops intake everywhere; `tracker`
@@ -58,7 +61,9 @@ impl Runtime {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.set_ready(false);
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 
@@ -68,7 +73,10 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     // Not tracked: it must outlive the tracker's drain to cancel it.
-    #[expect(clippy::disallowed_methods, reason = "the signal watcher outlives the tracker")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the signal watcher outlives the tracker"
+    )]
     tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),

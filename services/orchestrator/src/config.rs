@@ -1,0 +1,210 @@
+//! Orchestrator configuration: defaults → file → `ORCHESTRATOR__…` environment.
+
+use std::time::Duration;
+
+use colony_bus::BusConfig;
+use colony_store::DatabaseConfig;
+use colony_telemetry::TelemetryConfig;
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "ORCHESTRATOR";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub database: DatabaseConfig,
+    pub bus: BusConfig,
+    pub telemetry: TelemetryConfig,
+    pub runs: RunsConfig,
+    pub leases: LeaseConfig,
+    /// How long in-flight work may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The REST API plus `/healthz`, `/readyz`, `/metrics`.
+    pub addr: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    pub addr: String,
+}
+
+/// How a goal becomes a run. One task per run in this version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunsConfig {
+    /// Largest goal, in bytes.
+    pub max_goal_bytes: usize,
+    /// Role of the single task a goal becomes.
+    pub role: String,
+    /// System prompt given to that role.
+    pub system_prompt: String,
+    /// Model tier asked of the router; empty for the router's default.
+    pub tier: String,
+    pub max_tokens: u32,
+    /// Tenant of requests without an `X-Colony-Tenant` header.
+    pub default_tenant: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long a claim lasts without a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// How often the reaper looks for expired leases.
+    #[serde(with = "humantime_serde")]
+    pub reap_interval: Duration,
+    /// Attempts before a task whose leases keep expiring fails.
+    pub max_attempts: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
+            database: DatabaseConfig::default(),
+            bus: BusConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            runs: RunsConfig::default(),
+            leases: LeaseConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:8080".into(),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:50051".into(),
+        }
+    }
+}
+
+impl Default for RunsConfig {
+    fn default() -> Self {
+        Self {
+            max_goal_bytes: 64 * 1024,
+            role: "generalist".into(),
+            system_prompt: "You are a capable assistant working inside Colony. \
+                            Complete the user's goal and answer with the result."
+                .into(),
+            tier: String::new(),
+            max_tokens: 512,
+            default_tenant: "default".into(),
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(30),
+            reap_interval: Duration::from_secs(1),
+            max_attempts: 5,
+        }
+    }
+}
+
+/// A tenant or role name: what may appear in a subject token and a label.
+pub fn is_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl colony_config::Validate for Config {
+    fn validate(&self, problems: &mut Vec<String>) {
+        colony_config::check_socket_addr(problems, "http.addr", &self.http.addr);
+        colony_config::check_socket_addr(problems, "grpc.addr", &self.grpc.addr);
+        self.database.validate(problems);
+        self.bus.validate(problems);
+        self.telemetry.validate(problems);
+        if !is_name(&self.runs.role) {
+            problems.push(format!(
+                "runs.role: {:?} must be 1-64 letters, digits, '_' or '-'",
+                self.runs.role
+            ));
+        }
+        if !is_name(&self.runs.default_tenant) {
+            problems.push(format!(
+                "runs.default_tenant: {:?} must be 1-64 letters, digits, '_' or '-'",
+                self.runs.default_tenant
+            ));
+        }
+        if self.runs.max_goal_bytes == 0 || self.runs.max_goal_bytes > self.http.max_body_bytes {
+            problems.push("runs.max_goal_bytes: must be between 1 and http.max_body_bytes".into());
+        }
+        if self.leases.duration < Duration::from_secs(1) {
+            problems.push("leases.duration: must be at least 1s".into());
+        }
+        if self.leases.reap_interval.is_zero() || self.leases.reap_interval > self.leases.duration {
+            problems
+                .push("leases.reap_interval: must be above 0 and at most leases.duration".into());
+        }
+        if self.leases.max_attempts == 0 {
+            problems.push("leases.max_attempts: must be at least 1".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colony_config::{Sources, load};
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config: Config = load(ENV_PREFIX, &Sources::default()).unwrap();
+        assert_eq!(config.leases.duration, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let error = load::<Config>(
+            ENV_PREFIX,
+            &env(&[
+                ("ORCHESTRATOR__HTTP__ADDR", "nowhere"),
+                ("ORCHESTRATOR__RUNS__ROLE", "a.b"),
+                ("ORCHESTRATOR__LEASES__DURATION", "10ms"),
+            ]),
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        for key in ["http.addr", "runs.role", "leases.duration"] {
+            assert!(text.contains(key), "{text}");
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The orchestrator's error type, classified once for HTTP and once for gRPC.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is wrong; the message says how.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("run {0} not found")]
+    RunNotFound(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("bus: {0}")]
+    Bus(#[from] colony_bus::Error),
+}
+
+impl Error {
+    /// A short stable code for clients and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::TooLarge { .. } => "too_large",
+            Error::RunNotFound(_) => "not_found",
+            Error::Database(_) | Error::Bus(_) => "internal",
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Database(_) | Error::Bus(_))
+    }
+
+    /// What a client may see: internal details stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            Error::Database(_) | Error::Bus(_) => "internal error; try again".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RunNotFound(_) => StatusCode::NOT_FOUND,
+            Error::Database(_) | Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.public_message() }
+        });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::InvalidRequest(_) | Error::TooLarge { .. } => {
+                tonic::Status::invalid_argument(error.to_string())
+            }
+            Error::RunNotFound(_) => tonic::Status::not_found(error.to_string()),
+            Error::Database(_) | Error::Bus(_) => {
+                tracing::error!(%error, "rpc failed");
+                tonic::Status::unavailable(error.public_message())
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Claims, heartbeats, reports and the reaper against the real PostgreSQL: the database, not
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+//! the broker, decides who owns a task, and only the current attempt can finish it.
+
+use std::time::Duration;
+
+use colony_orchestrator::store::{Claim, NewRun, Report, ReportDecision, ReportOutcome, Store};
+use colony_proto::v1;
+use colony_testkit::TestDb;
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn new_run(store: &Store) -> (Uuid, Uuid) {
+    store
+        .create_run(&NewRun {
+            tenant: "acme".into(),
+            goal: "write a haiku".into(),
+            role: "generalist".into(),
+        })
+        .await
+        .unwrap()
+}
+
+fn success(task_id: Uuid, attempt: i32, worker: &str) -> Report {
+    Report {
+        tenant: "acme".into(),
+        task_id,
+        attempt,
+        worker_id: worker.into(),
+        outcome: ReportOutcome::Succeeded {
+            output: format!("done by {worker}"),
+            usage: v1::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost_micros_usd: 7,
+            },
+        },
+    }
+}
+
+async fn outbox_subjects(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT subject FROM orchestrator.outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_run_is_written_with_its_dispatch_in_one_transaction() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (run_id, task_id) = new_run(&store).await;
+    let run = store.get_run("acme", run_id).await.unwrap();
+    assert_eq!(run.status, "running");
+    assert_eq!(run.tasks.len(), 1);
+    assert_eq!(run.tasks[0].id, task_id);
+    assert_eq!(
+        outbox_subjects(&db).await,
+        [
+            "colony.v1.event.run.created",
+            "colony.v1.event.task.queued",
+            "colony.v1.task.dispatch.generalist"
+        ]
+    );
+    assert!(store.get_run("other-tenant", run_id).await.is_err());
+}
+
+#[tokio::test]
+async fn only_one_claim_wins_and_only_its_report_counts() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (run_id, task_id) = new_run(&store).await;
+
+    let (a, b) = tokio::join!(
+        store.claim("acme", task_id, 1, "worker-a", LEASE),
+        store.claim("acme", task_id, 1, "worker-b", LEASE)
+    );
+    let granted: Vec<&str> = [(a.unwrap(), "worker-a"), (b.unwrap(), "worker-b")]
+        .iter()
+        .filter_map(|(claim, w)| matches!(claim, Claim::Granted(_)).then_some(*w))
+        .collect();
+    assert_eq!(granted.len(), 1, "exactly one claim is granted");
+    let winner = granted[0];
+    let loser = if winner == "worker-a" {
+        "worker-b"
+    } else {
+        "worker-a"
+    };
+
+    // A stale attempt number is refused with a reason.
+    match store
+        .claim("acme", task_id, 2, "worker-c", LEASE)
+        .await
+        .unwrap()
+    {
+        Claim::Refused(reason) => assert!(reason.contains("stale attempt"), "{reason}"),
+        Claim::Granted(_) => panic!("attempt 2 does not exist yet"),
+    }
+    assert!(
+        store
+            .heartbeat("acme", task_id, 1, loser, LEASE)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .heartbeat("acme", task_id, 1, winner, LEASE)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    assert!(matches!(
+        store
+            .apply_report(&success(task_id, 1, loser))
+            .await
+            .unwrap(),
+        ReportDecision::Rejected(_)
+    ));
+    assert_eq!(
+        store
+            .apply_report(&success(task_id, 1, winner))
+            .await
+            .unwrap(),
+        ReportDecision::Accepted
+    );
+    // A redelivered copy of the same report changes nothing.
+    assert!(matches!(
+        store
+            .apply_report(&success(task_id, 1, winner))
+            .await
+            .unwrap(),
+        ReportDecision::Rejected(_)
+    ));
+
+    let run = store.get_run("acme", run_id).await.unwrap();
+    assert_eq!(run.status, "succeeded");
+    assert_eq!(
+        run.output.as_deref(),
+        Some(format!("done by {winner}").as_str())
+    );
+    assert_eq!(run.usage.prompt_tokens, 10);
+    assert_eq!(run.usage.completion_tokens, 5);
+    let accepted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.task_reports WHERE task_id = $1 AND accepted",
+    )
+    .bind(task_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(accepted, 1);
+    let subjects = outbox_subjects(&db).await;
+    assert!(subjects.contains(&"colony.v1.event.task.succeeded".to_owned()));
+    assert!(subjects.contains(&"colony.v1.event.run.succeeded".to_owned()));
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_redispatched_with_a_new_attempt_and_fences_the_old_one() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (run_id, task_id) = new_run(&store).await;
+    assert!(matches!(
+        store
+            .claim("acme", task_id, 1, "dead-worker", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Claim::Granted(_)
+    ));
+    assert_eq!(store.reap_expired(5, 100).await.unwrap().requeued, 0);
+    sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(store.reap_expired(5, 100).await.unwrap().requeued, 1);
+    let subjects = outbox_subjects(&db).await;
+    assert_eq!(
+        subjects
+            .iter()
+            .filter(|s| s.ends_with("dispatch.generalist"))
+            .count(),
+        2,
+        "a second dispatch was queued"
+    );
+
+    // The old worker comes back: its heartbeat and report are refused.
+    assert!(
+        store
+            .heartbeat("acme", task_id, 1, "dead-worker", LEASE)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        store
+            .apply_report(&success(task_id, 1, "dead-worker"))
+            .await
+            .unwrap(),
+        ReportDecision::Rejected(_)
+    ));
+    assert!(matches!(
+        store
+            .claim("acme", task_id, 2, "new-worker", LEASE)
+            .await
+            .unwrap(),
+        Claim::Granted(_)
+    ));
+    assert_eq!(
+        store
+            .apply_report(&success(task_id, 2, "new-worker"))
+            .await
+            .unwrap(),
+        ReportDecision::Accepted
+    );
+    let run = store.get_run("acme", run_id).await.unwrap();
+    assert_eq!(run.status, "succeeded");
+    assert_eq!(run.tasks[0].attempt, 2);
+    let outcomes: Vec<(i32, Option<String>)> = sqlx::query_as(
+        "SELECT attempt, outcome FROM orchestrator.task_attempts WHERE task_id = $1 ORDER BY attempt",
+    )
+    .bind(task_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            (1, Some("lease_expired".to_owned())),
+            (2, Some("succeeded".to_owned()))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_task_out_of_attempts_fails_its_run_with_the_reason() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (run_id, task_id) = new_run(&store).await;
+    store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
+    sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let reaped = store.reap_expired(1, 100).await.unwrap();
+    assert_eq!(reaped.failed, 1);
+    let run = store.get_run("acme", run_id).await.unwrap();
+    assert_eq!(run.status, "failed");
+    let failure = run.failure.unwrap();
+    assert_eq!(failure.task_id, Some(task_id));
+    assert!(
+        failure.reason.contains("lease expired"),
+        "{}",
+        failure.reason
+    );
+}
+
+#[tokio::test]
+async fn a_failed_report_records_the_class_and_reason_on_the_run() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (run_id, task_id) = new_run(&store).await;
+    store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
+    let report = Report {
+        outcome: ReportOutcome::Failed {
+            error_class: v1::ErrorClass::Transient,
+            message: "router: provider unreachable".into(),
+            usage: v1::Usage::default(),
+        },
+        ..success(task_id, 1, "w")
+    };
+    assert_eq!(
+        store.apply_report(&report).await.unwrap(),
+        ReportDecision::Accepted
+    );
+    let run = store.get_run("acme", run_id).await.unwrap();
+    assert_eq!(run.status, "failed");
+    let failure = run.failure.unwrap();
+    assert_eq!(failure.error_class.as_deref(), Some("transient"));
+    assert!(failure.reason.contains("provider unreachable"));
+}
