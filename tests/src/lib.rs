@@ -1,1 +1,273 @@
-//! colony-e2e
+//! Harness that starts Colony's five real binaries as processes against the local PostgreSQL
+//! and NATS, each stack with its own database and subject prefix, plus helpers to drive it.
+#![expect(clippy::unwrap_used, reason = "test harness: a failed setup should stop the test")]
+
+pub mod stub;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use colony_testkit::{Process, TestBus, TestDb, binary, eventually, free_port, wait_http_ok};
+use serde_json::Value;
+
+/// How to start a stack.
+pub struct StackOptions {
+    /// The router's `[[deployments]]` and `default_deployment`, as TOML.
+    pub router_toml: String,
+    /// Lease duration given to the orchestrator.
+    pub lease: &'static str,
+    /// Workers started with the stack.
+    pub workers: usize,
+    pub worker_slots: u32,
+    /// Log filter for every service.
+    pub log_filter: &'static str,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            router_toml: String::new(),
+            lease: "30s",
+            workers: 1,
+            worker_slots: 4,
+            log_filter: "info",
+        }
+    }
+}
+
+/// A running stack. Dropping it kills every process and removes the database and streams.
+pub struct Stack {
+    pub db: TestDb,
+    pub bus: TestBus,
+    pub orchestrator_url: String,
+    pub monitor_url: String,
+    pub router_http_url: String,
+    pub memory_http_url: String,
+    pub workers: Vec<Process>,
+    worker_env: Vec<(String, String)>,
+    services: Vec<Process>,
+    config_dir: PathBuf,
+    pub http: reqwest::Client,
+}
+
+fn common_env(prefix: &str, db: &TestDb, bus: &TestBus, log_filter: &str) -> Vec<(String, String)> {
+    let mut env = vec![
+        (format!("{prefix}__BUS__URL"), bus.url.clone()),
+        (format!("{prefix}__BUS__PREFIX"), bus.prefix.clone()),
+        // Redeliver an abandoned message after 5 s rather than 30 s.
+        (format!("{prefix}__BUS__ACK_WAIT"), "5s".into()),
+        (format!("{prefix}__TELEMETRY__LOG_FILTER"), log_filter.into()),
+    ];
+    if prefix != "AGENT_WORKER" {
+        env.push((format!("{prefix}__DATABASE__URL"), db.url.clone()));
+    }
+    env
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Stack {
+        let db = TestDb::new().await;
+        let bus = TestBus::new();
+        let config_dir = colony_testkit::target_dir()
+            .join("test-configs")
+            .join(&bus.prefix);
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let router_config = config_dir.join("router.toml");
+        std::fs::write(&router_config, &options.router_toml).unwrap();
+
+        let (orch_http, orch_grpc) = (free_port(), free_port());
+        let (router_http, router_grpc) = (free_port(), free_port());
+        let (memory_http, memory_grpc) = (free_port(), free_port());
+        let monitor_http = free_port();
+        let filter = options.log_filter;
+
+        let mut services = Vec::new();
+        let mut memory_env = common_env("MEMORY", &db, &bus, filter);
+        memory_env.push(("MEMORY__HTTP__ADDR".into(), addr(memory_http)));
+        memory_env.push(("MEMORY__GRPC__ADDR".into(), addr(memory_grpc)));
+        services.push(Process::spawn(
+            "memory",
+            &binary("colony-memory"),
+            &[],
+            &memory_env,
+        ));
+        // Migrations run once, from the first service, before the others start.
+        wait_http_ok(
+            &format!("http://{}/readyz", addr(memory_http)),
+            Duration::from_secs(30),
+        )
+        .await;
+
+        let mut router_env = common_env("ROUTER", &db, &bus, filter);
+        router_env.push(("ROUTER__HTTP__ADDR".into(), addr(router_http)));
+        router_env.push(("ROUTER__GRPC__ADDR".into(), addr(router_grpc)));
+        let router_path = router_config.to_string_lossy().into_owned();
+        services.push(Process::spawn(
+            "router",
+            &binary("colony-router"),
+            &["--config", &router_path],
+            &router_env,
+        ));
+
+        let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter);
+        orch_env.push(("ORCHESTRATOR__HTTP__ADDR".into(), addr(orch_http)));
+        orch_env.push(("ORCHESTRATOR__GRPC__ADDR".into(), addr(orch_grpc)));
+        orch_env.push(("ORCHESTRATOR__LEASES__DURATION".into(), options.lease.into()));
+        orch_env.push(("ORCHESTRATOR__LEASES__REAP_INTERVAL".into(), "200ms".into()));
+        services.push(Process::spawn(
+            "orchestrator",
+            &binary("colony-orchestrator"),
+            &[],
+            &orch_env,
+        ));
+
+        let mut monitor_env = common_env("MONITOR", &db, &bus, filter);
+        monitor_env.push(("MONITOR__HTTP__ADDR".into(), addr(monitor_http)));
+        services.push(Process::spawn(
+            "monitor",
+            &binary("colony-monitor"),
+            &[],
+            &monitor_env,
+        ));
+
+        let mut worker_env = common_env("AGENT_WORKER", &db, &bus, filter);
+        worker_env.push((
+            "AGENT_WORKER__ORCHESTRATOR_URL".into(),
+            format!("http://{}", addr(orch_grpc)),
+        ));
+        worker_env.push((
+            "AGENT_WORKER__ROUTER_URL".into(),
+            format!("http://{}", addr(router_grpc)),
+        ));
+        worker_env.push((
+            "AGENT_WORKER__MEMORY_URL".into(),
+            format!("http://{}", addr(memory_grpc)),
+        ));
+        worker_env.push(("AGENT_WORKER__SLOTS".into(), options.worker_slots.to_string()));
+        worker_env.push(("AGENT_WORKER__HEARTBEAT_INTERVAL".into(), "1s".into()));
+
+        let mut stack = Stack {
+            orchestrator_url: format!("http://{}", addr(orch_http)),
+            monitor_url: format!("http://{}", addr(monitor_http)),
+            router_http_url: format!("http://{}", addr(router_http)),
+            memory_http_url: format!("http://{}", addr(memory_http)),
+            db,
+            bus,
+            workers: Vec::new(),
+            worker_env,
+            services,
+            config_dir,
+            http: reqwest::Client::new(),
+        };
+        for url in [
+            &stack.router_http_url,
+            &stack.orchestrator_url,
+            &stack.monitor_url,
+        ] {
+            wait_http_ok(&format!("{url}/readyz"), Duration::from_secs(30)).await;
+        }
+        for _ in 0..options.workers {
+            stack.start_worker().await;
+        }
+        stack
+    }
+
+    /// Starts one more agent-worker and waits until it is ready.
+    pub async fn start_worker(&mut self) -> usize {
+        let port = free_port();
+        let mut env = self.worker_env.clone();
+        env.push(("AGENT_WORKER__HTTP__ADDR".into(), addr(port)));
+        let index = self.workers.len();
+        env.push(("AGENT_WORKER__WORKER_ID".into(), format!("worker-{index}")));
+        self.workers.push(Process::spawn(
+            &format!("agent-worker-{index}"),
+            &binary("colony-agent-worker"),
+            &[],
+            &env,
+        ));
+        wait_http_ok(
+            &format!("http://{}/readyz", addr(port)),
+            Duration::from_secs(30),
+        )
+        .await;
+        index
+    }
+
+    /// Submits a goal; returns the run id.
+    pub async fn submit(&self, goal: &str) -> String {
+        let response = self
+            .http
+            .post(format!("{}/v1/runs", self.orchestrator_url))
+            .json(&serde_json::json!({ "goal": goal }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+        let run: Value = response.json().await.unwrap();
+        run["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get_run(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/runs/{id}", self.orchestrator_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the run reaches a final status and returns it.
+    pub async fn wait_run(&self, id: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("run {id} to finish"), || async {
+            let run = self.get_run(id).await;
+            matches!(
+                run["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(run)
+        })
+        .await
+    }
+
+    pub async fn metrics(&self, base: &str) -> String {
+        self.http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Workers first, then the services they call, so nothing logs errors about peers.
+        self.workers.clear();
+        while let Some(mut process) = self.services.pop() {
+            if !std::thread::panicking() {
+                process.terminate(Duration::from_secs(10));
+            }
+        }
+        drop(std::fs::remove_dir_all(&self.config_dir));
+    }
+}
+
+/// The sum of every sample of `name` (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

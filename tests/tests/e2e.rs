@@ -1,0 +1,231 @@
+//! End to end: the five real binaries as processes against the local PostgreSQL and NATS.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+use std::time::Duration;
+
+use colony_bus::StreamKind;
+use colony_e2e::stub::{COMPLETION_TOKENS, PROMPT_TOKENS, StubProvider};
+use colony_e2e::{Stack, StackOptions, metric_sum};
+use colony_proto::v1;
+use colony_testkit::eventually;
+use futures::StreamExt;
+use prost::Message;
+
+fn openai_router(base_url: &str) -> String {
+    format!(
+        r#"
+default_deployment = "stub"
+
+[[deployments]]
+name = "stub"
+provider = "openai"
+model = "stub-model"
+base_url = "{base_url}"
+tier = "mid"
+input_price_per_mtok = 1.0
+output_price_per_mtok = 2.0
+timeout = "5s"
+"#
+    )
+}
+
+/// Every message in the EVENTS stream, as (logical subject, payload).
+async fn lifecycle_events(stack: &Stack) -> Vec<(String, Vec<u8>)> {
+    let bus = stack.bus.connect().await;
+    let stream = bus
+        .jetstream()
+        .get_stream(bus.stream_name(StreamKind::Events))
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut events = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        events.push((
+            bus.logical(message.subject.as_str()).to_owned(),
+            message.payload.to_vec(),
+        ));
+    }
+    events
+}
+
+async fn count(stack: &Stack, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goal_flows_through_all_five_services() {
+    let mut provider = StubProvider::start().await.unwrap();
+    let stack = Stack::start(StackOptions {
+        router_toml: openai_router(&provider.base_url()),
+        ..StackOptions::default()
+    })
+    .await;
+
+    let run_id = stack.submit("name three colours").await;
+    let run = stack.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], "echo: name three colours");
+    assert_eq!(run["usage"]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(run["usage"]["completion_tokens"], COMPLETION_TOKENS);
+    assert_eq!(provider.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // State in PostgreSQL, in every service's schema.
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM orchestrator.task_reports WHERE accepted").await,
+        1
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'succeeded'").await,
+        1
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL").await,
+        0,
+        "every outbox row was relayed"
+    );
+    assert!(count(&stack, "SELECT count(*) FROM memory.messages").await >= 3);
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM memory.messages WHERE role = 'assistant'").await,
+        1
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'ok'").await,
+        1
+    );
+
+    // Lifecycle events on the bus, in order, with the tenant.
+    let events = lifecycle_events(&stack).await;
+    let subjects: Vec<&str> = events.iter().map(|(s, _)| s.as_str()).collect();
+    for expected in [
+        "colony.v1.event.run.created",
+        "colony.v1.event.task.queued",
+        "colony.v1.event.task.started",
+        "colony.v1.event.task.succeeded",
+        "colony.v1.event.run.succeeded",
+        "colony.v1.usage.recorded",
+        "colony.v1.worker.heartbeat",
+    ] {
+        assert!(subjects.contains(&expected), "{expected} missing from {subjects:?}");
+    }
+    let (_, payload) = events
+        .iter()
+        .find(|(s, _)| s == "colony.v1.event.run.succeeded")
+        .unwrap();
+    let finished = v1::RunEvent::decode(payload.as_slice()).unwrap();
+    assert_eq!(finished.run_id, run_id);
+    assert_eq!(finished.tenant, "default");
+
+    // The monitor consumed them.
+    let monitor = eventually(Duration::from_secs(10), "monitor counts events", || async {
+        let text = stack.metrics(&stack.monitor_url).await;
+        (metric_sum(&text, "colony_monitor_events_total") >= 5.0).then_some(text)
+    })
+    .await;
+    assert!(monitor.contains("run.succeeded"), "{monitor}");
+
+    // A malformed protobuf on a consumed subject is terminated, counted and dead-lettered.
+    let bus = stack.bus.connect().await;
+    bus.publish_bytes(
+        "colony.v1.task.report.succeeded",
+        "garbage-1",
+        None,
+        b"\xff\xff\xff not protobuf".as_slice().into(),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "malformed report terminated", || async {
+        let text = stack.metrics(&stack.orchestrator_url).await;
+        (metric_sum(&text, "colony_bus_terminated_total") >= 1.0).then_some(())
+    })
+    .await;
+    let mut dead = bus
+        .jetstream()
+        .get_stream(bus.stream_name(StreamKind::DeadLetter))
+        .await
+        .unwrap();
+    assert!(dead.info().await.unwrap().state.messages >= 1);
+
+    // An unreachable provider fails the task with a classified error the run records.
+    provider.stop().await;
+    let failed_id = stack.submit("this one cannot be answered").await;
+    let failed = stack.wait_run(&failed_id, Duration::from_secs(60)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["failure"]["error_class"], "transient", "{failed}");
+    let reason = failed["failure"]["reason"].as_str().unwrap();
+    assert!(reason.contains("router"), "{reason}");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'error'").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_does_not_lose_its_task() {
+    let router = r#"
+default_deployment = "slow"
+
+[[deployments]]
+name = "slow"
+provider = "scripted"
+model = "scripted-slow"
+tier = "mid"
+input_price_per_mtok = 0.0
+output_price_per_mtok = 0.0
+timeout = "30s"
+
+[[deployments.script]]
+reply = "finished after a slow call"
+delay = "3s"
+"#;
+    let mut stack = Stack::start(StackOptions {
+        router_toml: router.into(),
+        lease: "2s",
+        ..StackOptions::default()
+    })
+    .await;
+
+    let run_id = stack.submit("take your time").await;
+    eventually(Duration::from_secs(30), "task claimed by worker-0", || async {
+        let run = stack.get_run(&run_id).await;
+        (run["tasks"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    // Mid-call: the scripted provider is sleeping on the worker's request.
+    stack.workers[0].kill();
+    stack.start_worker().await;
+
+    let run = stack.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], "finished after a slow call");
+    assert!(run["tasks"][0]["attempt"].as_i64().unwrap() >= 2, "{run}");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM orchestrator.task_reports WHERE accepted").await,
+        1,
+        "exactly one completion accepted"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'lease_expired' AND worker_id = 'worker-0'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'succeeded' AND worker_id = 'worker-1'"
+        )
+        .await,
+        1
+    );
+}
