@@ -1,6 +1,9 @@
 //! Harness that starts Colony's five real binaries as processes against the local PostgreSQL
 //! and NATS, each stack with its own database and subject prefix, plus helpers to drive it.
-#![expect(clippy::unwrap_used, reason = "test harness: a failed setup should stop the test")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test harness: a failed setup should stop the test"
+)]
 
 pub mod stub;
 
@@ -56,7 +59,10 @@ fn common_env(prefix: &str, db: &TestDb, bus: &TestBus, log_filter: &str) -> Vec
         (format!("{prefix}__BUS__PREFIX"), bus.prefix.clone()),
         // Redeliver an abandoned message after 5 s rather than 30 s.
         (format!("{prefix}__BUS__ACK_WAIT"), "5s".into()),
-        (format!("{prefix}__TELEMETRY__LOG_FILTER"), log_filter.into()),
+        (
+            format!("{prefix}__TELEMETRY__LOG_FILTER"),
+            log_filter.into(),
+        ),
     ];
     if prefix != "AGENT_WORKER" {
         env.push((format!("{prefix}__DATABASE__URL"), db.url.clone()));
@@ -116,7 +122,10 @@ impl Stack {
         let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter);
         orch_env.push(("ORCHESTRATOR__HTTP__ADDR".into(), addr(orch_http)));
         orch_env.push(("ORCHESTRATOR__GRPC__ADDR".into(), addr(orch_grpc)));
-        orch_env.push(("ORCHESTRATOR__LEASES__DURATION".into(), options.lease.into()));
+        orch_env.push((
+            "ORCHESTRATOR__LEASES__DURATION".into(),
+            options.lease.into(),
+        ));
         orch_env.push(("ORCHESTRATOR__LEASES__REAP_INTERVAL".into(), "200ms".into()));
         services.push(Process::spawn(
             "orchestrator",
@@ -147,7 +156,10 @@ impl Stack {
             "AGENT_WORKER__MEMORY_URL".into(),
             format!("http://{}", addr(memory_grpc)),
         ));
-        worker_env.push(("AGENT_WORKER__SLOTS".into(), options.worker_slots.to_string()));
+        worker_env.push((
+            "AGENT_WORKER__SLOTS".into(),
+            options.worker_slots.to_string(),
+        ));
         worker_env.push(("AGENT_WORKER__HEARTBEAT_INTERVAL".into(), "1s".into()));
 
         let mut stack = Stack {

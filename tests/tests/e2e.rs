@@ -76,29 +76,52 @@ async fn a_goal_flows_through_all_five_services() {
     assert_eq!(run["output"], "echo: name three colours");
     assert_eq!(run["usage"]["prompt_tokens"], PROMPT_TOKENS);
     assert_eq!(run["usage"]["completion_tokens"], COMPLETION_TOKENS);
-    assert_eq!(provider.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        provider.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 
     // State in PostgreSQL, in every service's schema.
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM orchestrator.task_reports WHERE accepted").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
+        )
+        .await,
         1
     );
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'succeeded'").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'succeeded'"
+        )
+        .await,
         1
     );
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL"
+        )
+        .await,
         0,
         "every outbox row was relayed"
     );
     assert!(count(&stack, "SELECT count(*) FROM memory.messages").await >= 3);
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM memory.messages WHERE role = 'assistant'").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM memory.messages WHERE role = 'assistant'"
+        )
+        .await,
         1
     );
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'ok'").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'ok'"
+        )
+        .await,
         1
     );
 
@@ -114,7 +137,10 @@ async fn a_goal_flows_through_all_five_services() {
         "colony.v1.usage.recorded",
         "colony.v1.worker.heartbeat",
     ] {
-        assert!(subjects.contains(&expected), "{expected} missing from {subjects:?}");
+        assert!(
+            subjects.contains(&expected),
+            "{expected} missing from {subjects:?}"
+        );
     }
     let (_, payload) = events
         .iter()
@@ -142,10 +168,14 @@ async fn a_goal_flows_through_all_five_services() {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(10), "malformed report terminated", || async {
-        let text = stack.metrics(&stack.orchestrator_url).await;
-        (metric_sum(&text, "colony_bus_terminated_total") >= 1.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "malformed report terminated",
+        || async {
+            let text = stack.metrics(&stack.orchestrator_url).await;
+            (metric_sum(&text, "colony_bus_terminated_total") >= 1.0).then_some(())
+        },
+    )
     .await;
     let mut dead = bus
         .jetstream()
@@ -163,7 +193,11 @@ async fn a_goal_flows_through_all_five_services() {
     let reason = failed["failure"]["reason"].as_str().unwrap();
     assert!(reason.contains("router"), "{reason}");
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'error'").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'error'"
+        )
+        .await,
         1
     );
 }
@@ -194,10 +228,14 @@ delay = "3s"
     .await;
 
     let run_id = stack.submit("take your time").await;
-    eventually(Duration::from_secs(30), "task claimed by worker-0", || async {
-        let run = stack.get_run(&run_id).await;
-        (run["tasks"][0]["state"] == "running").then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "task claimed by worker-0",
+        || async {
+            let run = stack.get_run(&run_id).await;
+            (run["tasks"][0]["state"] == "running").then_some(())
+        },
+    )
     .await;
     // Mid-call: the scripted provider is sleeping on the worker's request.
     stack.workers[0].kill();
@@ -208,7 +246,11 @@ delay = "3s"
     assert_eq!(run["output"], "finished after a slow call");
     assert!(run["tasks"][0]["attempt"].as_i64().unwrap() >= 2, "{run}");
     assert_eq!(
-        count(&stack, "SELECT count(*) FROM orchestrator.task_reports WHERE accepted").await,
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
+        )
+        .await,
         1,
         "exactly one completion accepted"
     );
