@@ -10,7 +10,7 @@ SHELL := bash
 
 CARGO ?= cargo
 COMPOSE ?= docker compose
-# Extra arguments for `make bench`, e.g. make bench ARGS="--tasks 10000"
+# Extra arguments for `make bench`, e.g. make bench ARGS="--runs 5000 --workers 4"
 ARGS ?=
 
 .PHONY: help deps fmt lint build test run bench up down proto
@@ -44,8 +44,9 @@ test: deps lint build ## deps, lint, build, then the whole test suite (nextest i
 run: ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: ## Run the dispatch benchmark (results: docs/benchmarks.md)
-	$(CARGO) run --release -p colony-e2e --bin dispatch-bench -- $(ARGS)
+bench: deps ## Run the dispatch benchmark on release builds (results: docs/benchmarks.md, target/bench/results.json)
+	$(CARGO) build --release --workspace --bins
+	target/release/dispatch-bench $(ARGS)
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build
