@@ -1,0 +1,444 @@
+//! The gRPC edge: clients for the orchestrator, the router and memory, the conversions between
+//! prost and domain types, deadlines and trace context on every request, and the one mapping
+//! from `tonic::Status` to [`Error`].
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use colony_proto::v1;
+use colony_proto::v1::memory_client::MemoryClient;
+use colony_proto::v1::orchestrator_client::OrchestratorClient;
+use colony_proto::v1::router_client::RouterClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::error::{Error, Peer};
+use crate::task::{ChatMessage, Claim, Completion, Dispatch, ErrorClass, Lease, TaskSpec, Usage};
+use crate::worker::Peers;
+
+/// Metadata a Colony service puts on a failed call to say which [`ErrorClass`] it is.
+pub const ERROR_CLASS_METADATA: &str = "colony-error-class";
+
+/// The worker's three peers over gRPC. Channels connect lazily, so the worker starts (and
+/// stays ready) while a peer is down; calls then fail as transient and are retried.
+#[derive(Clone)]
+pub struct GrpcPeers {
+    orchestrator: OrchestratorClient<Channel>,
+    router: RouterClient<Channel>,
+    memory: MemoryClient<Channel>,
+    rpc_timeout: Duration,
+    completion_timeout: Duration,
+}
+
+fn channel(url: &str, connect_timeout: Duration) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("invalid gRPC endpoint {url:?}"))?
+        .connect_timeout(connect_timeout)
+        .connect_lazy())
+}
+
+impl GrpcPeers {
+    pub fn new(
+        orchestrator_url: &str,
+        router_url: &str,
+        memory_url: &str,
+        rpc_timeout: Duration,
+        completion_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            orchestrator: OrchestratorClient::new(channel(orchestrator_url, rpc_timeout)?),
+            router: RouterClient::new(channel(router_url, rpc_timeout)?),
+            memory: MemoryClient::new(channel(memory_url, rpc_timeout)?),
+            rpc_timeout,
+            completion_timeout,
+        })
+    }
+}
+
+/// A request with a deadline and the current span's W3C `traceparent`.
+fn request<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    if let Some(traceparent) = colony_telemetry::current_traceparent()
+        && let Ok(value) = MetadataValue::try_from(traceparent)
+    {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    request
+}
+
+/// The class of a failed call: from the `colony-error-class` metadata when the peer sent a
+/// known one, else from the status code.
+pub fn class_of(status: &Status) -> ErrorClass {
+    if let Some(class) = status
+        .metadata()
+        .get(ERROR_CLASS_METADATA)
+        .and_then(|value| value.to_str().ok())
+        .and_then(ErrorClass::parse)
+    {
+        return class;
+    }
+    match status.code() {
+        // CANCELLED is what tonic's client answers when the request's own deadline passes.
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ErrorClass::Transient,
+        Code::ResourceExhausted => ErrorClass::ExternalRateLimit,
+        Code::InvalidArgument | Code::FailedPrecondition => ErrorClass::UserFixable,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// The one conversion from a failed call to [`Error`], with a human-readable message.
+pub fn status_error(peer: Peer, status: &Status, deadline: Duration) -> Error {
+    let classified = status.metadata().contains_key(ERROR_CLASS_METADATA);
+    let message = match status.code() {
+        Code::DeadlineExceeded | Code::Cancelled if !classified => {
+            format!("no answer within {deadline:?}")
+        }
+        Code::Unavailable if !classified => format!("unreachable: {}", status.message()),
+        _ if status.message().is_empty() => format!("failed with {:?}", status.code()),
+        _ => status.message().to_owned(),
+    };
+    Error::Call {
+        peer,
+        class: class_of(status),
+        message,
+    }
+}
+
+/// Runs one call; a client that never answers is cut off shortly after the deadline even if
+/// the peer ignores `grpc-timeout`.
+async fn call<T>(
+    peer: Peer,
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Error> {
+    let limit = deadline + Duration::from_millis(500);
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(status_error(peer, &status, deadline)),
+        Err(_) => Err(Error::Call {
+            peer,
+            class: ErrorClass::Transient,
+            message: format!("no answer within {deadline:?}"),
+        }),
+    }
+}
+
+fn to_proto_message(message: &ChatMessage) -> v1::ChatMessage {
+    v1::ChatMessage {
+        role: message.role.clone(),
+        content: message.content.clone(),
+    }
+}
+
+fn usage_from_proto(usage: Option<v1::Usage>) -> Usage {
+    let usage = usage.unwrap_or_default();
+    Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost_micros_usd: usage.cost_micros_usd,
+    }
+}
+
+/// The claim answer in domain terms. The attempt's identity comes from the dispatch; the
+/// spec may leave it out, but must not contradict it.
+pub fn claim_from_proto(
+    dispatch: &Dispatch,
+    response: v1::ClaimTaskResponse,
+) -> Result<Claim, Error> {
+    if !response.granted {
+        return Ok(Claim::Refused {
+            reason: response.reason,
+        });
+    }
+    let invalid = |message: String| Error::InvalidResponse {
+        peer: Peer::Orchestrator,
+        message,
+    };
+    let spec = response
+        .task
+        .ok_or_else(|| invalid("claim granted without a task".into()))?;
+    if (!spec.task_id.is_empty() && spec.task_id != dispatch.task_id)
+        || (spec.attempt != 0 && spec.attempt != dispatch.attempt)
+        || (!spec.tenant.is_empty() && spec.tenant != dispatch.tenant)
+    {
+        return Err(invalid(format!(
+            "claim for {}/{} attempt {} granted task {}/{} attempt {}",
+            dispatch.tenant,
+            dispatch.task_id,
+            dispatch.attempt,
+            spec.tenant,
+            spec.task_id,
+            spec.attempt
+        )));
+    }
+    let or = |value: String, fallback: &str| {
+        if value.is_empty() {
+            fallback.to_owned()
+        } else {
+            value
+        }
+    };
+    Ok(Claim::Granted {
+        task: TaskSpec {
+            tenant: dispatch.tenant.clone(),
+            run_id: or(spec.run_id, &dispatch.run_id),
+            task_id: dispatch.task_id.clone(),
+            attempt: dispatch.attempt,
+            role: or(spec.role, &dispatch.role),
+            instructions: spec.instructions,
+            tier: spec.tier,
+            max_tokens: spec.max_tokens,
+            context: spec
+                .context
+                .into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect(),
+        },
+        lease: Duration::from_millis(response.lease_ms),
+    })
+}
+
+impl Peers for GrpcPeers {
+    async fn claim(&self, dispatch: &Dispatch, worker_id: &str) -> Result<Claim, Error> {
+        let message = v1::ClaimTaskRequest {
+            tenant: dispatch.tenant.clone(),
+            task_id: dispatch.task_id.clone(),
+            attempt: dispatch.attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.claim_task(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        claim_from_proto(dispatch, response)
+    }
+
+    async fn heartbeat(&self, task: &TaskSpec, worker_id: &str) -> Result<Lease, Error> {
+        let message = v1::HeartbeatTaskRequest {
+            tenant: task.tenant.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.heartbeat_task(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(if response.keep_going {
+            Lease::Held {
+                lease: (response.lease_ms > 0).then(|| Duration::from_millis(response.lease_ms)),
+            }
+        } else {
+            Lease::Lost {
+                reason: response.reason,
+            }
+        })
+    }
+
+    async fn append(&self, task: &TaskSpec, messages: &[ChatMessage]) -> Result<(), Error> {
+        let message = v1::AppendMessagesRequest {
+            tenant: task.tenant.clone(),
+            // v1: one conversation per run.
+            session_id: task.run_id.clone(),
+            run_id: task.run_id.clone(),
+            task_id: task.task_id.clone(),
+            messages: messages.iter().map(to_proto_message).collect(),
+        };
+        let mut client = self.memory.clone();
+        call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.append_messages(request(message, self.rpc_timeout)),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn complete(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+    ) -> Result<Completion, Error> {
+        let message = v1::CompleteRequest {
+            tenant: task.tenant.clone(),
+            run_id: task.run_id.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            deployment: String::new(),
+            tier: task.tier.clone(),
+            messages: messages.iter().map(to_proto_message).collect(),
+            max_tokens: task.max_tokens,
+            temperature: None,
+        };
+        let mut client = self.router.clone();
+        let response = call(
+            Peer::Router,
+            self.completion_timeout,
+            client.complete(request(message, self.completion_timeout)),
+        )
+        .await?;
+        Ok(Completion {
+            content: response.content,
+            usage: usage_from_proto(response.usage),
+            deployment: response.deployment,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classified(code: Code, class: &'static str) -> Status {
+        let mut status = Status::new(code, "deployment mock: the provider is rate limiting");
+        status
+            .metadata_mut()
+            .insert(ERROR_CLASS_METADATA, MetadataValue::from_static(class));
+        status
+    }
+
+    #[test]
+    fn metadata_wins_over_the_status_code() {
+        for class in ErrorClass::ALL {
+            assert_eq!(class_of(&classified(Code::Internal, class.as_str())), class);
+        }
+        // An unknown class falls back to the code.
+        assert_eq!(
+            class_of(&classified(Code::ResourceExhausted, "bogus")),
+            ErrorClass::ExternalRateLimit
+        );
+    }
+
+    #[test]
+    fn status_codes_map_to_classes() {
+        let cases = [
+            (Code::Unavailable, ErrorClass::Transient),
+            (Code::DeadlineExceeded, ErrorClass::Transient),
+            (Code::Cancelled, ErrorClass::Transient),
+            (Code::ResourceExhausted, ErrorClass::ExternalRateLimit),
+            (Code::InvalidArgument, ErrorClass::UserFixable),
+            (Code::FailedPrecondition, ErrorClass::UserFixable),
+            (Code::Internal, ErrorClass::Permanent),
+            (Code::Unknown, ErrorClass::Permanent),
+            (Code::NotFound, ErrorClass::Permanent),
+        ];
+        for (code, class) in cases {
+            assert_eq!(class_of(&Status::new(code, "x")), class, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn messages_are_human_readable() {
+        let deadline = Duration::from_secs(300);
+        let error = status_error(
+            Peer::Router,
+            &Status::unavailable("tcp connect error"),
+            deadline,
+        );
+        assert_eq!(error.to_string(), "router: unreachable: tcp connect error");
+        let error = status_error(
+            Peer::Router,
+            &Status::cancelled("Timeout expired"),
+            deadline,
+        );
+        assert_eq!(error.to_string(), "router: no answer within 300s");
+        assert_eq!(error.class(), ErrorClass::Transient);
+        let error = status_error(
+            Peer::Router,
+            &classified(Code::ResourceExhausted, "external_rate_limit"),
+            deadline,
+        );
+        assert_eq!(
+            error.to_string(),
+            "router: deployment mock: the provider is rate limiting"
+        );
+        assert_eq!(error.class(), ErrorClass::ExternalRateLimit);
+        let error = status_error(Peer::Memory, &Status::new(Code::Internal, ""), deadline);
+        assert_eq!(error.to_string(), "memory: failed with Internal");
+    }
+
+    fn dispatch() -> Dispatch {
+        Dispatch {
+            tenant: "acme".into(),
+            run_id: "r1".into(),
+            task_id: "t1".into(),
+            attempt: 2,
+            role: "generalist".into(),
+            dispatched_at: None,
+        }
+    }
+
+    #[test]
+    fn claims_convert_and_must_match_the_dispatch() {
+        let refused = claim_from_proto(
+            &dispatch(),
+            v1::ClaimTaskResponse {
+                granted: false,
+                reason: "stale attempt".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            refused.unwrap(),
+            Claim::Refused {
+                reason: "stale attempt".into()
+            }
+        );
+
+        let spec = v1::TaskSpec {
+            task_id: "t1".into(),
+            attempt: 2,
+            instructions: "do it".into(),
+            tier: "mid".into(),
+            max_tokens: 100,
+            context: vec![v1::ChatMessage {
+                role: "system".into(),
+                content: "be brief".into(),
+            }],
+            ..Default::default()
+        };
+        let granted = claim_from_proto(
+            &dispatch(),
+            v1::ClaimTaskResponse {
+                granted: true,
+                task: Some(spec.clone()),
+                lease_ms: 30_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let Claim::Granted { task, lease } = granted else {
+            panic!("granted: {granted:?}");
+        };
+        assert_eq!(lease, Duration::from_secs(30));
+        assert_eq!((task.tenant.as_str(), task.run_id.as_str()), ("acme", "r1"));
+        assert_eq!(task.role, "generalist");
+        assert_eq!(task.context, [ChatMessage::new("system", "be brief")]);
+
+        let other_attempt = claim_from_proto(
+            &dispatch(),
+            v1::ClaimTaskResponse {
+                granted: true,
+                task: Some(v1::TaskSpec { attempt: 3, ..spec }),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(other_attempt, Err(Error::InvalidResponse { .. })));
+        let no_task = claim_from_proto(
+            &dispatch(),
+            v1::ClaimTaskResponse {
+                granted: true,
+                ..Default::default()
+            },
+        );
+        assert!(matches!(no_task, Err(Error::InvalidResponse { .. })));
+    }
+}

@@ -1,0 +1,62 @@
+//! Every metric the agent-worker records.
+
+/// Attempts that ended in this worker, by `role` and `outcome` (`succeeded`, `failed`, or
+/// `lost`: the lease was lost or the shutdown grace ran out, and nothing was reported).
+pub const TASKS: &str = "colony_agent_worker_tasks_total";
+/// Time from a granted claim to a published report, by `role`.
+pub const TASK_SECONDS: &str = "colony_agent_worker_task_duration_seconds";
+/// Claims, by `result` (`granted`, `refused`, `error`).
+pub const CLAIMS: &str = "colony_agent_worker_claims_total";
+/// Time from the orchestrator's `dispatched_at` to a granted claim.
+pub const DISPATCH_LATENCY_SECONDS: &str = "colony_agent_worker_dispatch_latency_seconds";
+/// Tasks running now (claimed and not yet ended).
+pub const SLOTS_BUSY: &str = "colony_agent_worker_slots_busy";
+/// Tasks this worker can run at once: `slots × roles`.
+pub const SLOTS_TOTAL: &str = "colony_agent_worker_slots_total";
+/// Failed memory appends, by `step` (`prompt`, `reply`). They do not fail the task.
+pub const MEMORY_FAILURES: &str = "colony_agent_worker_memory_failures_total";
+/// Failed lease heartbeats (`Orchestrator.HeartbeatTask`); retried on the next tick.
+pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_failures_total";
+/// Failed report publishes; retried with backoff while the task is live.
+pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_failures_total";
+
+/// Registers descriptions so `/metrics` explains every series.
+pub fn describe() {
+    use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        TASKS,
+        "Task attempts that ended in this worker, by role and outcome (succeeded, failed, lost)."
+    );
+    describe_histogram!(
+        TASK_SECONDS,
+        Unit::Seconds,
+        "Time from a granted claim to the published report, by role."
+    );
+    describe_counter!(
+        CLAIMS,
+        "Orchestrator.ClaimTask calls, by result (granted, refused, error)."
+    );
+    describe_histogram!(
+        DISPATCH_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time from the orchestrator's dispatched_at to a granted claim."
+    );
+    describe_gauge!(SLOTS_BUSY, "Tasks this worker is running now.");
+    describe_gauge!(
+        SLOTS_TOTAL,
+        "Tasks this worker can run at once (slots per role times roles)."
+    );
+    describe_counter!(
+        MEMORY_FAILURES,
+        "Failed Memory.AppendMessages calls, by step (prompt, reply); the task goes on."
+    );
+    describe_counter!(
+        LEASE_HEARTBEAT_FAILURES,
+        "Failed Orchestrator.HeartbeatTask calls; retried on the next tick."
+    );
+    describe_counter!(
+        REPORT_PUBLISH_FAILURES,
+        "Failed TaskReport publishes; retried with backoff while the task is live."
+    );
+    colony_bus::metrics::describe();
+}
