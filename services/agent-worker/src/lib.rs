@@ -25,6 +25,13 @@ use colony_runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+
+impl colony_runtime::ServiceConfig for Config {
+    const ENV_PREFIX: &'static str = config::ENV_PREFIX;
+    fn telemetry(&self) -> &colony_telemetry::TelemetryConfig {
+        &self.telemetry
+    }
+}
 pub use error::{Error, Peer};
 pub use grpc::ERROR_CLASS_METADATA;
 

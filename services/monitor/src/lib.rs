@@ -24,6 +24,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use bus::{CONSUMER, FILTER};
 pub use config::Config;
+
+impl colony_runtime::ServiceConfig for Config {
+    const ENV_PREFIX: &'static str = config::ENV_PREFIX;
+    fn telemetry(&self) -> &colony_telemetry::TelemetryConfig {
+        &self.telemetry
+    }
+}
 pub use error::Error;
 
 use events::{Event, Tally};
