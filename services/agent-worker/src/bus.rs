@@ -162,6 +162,13 @@ pub async fn publish_heartbeats(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence: u64 = 0;
+    // The start time keeps msg ids unique across restarts of a worker with a fixed id, which
+    // JetStream would otherwise drop as duplicates within its window.
+    let started_ms = info
+        .started_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -177,7 +184,7 @@ pub async fn publish_heartbeats(
             sent_at: Some(colony_proto::now()),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let msg_id = format!("hb-{}-{sequence}", info.worker_id);
+        let msg_id = format!("hb-{}-{started_ms}-{sequence}", info.worker_id);
         let published = tokio::select! {
             () = shutdown.cancelled() => return,
             published = bus.publish(subjects::WORKER_HEARTBEAT, &msg_id, &beat) => published,

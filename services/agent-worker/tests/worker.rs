@@ -673,7 +673,13 @@ async fn the_worker_heartbeat_describes_the_worker() {
             .map(|v| v.as_str().to_owned())
     };
     let id = h.worker_id();
-    assert_eq!(msg_id(&first), Some(format!("hb-{id}-1")));
-    assert_eq!(msg_id(&second), Some(format!("hb-{id}-2")));
+    let (first, second) = (msg_id(&first).unwrap(), msg_id(&second).unwrap());
+    // hb-<worker>-<start ms>-<sequence>: unique across restarts of a worker with a fixed id.
+    let started = first
+        .strip_prefix(&format!("hb-{id}-"))
+        .and_then(|rest| rest.strip_suffix("-1"))
+        .unwrap();
+    assert!(started.parse::<u128>().is_ok(), "{first}");
+    assert_eq!(second, format!("hb-{id}-{started}-2"));
     h.stop().await;
 }
