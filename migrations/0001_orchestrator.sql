@@ -31,6 +31,10 @@ CREATE TABLE orchestrator.tasks (
     lease_expires_at  timestamptz,
     -- When the current attempt became claimable; dispatch latency is measured from here.
     ready_at          timestamptz NOT NULL DEFAULT now(),
+    -- Last dispatch of the current attempt, and how many were sent: an attempt that stays
+    -- unclaimed (its message lost or out of deliveries) is dispatched again.
+    dispatched_at     timestamptz NOT NULL DEFAULT now(),
+    dispatches        integer     NOT NULL DEFAULT 1,
     started_at        timestamptz,
     finished_at       timestamptz,
     output            text,
@@ -43,6 +47,7 @@ CREATE TABLE orchestrator.tasks (
 );
 CREATE INDEX tasks_by_run ON orchestrator.tasks (run_id);
 CREATE INDEX tasks_running_leases ON orchestrator.tasks (lease_expires_at) WHERE state = 'running';
+CREATE INDEX tasks_queued_dispatches ON orchestrator.tasks (dispatched_at) WHERE state = 'queued';
 
 -- One row per claimed attempt: who ran it and how it ended.
 CREATE TABLE orchestrator.task_attempts (

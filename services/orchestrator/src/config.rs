@@ -67,6 +67,9 @@ pub struct LeaseConfig {
     pub reap_interval: Duration,
     /// Attempts before a task whose leases keep expiring fails.
     pub max_attempts: u32,
+    /// An attempt still unclaimed this long after its dispatch is dispatched again.
+    #[serde(with = "humantime_serde")]
+    pub redispatch_after: Duration,
 }
 
 impl Default for Config {
@@ -122,6 +125,7 @@ impl Default for LeaseConfig {
             duration: Duration::from_secs(30),
             reap_interval: Duration::from_secs(1),
             max_attempts: 5,
+            redispatch_after: Duration::from_secs(60),
         }
     }
 }
@@ -163,6 +167,9 @@ impl colony_config::Validate for Config {
         if self.leases.reap_interval.is_zero() || self.leases.reap_interval > self.leases.duration {
             problems
                 .push("leases.reap_interval: must be above 0 and at most leases.duration".into());
+        }
+        if self.leases.redispatch_after < Duration::from_secs(1) {
+            problems.push("leases.redispatch_after: must be at least 1s".into());
         }
         if self.leases.max_attempts == 0 {
             problems.push("leases.max_attempts: must be at least 1".into());

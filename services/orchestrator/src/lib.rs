@@ -176,6 +176,17 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
             }
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
+        match store
+            .redispatch_unclaimed(leases.redispatch_after, 100)
+            .await
+        {
+            Ok(0) => {}
+            Ok(count) => {
+                ::metrics::counter!(metrics::REDISPATCHED).increment(count);
+                tracing::warn!(count, "unclaimed tasks dispatched again");
+            }
+            Err(error) => tracing::warn!(%error, "redispatch pass failed"),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub const TASKS: &str = "colony_orchestrator_tasks_total";
 pub const CLAIMS: &str = "colony_orchestrator_claims_total";
 pub const REPORTS: &str = "colony_orchestrator_reports_total";
 pub const LEASES_EXPIRED: &str = "colony_orchestrator_leases_expired_total";
+pub const REDISPATCHED: &str = "colony_orchestrator_redispatched_total";
 pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds";
 pub const HTTP_REQUESTS: &str = "colony_orchestrator_http_requests_total";
 pub const REJECTED_REQUESTS: &str = "colony_orchestrator_rejected_requests_total";
@@ -24,6 +25,10 @@ pub fn describe() {
     describe_counter!(
         LEASES_EXPIRED,
         "Leases the reaper found expired, by action: requeued or failed."
+    );
+    describe_counter!(
+        REDISPATCHED,
+        "Attempts dispatched again because nobody claimed them within leases.redispatch_after."
     );
     describe_histogram!(
         DISPATCH_LATENCY,

@@ -225,6 +225,7 @@ async fn enqueue_dispatch(
     task_id: Uuid,
     attempt: i32,
     role: &str,
+    dispatches: i32,
 ) -> Result<(), Error> {
     let dispatch = v1::TaskDispatch {
         tenant: tenant.to_owned(),
@@ -238,7 +239,7 @@ async fn enqueue_dispatch(
         .enqueue(
             conn,
             &subjects::dispatch(role),
-            &format!("dispatch-{task_id}-{attempt}"),
+            &format!("dispatch-{task_id}-{attempt}-{dispatches}"),
             &dispatch,
         )
         .await?;
@@ -301,7 +302,7 @@ impl Store {
         }
         .enqueue(&mut tx)
         .await?;
-        enqueue_dispatch(&mut tx, &new.tenant, run_id, task_id, 1, &new.role).await?;
+        enqueue_dispatch(&mut tx, &new.tenant, run_id, task_id, 1, &new.role, 1).await?;
         tx.commit().await?;
         Ok((run_id, task_id))
     }
@@ -714,7 +715,8 @@ impl Store {
             let next = attempt + 1;
             sqlx::query(
                 "UPDATE orchestrator.tasks SET state = 'queued', attempt = $2, lease_owner = NULL, \
-                     lease_expires_at = NULL, ready_at = now() WHERE id = $1",
+                     lease_expires_at = NULL, ready_at = now(), dispatched_at = now(), \
+                     dispatches = 1 WHERE id = $1",
             )
             .bind(task_id)
             .bind(next)
@@ -734,11 +736,43 @@ impl Store {
             }
             .enqueue(&mut tx)
             .await?;
-            enqueue_dispatch(&mut tx, &tenant, run_id, task_id, next, &role).await?;
+            enqueue_dispatch(&mut tx, &tenant, run_id, task_id, next, &role, 1).await?;
             reaped.requeued += 1;
         }
         tx.commit().await?;
         Ok(reaped)
+    }
+
+    /// Dispatches again attempts that stayed unclaimed for `after`: their message may have been
+    /// lost or run out of deliveries. A duplicate dispatch is harmless (the claim decides).
+    pub async fn redispatch_unclaimed(&self, after: Duration, batch: i64) -> Result<u64, Error> {
+        let mut tx = self.pool.begin().await?;
+        let stale = sqlx::query(
+            "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
+             WHERE id IN (SELECT id FROM orchestrator.tasks \
+                          WHERE state = 'queued' \
+                            AND dispatched_at < now() - make_interval(secs => $1) \
+                          ORDER BY dispatched_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, run_id, tenant, role, attempt, dispatches",
+        )
+        .bind(interval(after))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        for task in &stale {
+            enqueue_dispatch(
+                &mut tx,
+                task.get("tenant"),
+                task.get("run_id"),
+                task.get("id"),
+                task.get("attempt"),
+                task.get("role"),
+                task.get("dispatches"),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stale.len() as u64)
     }
 }
 

@@ -279,3 +279,54 @@ async fn a_failed_report_records_the_class_and_reason_on_the_run() {
     assert_eq!(failure.error_class.as_deref(), Some("transient"));
     assert!(failure.reason.contains("provider unreachable"));
 }
+
+#[tokio::test]
+async fn an_unclaimed_attempt_is_dispatched_again() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (_, task_id) = new_run(&store).await;
+    assert_eq!(
+        store
+            .redispatch_unclaimed(Duration::from_secs(60), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    sqlx::query("UPDATE orchestrator.tasks SET dispatched_at = now() - interval '2 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .redispatch_unclaimed(Duration::from_secs(60), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT msg_id FROM orchestrator.outbox WHERE subject LIKE '%dispatch%' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        ids,
+        [
+            format!("dispatch-{task_id}-1-1"),
+            format!("dispatch-{task_id}-1-2")
+        ]
+    );
+    // Once claimed, it is no longer dispatched.
+    store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
+    sqlx::query("UPDATE orchestrator.tasks SET dispatched_at = now() - interval '2 minutes'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .redispatch_unclaimed(Duration::from_secs(60), 100)
+            .await
+            .unwrap(),
+        0
+    );
+}
