@@ -1,8 +1,15 @@
-//! Dispatch benchmark: submits N single-task runs through the real stack with a 0-ms scripted
-//! provider and reports dispatch latency (task ready → worker claimed it, p50/p99) and
-//! throughput. Figures are merged into `target/bench/results.json`.
+//! Dispatch benchmark: single-task runs through the real stack (five processes, PostgreSQL,
+//! JetStream) with a 0-ms scripted provider, in two phases:
 //!
-//! Usage: `dispatch-bench [--runs N] [--workers W] [--slots S] [--concurrency C]`.
+//! 1. burst: `--runs` runs submitted as fast as `--concurrency` clients can → throughput, and
+//!    dispatch latency under a backlog (`dispatch_burst_p50_ms`, `dispatch_burst_p99_ms`);
+//! 2. paced: `--paced-runs` runs at `--rate` runs/s, below saturation → dispatch latency
+//!    (task ready → a worker claimed it; `dispatch_p50_ms`, `dispatch_p99_ms`).
+//!
+//! Figures are merged into `target/bench/results.json`.
+//!
+//! Usage: `dispatch-bench [--runs N] [--paced-runs N] [--rate R] [--workers W] [--slots S]
+//! [--concurrency C]`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -30,6 +37,8 @@ delay = "0ms"
 
 struct Args {
     runs: usize,
+    paced_runs: usize,
+    rate: f64,
     workers: usize,
     slots: u32,
     concurrency: usize,
@@ -38,6 +47,8 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         runs: 1000,
+        paced_runs: 500,
+        rate: 50.0,
         workers: 2,
         slots: 8,
         concurrency: 32,
@@ -47,6 +58,8 @@ fn parse_args() -> anyhow::Result<Args> {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--runs" => args.runs = value.parse()?,
+            "--paced-runs" => args.paced_runs = value.parse()?,
+            "--rate" => args.rate = value.parse()?,
             "--workers" => args.workers = value.parse()?,
             "--slots" => args.slots = value.parse()?,
             "--concurrency" => args.concurrency = value.parse()?,
@@ -80,6 +93,45 @@ fn record(figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// Waits until `total` runs have finished, printing progress.
+async fn wait_finished(stack: &Stack, total: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last_report = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orchestrator.runs WHERE status IN ('succeeded', 'failed')",
+        )
+        .fetch_one(&stack.db.pool)
+        .await?;
+        if done as usize >= total {
+            return Ok(());
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("{done}/{total} runs finished");
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "runs did not finish within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sorted dispatch latencies in ms of the tasks whose goal starts with `phase`. Both
+/// timestamps come from PostgreSQL's clock, so the difference is exact.
+async fn latencies(stack: &Stack, phase: &str) -> anyhow::Result<Vec<f64>> {
+    let mut latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM (started_at - ready_at))::float8 * 1000 \
+         FROM orchestrator.tasks WHERE instructions LIKE $1",
+    )
+    .bind(format!("{phase} %"))
+    .fetch_all(&stack.db.pool)
+    .await?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -97,69 +149,55 @@ async fn main() -> anyhow::Result<()> {
     .await;
 
     eprintln!(
-        "submitting {} runs ({} at a time)",
+        "burst: submitting {} runs ({} at a time)",
         args.runs, args.concurrency
     );
-    let started = Instant::now();
     futures::stream::iter(0..args.runs)
         .for_each_concurrent(args.concurrency, |i| {
             let stack = &stack;
             async move {
-                stack.submit(&format!("bench goal {i}")).await;
+                stack.submit(&format!("burst {i}")).await;
             }
         })
         .await;
-    let submitted = started.elapsed();
-    eprintln!("submitted in {submitted:.1?}; waiting for completion");
+    wait_finished(&stack, args.runs).await?;
+    let span: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM (max(finished_at) - min(created_at)))::float8 \
+         FROM orchestrator.runs WHERE goal LIKE 'burst %'",
+    )
+    .fetch_one(&stack.db.pool)
+    .await?;
+    let burst = latencies(&stack, "burst").await?;
 
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut last_report = Instant::now();
-    loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orchestrator.runs WHERE status IN ('succeeded', 'failed')",
-        )
-        .fetch_one(&stack.db.pool)
-        .await?;
-        if done as usize >= args.runs {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("{done}/{} runs finished", args.runs);
-            last_report = Instant::now();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "runs did not finish within 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    eprintln!("paced: {} runs at {} runs/s", args.paced_runs, args.rate);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..args.paced_runs {
+        ticker.tick().await;
+        let stack = &stack;
+        pending.push(async move { stack.submit(&format!("paced {i}")).await });
+        while let Some(Some(_)) = futures::FutureExt::now_or_never(pending.next()) {}
     }
+    while pending.next().await.is_some() {}
+    wait_finished(&stack, args.runs + args.paced_runs).await?;
+    let paced = latencies(&stack, "paced").await?;
 
     let failed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orchestrator.runs WHERE status = 'failed'")
             .fetch_one(&stack.db.pool)
             .await?;
     anyhow::ensure!(failed == 0, "{failed} runs failed");
-    // Both timestamps come from PostgreSQL's clock, so the difference is exact.
-    let mut latencies: Vec<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM (started_at - ready_at))::float8 * 1000 FROM orchestrator.tasks",
-    )
-    .fetch_all(&stack.db.pool)
-    .await?;
-    latencies.sort_by(f64::total_cmp);
-    let span: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM (max(finished_at) - min(created_at)))::float8 FROM orchestrator.runs",
-    )
-    .fetch_one(&stack.db.pool)
-    .await?;
 
     let figures = BTreeMap::from([
-        ("dispatch_p50_ms", percentile(&latencies, 50.0)),
-        ("dispatch_p99_ms", percentile(&latencies, 99.0)),
+        ("dispatch_p50_ms", percentile(&paced, 50.0)),
+        ("dispatch_p99_ms", percentile(&paced, 99.0)),
+        ("dispatch_burst_p50_ms", percentile(&burst, 50.0)),
+        ("dispatch_burst_p99_ms", percentile(&burst, 99.0)),
         ("throughput_tasks_per_s", args.runs as f64 / span),
     ]);
     println!(
-        "runs: {}  workers: {} x {} slots  submit concurrency: {}",
-        args.runs, args.workers, args.slots, args.concurrency
+        "burst runs: {}  paced runs: {} at {}/s  workers: {} x {} slots  submit concurrency: {}",
+        args.runs, args.paced_runs, args.rate, args.workers, args.slots, args.concurrency
     );
     for (name, value) in &figures {
         println!("{name:<24} {value:.2}");
