@@ -6,6 +6,9 @@ pub mod v1 {
     tonic::include_proto!("colony.v1");
 }
 
+mod error_class;
+
+pub use error_class::{ErrorClass, METADATA_KEY as ERROR_CLASS_METADATA};
 pub use prost;
 pub use prost_types;
 

@@ -9,7 +9,7 @@ use colony_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::task::{Dispatch, ErrorClass, Report, TaskOutcome, Usage};
+use crate::task::{Dispatch, Report, TaskOutcome, Usage};
 use crate::worker::{Disposition, Peers, Progress, Reporter, Slots, Worker};
 
 /// The durable consumer every replica shares for `role`, so replicas split the work queue.
@@ -74,16 +74,6 @@ fn usage_to_proto(usage: Usage) -> Option<v1::Usage> {
     })
 }
 
-fn class_to_proto(class: ErrorClass) -> v1::ErrorClass {
-    match class {
-        ErrorClass::Transient => v1::ErrorClass::Transient,
-        ErrorClass::Permanent => v1::ErrorClass::Permanent,
-        ErrorClass::UserFixable => v1::ErrorClass::UserFixable,
-        ErrorClass::ExternalRateLimit => v1::ErrorClass::ExternalRateLimit,
-        ErrorClass::ExternalDegrading => v1::ErrorClass::ExternalDegrading,
-    }
-}
-
 pub fn report_to_proto(report: &Report) -> v1::TaskReport {
     let outcome = match &report.outcome {
         TaskOutcome::Succeeded {
@@ -100,7 +90,7 @@ pub fn report_to_proto(report: &Report) -> v1::TaskReport {
             message,
             usage,
         } => v1::task_report::Outcome::Failed(v1::TaskFailed {
-            error_class: class_to_proto(*class) as i32,
+            error_class: v1::ErrorClass::from(*class) as i32,
             message: message.clone(),
             usage: usage_to_proto(*usage),
         }),
@@ -198,6 +188,7 @@ pub async fn publish_heartbeats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::ErrorClass;
 
     #[test]
     fn dispatches_need_tenant_task_and_attempt() {
@@ -249,7 +240,7 @@ mod tests {
         assert_eq!(failed.message, "router: slow down");
         for class in ErrorClass::ALL {
             assert_eq!(
-                class_to_proto(class).as_str_name(),
+                v1::ErrorClass::from(class).as_str_name(),
                 format!("ERROR_CLASS_{}", class.as_str().to_uppercase())
             );
         }

@@ -18,7 +18,7 @@ use crate::task::{ChatMessage, Claim, Completion, Dispatch, ErrorClass, Lease, T
 use crate::worker::Peers;
 
 /// Metadata a Colony service puts on a failed call to say which [`ErrorClass`] it is.
-pub const ERROR_CLASS_METADATA: &str = "colony-error-class";
+pub use colony_proto::ERROR_CLASS_METADATA;
 
 /// The worker's three peers over gRPC. Channels connect lazily, so the worker starts (and
 /// stays ready) while a peer is down; calls then fail as transient and are retried.

@@ -1,7 +1,6 @@
 //! Domain types of one task's life in a worker. The edges (`grpc`, `bus`) convert to and from
 //! prost types; nothing here knows the wire.
 
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 /// A dispatch hint as it came off the bus: which attempt of which task to claim.
@@ -87,55 +86,7 @@ pub struct Completion {
 
 /// The five classes every failure is sorted into; each has its own retry policy (applied by
 /// the orchestrator, not the worker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorClass {
-    /// Worth retrying soon: a dropped connection, a timeout, an unavailable peer.
-    Transient,
-    /// Retrying cannot help: a bug, an invalid request from our side.
-    Permanent,
-    /// The user must change something: a bad goal, a prompt too large, a missing key.
-    UserFixable,
-    /// A provider said "slow down".
-    ExternalRateLimit,
-    /// A provider is failing or slow.
-    ExternalDegrading,
-}
-
-impl ErrorClass {
-    pub const ALL: [ErrorClass; 5] = [
-        ErrorClass::Transient,
-        ErrorClass::Permanent,
-        ErrorClass::UserFixable,
-        ErrorClass::ExternalRateLimit,
-        ErrorClass::ExternalDegrading,
-    ];
-
-    /// The name used in the `colony-error-class` gRPC metadata, logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Transient => "transient",
-            ErrorClass::Permanent => "permanent",
-            ErrorClass::UserFixable => "user_fixable",
-            ErrorClass::ExternalRateLimit => "external_rate_limit",
-            ErrorClass::ExternalDegrading => "external_degrading",
-        }
-    }
-
-    /// The inverse of [`ErrorClass::as_str`].
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|class| class.as_str() == name)
-    }
-
-    pub fn is_retryable(self) -> bool {
-        !matches!(self, ErrorClass::Permanent | ErrorClass::UserFixable)
-    }
-}
-
-impl fmt::Display for ErrorClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use colony_proto::ErrorClass;
 
 /// How an attempt ended, as far as the worker can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,31 +130,5 @@ impl Report {
     /// The `Nats-Msg-Id` of this report: one per attempt, so a repeated publish is dropped.
     pub fn msg_id(&self) -> String {
         format!("report-{}-{}", self.task_id, self.attempt)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn class_names_round_trip() {
-        for class in ErrorClass::ALL {
-            assert_eq!(ErrorClass::parse(class.as_str()), Some(class));
-        }
-        assert_eq!(ErrorClass::parse("TRANSIENT"), None);
-        assert_eq!(ErrorClass::parse(""), None);
-    }
-
-    #[test]
-    fn only_permanent_and_user_fixable_are_final() {
-        let final_classes: Vec<_> = ErrorClass::ALL
-            .into_iter()
-            .filter(|c| !c.is_retryable())
-            .collect();
-        assert_eq!(
-            final_classes,
-            [ErrorClass::Permanent, ErrorClass::UserFixable]
-        );
     }
 }

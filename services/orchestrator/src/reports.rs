@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use colony_bus::{Delivery, Outcome};
-use colony_proto::v1;
+use colony_proto::{ErrorClass, v1};
 use uuid::Uuid;
 
 use crate::metrics;
@@ -29,8 +29,7 @@ pub fn parse(report: v1::TaskReport) -> Result<Report, String> {
             usage: done.usage.unwrap_or_default(),
         },
         Some(v1::task_report::Outcome::Failed(failed)) => ReportOutcome::Failed {
-            error_class: v1::ErrorClass::try_from(failed.error_class)
-                .unwrap_or(v1::ErrorClass::Permanent),
+            error_class: ErrorClass::from_wire(failed.error_class),
             message: failed.message,
             usage: failed.usage.unwrap_or_default(),
         },

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use colony_bus::{Outbox, subjects};
-use colony_proto::v1;
+use colony_proto::{ErrorClass, v1};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -106,7 +106,7 @@ pub enum ReportOutcome {
         usage: v1::Usage,
     },
     Failed {
-        error_class: v1::ErrorClass,
+        error_class: ErrorClass,
         message: String,
         usage: v1::Usage,
     },
@@ -126,17 +126,6 @@ fn usage_of(prompt: i64, completion: i64, cost_micros: i64) -> v1::Usage {
         prompt_tokens: prompt.max(0) as u64,
         completion_tokens: completion.max(0) as u64,
         cost_micros_usd: cost_micros.max(0) as u64,
-    }
-}
-
-/// `snake_case` name of an error class as stored and shown to users.
-pub fn class_name(class: v1::ErrorClass) -> &'static str {
-    match class {
-        v1::ErrorClass::Unspecified | v1::ErrorClass::Permanent => "permanent",
-        v1::ErrorClass::Transient => "transient",
-        v1::ErrorClass::UserFixable => "user_fixable",
-        v1::ErrorClass::ExternalRateLimit => "external_rate_limit",
-        v1::ErrorClass::ExternalDegrading => "external_degrading",
     }
 }
 
@@ -586,7 +575,7 @@ impl Store {
                 *usage,
             ),
         };
-        let class_text = class.map(class_name);
+        let class_text = class.map(ErrorClass::as_str);
         sqlx::query(
             "UPDATE orchestrator.tasks SET state = $2, finished_at = now(), output = $3, \
                  error_class = $4, failure_reason = $5, lease_expires_at = NULL, \
@@ -650,7 +639,7 @@ impl Store {
             role,
             kind: task_kind,
             worker_id: &report.worker_id,
-            error_class: class.unwrap_or(v1::ErrorClass::Unspecified),
+            error_class: class.map_or(v1::ErrorClass::Unspecified, v1::ErrorClass::from),
             reason: message.unwrap_or(""),
             usage: Some(usage),
         }
@@ -703,7 +692,7 @@ impl Store {
                     attempt,
                     worker_id: owner.unwrap_or_default(),
                     outcome: ReportOutcome::Failed {
-                        error_class: v1::ErrorClass::Transient,
+                        error_class: ErrorClass::Transient,
                         message: format!("lease expired on all {attempt} attempts"),
                         usage: v1::Usage::default(),
                     },

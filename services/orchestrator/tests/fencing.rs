@@ -263,7 +263,7 @@ async fn a_failed_report_records_the_class_and_reason_on_the_run() {
     store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
     let report = Report {
         outcome: ReportOutcome::Failed {
-            error_class: v1::ErrorClass::Transient,
+            error_class: colony_proto::ErrorClass::Transient,
             message: "router: provider unreachable".into(),
             usage: v1::Usage::default(),
         },
