@@ -12,7 +12,10 @@ pub const OUTBOX_ERRORS: &str = "colony_outbox_relay_errors_total";
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
     use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(PUBLISHED, "Messages published to JetStream, by subject kind.");
+    describe_counter!(
+        PUBLISHED,
+        "Messages published to JetStream, by subject kind."
+    );
     describe_counter!(
         CONSUMED,
         "Messages handled by a consumer, by consumer and outcome (ack, retry, term)."
@@ -25,8 +28,15 @@ pub fn describe() {
         TERMINATED,
         "Messages terminated (not redelivered) and copied to the dead-letter stream, by consumer and reason."
     );
-    describe_histogram!(HANDLE_SECONDS, Unit::Seconds, "Time a handler spent on one message.");
-    describe_counter!(OUTBOX_RELAYED, "Outbox rows published to JetStream, by table.");
+    describe_histogram!(
+        HANDLE_SECONDS,
+        Unit::Seconds,
+        "Time a handler spent on one message."
+    );
+    describe_counter!(
+        OUTBOX_RELAYED,
+        "Outbox rows published to JetStream, by table."
+    );
     describe_gauge!(
         OUTBOX_LAG_SECONDS,
         Unit::Seconds,

@@ -191,8 +191,7 @@ impl Outbox {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    ::metrics::counter!(metrics::OUTBOX_ERRORS, "table" => self.table)
-                        .increment(1);
+                    ::metrics::counter!(metrics::OUTBOX_ERRORS, "table" => self.table).increment(1);
                     tracing::warn!(%error, table = self.table, failures, "outbox relay pass failed");
                     let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tokio::select! {

@@ -52,6 +52,9 @@ mod tests {
             dead_letter("colony.v1.task.report.succeeded"),
             "colony.v1.deadletter.task.report.succeeded"
         );
-        assert_eq!(kind_of("colony.v1.event.run.created"), "colony.v1.event.run");
+        assert_eq!(
+            kind_of("colony.v1.event.run.created"),
+            "colony.v1.event.run"
+        );
     }
 }

@@ -83,7 +83,9 @@ async fn outcomes_map_to_ack_retry_and_term() {
             let seen = handler_seen.clone();
             async move {
                 let task = delivery.message.task_id.clone();
-                seen.lock().unwrap().push((task.clone(), delivery.delivered));
+                seen.lock()
+                    .unwrap()
+                    .push((task.clone(), delivery.delivered));
                 match (task.as_str(), delivery.delivered) {
                     ("retry", 1) => Outcome::Retry(Duration::from_millis(100)),
                     ("term", _) => Outcome::Terminate("cannot run".into()),
@@ -95,7 +97,12 @@ async fn outcomes_map_to_ack_retry_and_term() {
 
     eventually(Duration::from_secs(10), "retry redelivered", || {
         let seen = seen.clone();
-        async move { seen.lock().unwrap().contains(&("retry".into(), 2)).then_some(()) }
+        async move {
+            seen.lock()
+                .unwrap()
+                .contains(&("retry".into(), 2))
+                .then_some(())
+        }
     })
     .await;
     // Everything was acked or terminated: the work queue is empty; the terminated message
@@ -109,7 +116,10 @@ async fn outcomes_map_to_ack_retry_and_term() {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.iter().filter(|(t, _)| t == "ok").count(), 1);
     assert_eq!(seen.iter().filter(|(t, _)| t == "term").count(), 1);
-    assert!(!seen.iter().any(|(t, _)| t.is_empty()), "garbage never reached the handler");
+    assert!(
+        !seen.iter().any(|(t, _)| t.is_empty()),
+        "garbage never reached the handler"
+    );
     shutdown.cancel();
     consumer_task.await.unwrap();
 }
@@ -133,7 +143,12 @@ async fn outbox_rows_are_published_once_after_commit() {
     let mut tx = db.pool.begin().await.unwrap();
     for i in 0..5 {
         outbox
-            .enqueue(&mut tx, &subject, &format!("d{i}"), &dispatch(&format!("t{i}"), 1))
+            .enqueue(
+                &mut tx,
+                &subject,
+                &format!("d{i}"),
+                &dispatch(&format!("t{i}"), 1),
+            )
             .await
             .unwrap();
     }
@@ -200,12 +215,19 @@ async fn relay_wakes_on_commit_and_traceparent_travels() {
     // The relay's first pass found nothing; let it settle into waiting.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let span = tracing::info_span!("enqueue");
-    let expected = span.in_scope(colony_telemetry::current_traceparent).unwrap();
+    let expected = span
+        .in_scope(colony_telemetry::current_traceparent)
+        .unwrap();
     {
         let mut tx = db.pool.begin().await.unwrap();
         let _entered = span.enter();
         outbox
-            .enqueue(&mut tx, &subjects::dispatch("generalist"), "w1", &dispatch("w", 1))
+            .enqueue(
+                &mut tx,
+                &subjects::dispatch("generalist"),
+                "w1",
+                &dispatch("w", 1),
+            )
             .await
             .unwrap();
         tx.commit().await.unwrap();

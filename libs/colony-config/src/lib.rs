@@ -129,7 +129,9 @@ pub mod secret {
 /// Checks that `addr` parses as a socket address.
 pub fn check_socket_addr(problems: &mut Vec<String>, key: &str, addr: &str) {
     if addr.parse::<std::net::SocketAddr>().is_err() {
-        problems.push(format!("{key}: {addr:?} is not a socket address like 0.0.0.0:8080"));
+        problems.push(format!(
+            "{key}: {addr:?} is not a socket address like 0.0.0.0:8080"
+        ));
     }
 }
 
@@ -231,7 +233,11 @@ mod tests {
         sources.overrides.push(("nested.url".into(), "b".into()));
         let sample: Sample = load("SVC", &sources).unwrap();
         assert_eq!(
-            (sample.name.as_str(), sample.slots, sample.nested.url.as_str()),
+            (
+                sample.name.as_str(),
+                sample.slots,
+                sample.nested.url.as_str()
+            ),
             ("file", 3, "b")
         );
     }
@@ -243,7 +249,10 @@ mod tests {
         let bad = load::<Sample>("SVC", &env(&[("SVC__LEASE", "soon")])).unwrap_err();
         assert!(bad.to_string().contains("lease"), "{bad}");
         let invalid = load::<Sample>("SVC", &env(&[("SVC__SLOTS", "0")])).unwrap_err();
-        assert!(matches!(invalid, Error::Invalid(ref p) if p.len() == 1), "{invalid}");
+        assert!(
+            matches!(invalid, Error::Invalid(ref p) if p.len() == 1),
+            "{invalid}"
+        );
     }
 
     #[test]

@@ -103,7 +103,10 @@ mod tests {
         for class in ErrorClass::ALL {
             assert_eq!(ErrorClass::parse(class.as_str()), Some(class));
             assert_eq!(ErrorClass::from(v1::ErrorClass::from(class)), class);
-            assert_eq!(ErrorClass::from_wire(v1::ErrorClass::from(class) as i32), class);
+            assert_eq!(
+                ErrorClass::from_wire(v1::ErrorClass::from(class) as i32),
+                class
+            );
         }
         assert_eq!(ErrorClass::parse("TRANSIENT"), None);
         assert_eq!(ErrorClass::from_wire(99), ErrorClass::Permanent);
@@ -116,6 +119,9 @@ mod tests {
             .into_iter()
             .filter(|c| !c.is_retryable())
             .collect();
-        assert_eq!(final_classes, [ErrorClass::Permanent, ErrorClass::UserFixable]);
+        assert_eq!(
+            final_classes,
+            [ErrorClass::Permanent, ErrorClass::UserFixable]
+        );
     }
 }

@@ -17,6 +17,12 @@ pub trait ServiceConfig: DeserializeOwned + Serialize + colony_config::Validate 
     /// Environment prefix: `ROUTER` reads `ROUTER__DATABASE__URL` as `database.url`.
     const ENV_PREFIX: &'static str;
     fn telemetry(&self) -> &TelemetryConfig;
+
+    /// Loads and validates the config. Override to add steps (the router reads API keys from
+    /// the variables its deployments name).
+    fn load(sources: &Sources) -> Result<Self, colony_config::Error> {
+        colony_config::load(Self::ENV_PREFIX, sources)
+    }
 }
 
 #[derive(Parser)]

@@ -1,7 +1,10 @@
 //! Test kit: a fresh PostgreSQL database per test, a unique NATS subject and stream prefix per
 //! test, and helpers to run Colony's binaries as real processes. Everything it creates is
 //! removed when the owning value is dropped.
-#![expect(clippy::unwrap_used, reason = "test support: a failed setup should stop the test")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test support: a failed setup should stop the test"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,7 +27,10 @@ pub fn nats_url() -> String {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Runs `future` to completion on a fresh runtime in its own thread, so that `Drop` can clean

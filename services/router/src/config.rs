@@ -1,0 +1,455 @@
+//! The router's configuration: listeners, dependencies and the model deployments it routes to.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use colony_bus::BusConfig;
+use colony_config::{Sources, Validate};
+use colony_store::DatabaseConfig;
+use colony_telemetry::TelemetryConfig;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorClass;
+
+/// Environment prefix: `ROUTER__GRPC__ADDR` sets `grpc.addr`.
+pub const ENV_PREFIX: &str = "ROUTER";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub database: DatabaseConfig,
+    pub bus: BusConfig,
+    pub telemetry: TelemetryConfig,
+    /// How long shutdown waits for in-flight calls and background tasks.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The deployment used when a request names neither a deployment nor a served tier.
+    pub default_deployment: String,
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
+            database: DatabaseConfig::default(),
+            bus: BusConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            shutdown_grace: Duration::from_secs(30),
+            default_deployment: String::new(),
+            deployments: Vec::new(),
+        }
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:8081".into(),
+        }
+    }
+}
+
+/// The `colony.v1.Router` gRPC service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    pub addr: String,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:50052".into(),
+        }
+    }
+}
+
+/// What answers a deployment's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any server speaking OpenAI's `/chat/completions`.
+    OpenAi,
+    /// Canned replies from the deployment's `script`, for tests and demos.
+    Scripted,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Scripted => "scripted",
+        }
+    }
+}
+
+/// A coarse price/quality class that requests ask for instead of naming a deployment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Budget,
+    #[default]
+    Mid,
+    Frontier,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Budget => "budget",
+            Tier::Mid => "mid",
+            Tier::Frontier => "frontier",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Tier::Budget, Tier::Mid, Tier::Frontier]
+            .into_iter()
+            .find(|tier| tier.as_str() == name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub model: String,
+    /// OpenAI-compatible endpoint root, for example `https://host/v1` (openai only).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the API key (openai only; none for servers
+    /// without authentication).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Resolved from `api_key_env` by [`load`]; never read from a file and never logged.
+    #[serde(
+        skip_deserializing,
+        serialize_with = "colony_config::secret::serialize_opt"
+    )]
+    pub api_key: Option<SecretString>,
+    #[serde(default)]
+    pub tier: Tier,
+    /// USD per million prompt tokens.
+    pub input_price_per_mtok: f64,
+    /// USD per million completion tokens.
+    pub output_price_per_mtok: f64,
+    /// Bound on one call, connection included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Rules of a scripted deployment, tried in order.
+    #[serde(default)]
+    pub script: Vec<ScriptRule>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// One canned answer of a scripted deployment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptRule {
+    /// Matches when the last user message contains this text; a rule without it always matches.
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub reply: String,
+    /// Waited before answering.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Duration,
+    /// Fail with this class instead of replying.
+    #[serde(default)]
+    pub fail: Option<ErrorClass>,
+}
+
+/// Loads the config for `ROUTER`, then reads every deployment's API key from the environment
+/// variable its `api_key_env` names (in `sources.env`, which is the process environment for
+/// the binary). A named variable that is unset or empty is a configuration error.
+pub fn load(sources: &Sources) -> Result<Config, colony_config::Error> {
+    let mut config: Config = colony_config::load(ENV_PREFIX, sources)?;
+    let mut problems = Vec::new();
+    for (index, deployment) in config.deployments.iter_mut().enumerate() {
+        let Some(var) = &deployment.api_key_env else {
+            continue;
+        };
+        match sources.env.get(var).filter(|key| !key.is_empty()) {
+            Some(key) => deployment.api_key = Some(SecretString::from(key.as_str())),
+            None => problems.push(format!(
+                "{}.api_key_env: environment variable {var} is not set",
+                label(index, deployment)
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(colony_config::Error::Invalid(problems))
+    }
+}
+
+fn label(index: usize, deployment: &DeploymentConfig) -> String {
+    format!("deployments[{index}] ({:?})", deployment.name)
+}
+
+impl Validate for Config {
+    fn validate(&self, problems: &mut Vec<String>) {
+        colony_config::check_socket_addr(problems, "http.addr", &self.http.addr);
+        colony_config::check_socket_addr(problems, "grpc.addr", &self.grpc.addr);
+        self.database.validate(problems);
+        self.bus.validate(problems);
+        self.telemetry.validate(problems);
+        if self.deployments.is_empty() {
+            problems.push(
+                "no deployments configured: add a [[deployments]] entry to the router config"
+                    .into(),
+            );
+            return;
+        }
+        let mut seen = HashSet::new();
+        for (index, deployment) in self.deployments.iter().enumerate() {
+            if !seen.insert(deployment.name.as_str()) {
+                problems.push(format!(
+                    "{}: the name is used by another deployment",
+                    label(index, deployment)
+                ));
+            }
+            deployment.validate(&label(index, deployment), problems);
+        }
+        if !seen.contains(self.default_deployment.as_str()) {
+            problems.push(format!(
+                "default_deployment: {:?} is not a configured deployment (configured: {})",
+                self.default_deployment,
+                self.deployments
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+}
+
+impl DeploymentConfig {
+    fn validate(&self, label: &str, problems: &mut Vec<String>) {
+        if self.name.trim().is_empty() {
+            problems.push(format!("{label}.name: must not be empty"));
+        }
+        if self.model.trim().is_empty() {
+            problems.push(format!("{label}.model: must not be empty"));
+        }
+        for (key, price) in [
+            ("input_price_per_mtok", self.input_price_per_mtok),
+            ("output_price_per_mtok", self.output_price_per_mtok),
+        ] {
+            if !(price.is_finite() && price >= 0.0) {
+                problems.push(format!("{label}.{key}: must be a number >= 0, not {price}"));
+            }
+        }
+        if self.timeout.is_zero() {
+            problems.push(format!("{label}.timeout: must be more than 0s"));
+        }
+        match self.provider {
+            ProviderKind::OpenAi => match &self.base_url {
+                Some(url) => colony_config::check_url(
+                    problems,
+                    &format!("{label}.base_url"),
+                    url,
+                    &["http", "https"],
+                ),
+                None => problems.push(format!(
+                    "{label}.base_url: required for provider \"openai\" (for example https://host/v1)"
+                )),
+            },
+            ProviderKind::Scripted => {
+                if self.script.is_empty() {
+                    problems.push(format!(
+                        "{label}.script: a scripted deployment needs at least one rule"
+                    ));
+                }
+                if self.base_url.is_some() || self.api_key_env.is_some() {
+                    problems.push(format!(
+                        "{label}: base_url and api_key_env apply only to provider \"openai\""
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const SCRIPTED: &str = r#"
+default_deployment = "canned"
+
+[[deployments]]
+name = "canned"
+provider = "scripted"
+model = "script-v1"
+input_price_per_mtok = 0.0
+output_price_per_mtok = 0.0
+script = [{ reply = "hello" }]
+"#;
+
+    const OPENAI: &str = r#"
+[[deployments]]
+name = "gpt"
+provider = "openai"
+model = "gpt-4o-mini"
+base_url = "https://models.invalid/v1"
+api_key_env = "TEST_ROUTER_KEY"
+tier = "budget"
+input_price_per_mtok = 0.15
+output_price_per_mtok = 0.6
+timeout = "5s"
+"#;
+
+    fn load_toml(name: &str, text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let path =
+            std::env::temp_dir().join(format!("colony-router-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let sources = Sources {
+            file: Some(path.clone()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            overrides: Vec::new(),
+        };
+        let result = load(&sources).map_err(|e| e.to_string());
+        std::fs::remove_file(path).unwrap();
+        result
+    }
+
+    #[test]
+    fn scripted_config_loads_with_defaults() {
+        let config = load_toml("scripted", SCRIPTED, &[]).unwrap();
+        let deployment = &config.deployments[0];
+        assert_eq!(deployment.provider, ProviderKind::Scripted);
+        assert_eq!(deployment.tier, Tier::Mid);
+        assert_eq!(deployment.timeout, Duration::from_secs(60));
+        assert_eq!(config.grpc.addr, "0.0.0.0:50052");
+        assert_eq!(config.http.addr, "0.0.0.0:8081");
+    }
+
+    #[test]
+    fn no_deployments_says_what_to_add() {
+        let error = load_toml("empty", "", &[]).unwrap_err();
+        assert!(error.contains("no deployments configured: add a [[deployments]] entry"));
+    }
+
+    #[test]
+    fn unknown_default_names_the_configured_ones() {
+        let text = SCRIPTED.replace(
+            "default_deployment = \"canned\"",
+            "default_deployment = \"x\"",
+        );
+        let error = load_toml("default", &text, &[]).unwrap_err();
+        assert!(
+            error.contains(
+                "default_deployment: \"x\" is not a configured deployment (configured: canned)"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn api_key_comes_from_the_named_variable_and_is_redacted() {
+        let text = format!("default_deployment = \"gpt\"\n{OPENAI}");
+        let config = load_toml("key", &text, &[("TEST_ROUTER_KEY", "sk-secret")]).unwrap();
+        let deployment = &config.deployments[0];
+        assert_eq!(
+            deployment.api_key.as_ref().map(|k| k.expose_secret()),
+            Some("sk-secret")
+        );
+        assert_eq!(
+            (deployment.tier, deployment.timeout),
+            (Tier::Budget, Duration::from_secs(5))
+        );
+        let dump = colony_config::redacted_json(&config);
+        assert!(
+            !dump.contains("sk-secret") && dump.contains("[REDACTED]"),
+            "{dump}"
+        );
+
+        let error = load_toml("nokey", &text, &[]).unwrap_err();
+        assert!(
+            error.contains("environment variable TEST_ROUTER_KEY is not set"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_key_cannot_be_written_into_the_file() {
+        let text = format!("default_deployment = \"gpt\"\n{OPENAI}api_key = \"sk-inline\"\n");
+        let error = load_toml("inline", &text, &[("TEST_ROUTER_KEY", "k")]).unwrap_err();
+        assert!(error.contains("api_key"), "{error}");
+    }
+
+    #[test]
+    fn bad_url_bad_price_and_duplicates_are_each_reported() {
+        let text = format!(
+            "default_deployment = \"gpt\"\n{}{}",
+            OPENAI.replace("https://models.invalid/v1", "models.invalid/v1"),
+            OPENAI.replace("0.15", "-1.0")
+        );
+        let error = load_toml("bad", &text, &[("TEST_ROUTER_KEY", "k")]).unwrap_err();
+        for expected in [
+            "deployments[0] (\"gpt\").base_url: \"models.invalid/v1\" must start with one of http://, https://",
+            "deployments[1] (\"gpt\"): the name is used by another deployment",
+            "deployments[1] (\"gpt\").input_price_per_mtok: must be a number >= 0",
+        ] {
+            assert!(error.contains(expected), "missing {expected:?} in {error}");
+        }
+    }
+
+    #[test]
+    fn provider_specific_keys_are_checked() {
+        let openai = OPENAI
+            .replace("base_url = \"https://models.invalid/v1\"\n", "")
+            .replace("api_key_env = \"TEST_ROUTER_KEY\"\n", "");
+        let error = load_toml(
+            "nourl",
+            &format!("default_deployment = \"gpt\"\n{openai}"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("base_url: required for provider \"openai\""),
+            "{error}"
+        );
+
+        let scripted = SCRIPTED.replace(
+            "script = [{ reply = \"hello\" }]",
+            "base_url = \"http://x\"",
+        );
+        let error = load_toml("norules", &scripted, &[]).unwrap_err();
+        assert!(error.contains("needs at least one rule"), "{error}");
+        assert!(
+            error.contains("apply only to provider \"openai\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unknown_provider_is_refused() {
+        let text = SCRIPTED.replace("\"scripted\"", "\"anthropic\"");
+        let error = load_toml("provider", &text, &[]).unwrap_err();
+        assert!(error.contains("anthropic"), "{error}");
+    }
+}

@@ -1,0 +1,165 @@
+//! colony-router: the only way agents reach models. It serves `colony.v1.Router/Complete`,
+//! picks a deployment (by name, by tier, or the default), calls its provider within a timeout,
+//! sorts every failure into one of five error classes, and writes each call's usage and cost to
+//! `router.usage_ledger` with a `UsageRecord` in the same transaction (published on
+//! `colony.v1.usage.recorded` by the outbox relay).
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod ledger;
+pub mod metrics;
+pub mod provider;
+pub mod routing;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use colony_bus::{Bus, RelayOptions};
+use colony_proto::v1::router_server::RouterServer;
+use colony_runtime::Runtime;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+impl colony_runtime::ServiceConfig for Config {
+    const ENV_PREFIX: &'static str = config::ENV_PREFIX;
+    fn telemetry(&self) -> &colony_telemetry::TelemetryConfig {
+        &self.telemetry
+    }
+    fn load(sources: &colony_config::Sources) -> Result<Self, colony_config::Error> {
+        config::load(sources)
+    }
+}
+
+use crate::config::ProviderKind;
+use crate::routing::Deployments;
+
+/// A started router. Cancel the runtime's shutdown token, then [`Handle::wait`].
+pub struct Handle {
+    /// Where `/healthz`, `/readyz` and `/metrics` answer.
+    pub http_addr: SocketAddr,
+    /// Where `colony.v1.Router` answers.
+    pub grpc_addr: SocketAddr,
+    runtime: Runtime,
+    grace: Duration,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    relay: CancellationToken,
+    pool: PgPool,
+    bus: Bus,
+}
+
+/// Starts the router on `runtime`: builds every deployment's provider, connects the database
+/// (applying migrations) and the bus, binds both listeners (port 0 picks a free port; the bound
+/// addresses are in the handle), starts the gRPC server, the health endpoints and the outbox
+/// relay, and marks the runtime ready.
+pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
+    metrics::describe();
+    let deployments = Deployments::from_config(&config)?;
+    for deployment in deployments
+        .iter()
+        .filter(|d| d.provider_kind == ProviderKind::Scripted)
+    {
+        tracing::warn!(
+            deployment = %deployment.name,
+            "deployment uses the scripted provider: replies are canned, not generated"
+        );
+    }
+    let pool = colony_store::connect(&config.database).await?;
+    let bus = Bus::connect(&config.bus, "colony-router").await?;
+    bus.ensure_streams().await?;
+    let http = colony_runtime::bind(&config.http.addr).await?;
+    let grpc = colony_runtime::bind(&config.grpc.addr).await?;
+    let http_addr = http.local_addr()?;
+    let grpc_addr = grpc.local_addr()?;
+
+    colony_runtime::serve_http(
+        runtime,
+        http,
+        colony_runtime::health_routes(runtime, colony_telemetry::prometheus()),
+    );
+    let router = grpc::Router::new(service::Service::new(deployments, pool.clone()));
+    let shutdown = runtime.shutdown.clone();
+    let grpc = runtime.spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .trace_fn(grpc::request_span)
+            .add_service(RouterServer::new(router))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                shutdown.clone().cancelled_owned(),
+            )
+            .await;
+        if let Err(error) = &served {
+            tracing::error!(%error, "grpc server failed");
+            shutdown.cancel();
+        }
+        served
+    });
+    // Not a child of the root token: the relay outlives intake (see `Handle::wait`).
+    let relay = CancellationToken::new();
+    runtime.spawn(ledger::OUTBOX.run_relay(
+        pool.clone(),
+        bus.clone(),
+        RelayOptions::default(),
+        relay.clone(),
+    ));
+    runtime.set_ready(true);
+    Ok(Handle {
+        http_addr,
+        grpc_addr,
+        runtime: runtime.clone(),
+        grace: config.shutdown_grace,
+        grpc,
+        relay,
+        pool,
+        bus,
+    })
+}
+
+impl Handle {
+    /// Waits for the runtime's shutdown token, then shuts down in order. Fails if the gRPC
+    /// server stopped on its own.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let runtime = self.runtime;
+        runtime.shutdown.cancelled().await;
+        // 1. Stop intake: the cancelled token makes /readyz answer 503 and stops both servers
+        //    accepting; in-flight calls finish, each writing its ledger row and outbox row.
+        let served = tokio::time::timeout(self.grace, self.grpc).await;
+        // 2. Stop the relay, wait for every tracked task, then relay what the last calls wrote
+        //    (rows left unsent are published by the next start).
+        self.relay.cancel();
+        if !runtime.drain(self.grace).await {
+            tracing::warn!(grace = ?self.grace, "tasks still running after the grace period");
+        }
+        if let Err(error) = ledger::OUTBOX
+            .relay_once(&self.pool, &self.bus, RelayOptions::default().batch)
+            .await
+        {
+            tracing::warn!(%error, "final outbox pass failed");
+        }
+        // 3. Flush NATS, then close the pool.
+        if let Err(error) = self.bus.flush().await {
+            tracing::warn!(%error, "nats flush failed");
+        }
+        self.pool.close().await;
+        match served {
+            Ok(joined) => joined
+                .context("grpc server task panicked")?
+                .context("grpc server failed"),
+            Err(_) => anyhow::bail!("in-flight calls did not finish within {:?}", self.grace),
+        }
+    }
+}
+
+/// Runs the router until `shutdown` is cancelled (by a signal in the binary).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let runtime = Runtime::new(shutdown);
+    let handle = spawn(config, &runtime).await?;
+    tracing::info!(http = %handle.http_addr, grpc = %handle.grpc_addr, "colony-router ready");
+    handle.wait().await
+}

@@ -1,0 +1,70 @@
+//! The router's metrics. Labels are deployment names (from config), outcomes and classes:
+//! never tenants or ids.
+
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+
+use crate::error::ErrorClass;
+use crate::provider::TokenUsage;
+
+pub const REQUESTS: &str = "colony_router_requests_total";
+pub const REQUEST_SECONDS: &str = "colony_router_request_duration_seconds";
+pub const TOKENS: &str = "colony_router_tokens_total";
+pub const COST_MICRO_USD: &str = "colony_router_cost_micro_usd_total";
+pub const ERRORS: &str = "colony_router_errors_total";
+
+/// The `deployment` label of requests refused before a deployment was chosen.
+const UNROUTED: &str = "none";
+
+pub fn describe() {
+    describe_counter!(
+        REQUESTS,
+        "Complete requests, by deployment and outcome (ok, error, rejected)."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time of one provider call, by deployment."
+    );
+    describe_counter!(
+        TOKENS,
+        "Tokens used, by deployment and direction (prompt, completion)."
+    );
+    describe_counter!(
+        COST_MICRO_USD,
+        "Cost of provider calls in millionths of a US dollar, by deployment."
+    );
+    describe_counter!(
+        ERRORS,
+        "Failed provider calls, by deployment and error class."
+    );
+    colony_bus::metrics::describe();
+}
+
+/// Records one provider call.
+pub fn call(
+    deployment: &str,
+    elapsed: Duration,
+    usage: TokenUsage,
+    cost_micros: u64,
+    error: Option<ErrorClass>,
+) {
+    let deployment = deployment.to_owned();
+    let outcome = if error.is_some() { "error" } else { "ok" };
+    counter!(REQUESTS, "deployment" => deployment.clone(), "outcome" => outcome).increment(1);
+    histogram!(REQUEST_SECONDS, "deployment" => deployment.clone()).record(elapsed.as_secs_f64());
+    for (direction, tokens) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+        counter!(TOKENS, "deployment" => deployment.clone(), "direction" => direction)
+            .increment(tokens);
+    }
+    counter!(COST_MICRO_USD, "deployment" => deployment.clone()).increment(cost_micros);
+    if let Some(class) = error {
+        counter!(ERRORS, "deployment" => deployment, "class" => class.as_str()).increment(1);
+    }
+}
+
+/// Counts a request refused before any deployment was chosen.
+pub fn rejected() {
+    counter!(REQUESTS, "deployment" => UNROUTED, "outcome" => "rejected").increment(1);
+}

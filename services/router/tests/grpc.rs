@@ -1,0 +1,257 @@
+//! The router in-process on port 0 with a fresh database and bus prefix: a Complete call over
+//! gRPC, its ledger row, and its UsageRecord on the bus.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+use std::time::Duration;
+
+use colony_bus::subjects::USAGE_RECORDED;
+use colony_proto::prost::Message as _;
+use colony_proto::v1::{self, router_client::RouterClient};
+use colony_router::Config;
+use colony_router::config::{DeploymentConfig, ProviderKind, ScriptRule, Tier};
+use colony_router::error::{ERROR_CLASS_METADATA, ErrorClass};
+use colony_runtime::Runtime;
+use colony_testkit::{TestBus, TestDb};
+use futures::StreamExt;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+fn scripted(name: &str, tier: Tier, script: Vec<ScriptRule>) -> DeploymentConfig {
+    DeploymentConfig {
+        name: name.into(),
+        provider: ProviderKind::Scripted,
+        model: format!("{name}-model"),
+        base_url: None,
+        api_key_env: None,
+        api_key: None,
+        tier,
+        input_price_per_mtok: 1.0,
+        output_price_per_mtok: 2.0,
+        timeout: Duration::from_secs(5),
+        script,
+    }
+}
+
+fn rule(contains: Option<&str>, reply: &str, fail: Option<ErrorClass>) -> ScriptRule {
+    ScriptRule {
+        contains: contains.map(str::to_owned),
+        reply: reply.into(),
+        delay: Duration::ZERO,
+        fail,
+    }
+}
+
+fn complete(deployment: &str, tier: &str, text: &str) -> tonic::Request<v1::CompleteRequest> {
+    let mut request = tonic::Request::new(v1::CompleteRequest {
+        tenant: "acme".into(),
+        run_id: "run-1".into(),
+        task_id: "task-1".into(),
+        attempt: 2,
+        deployment: deployment.into(),
+        tier: tier.into(),
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }],
+        max_tokens: 0,
+        temperature: None,
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    request
+}
+
+// Multi-threaded: `TestDb`'s drop closes its pool from a side thread, which needs this runtime
+// to keep driving the pool's sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_answers_records_the_ledger_and_publishes_usage() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let bus = test_bus.connect().await;
+    let mut usage_records = bus
+        .client()
+        .subscribe(bus.subject(USAGE_RECORDED))
+        .await
+        .unwrap();
+    let config = Config {
+        database: db.config(),
+        bus: test_bus.config(),
+        http: colony_router::config::HttpConfig {
+            addr: "127.0.0.1:0".into(),
+        },
+        grpc: colony_router::config::GrpcConfig {
+            addr: "127.0.0.1:0".into(),
+        },
+        default_deployment: "canned".into(),
+        deployments: vec![
+            scripted(
+                "canned",
+                Tier::Mid,
+                vec![
+                    rule(Some("fail"), "", Some(ErrorClass::ExternalDegrading)),
+                    rule(None, "hello from the script", None),
+                ],
+            ),
+            scripted("thrifty", Tier::Budget, vec![rule(None, "cheap", None)]),
+        ],
+        ..Config::default()
+    };
+    let runtime = Runtime::new(CancellationToken::new());
+    let handle = colony_router::spawn(config, &runtime).await.unwrap();
+    colony_testkit::wait_http_ok(
+        &format!("http://{}/readyz", handle.http_addr),
+        Duration::from_secs(5),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", handle.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RouterClient::new(channel);
+
+    // A successful call through the default deployment.
+    let response = client
+        .complete(complete("", "", "say hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response,
+        v1::CompleteResponse {
+            content: "hello from the script".into(),
+            usage: Some(v1::Usage {
+                prompt_tokens: 2,
+                completion_tokens: 4,
+                cost_micros_usd: 2 + 4 * 2,
+            }),
+            deployment: "canned".into(),
+            provider: "scripted".into(),
+            model: "canned-model".into(),
+            finish_reason: "stop".into(),
+            route_reason: "default deployment".into(),
+        }
+    );
+
+    let row = sqlx::query(
+        "SELECT id, tenant, run_id, task_id, attempt, deployment, provider, model, outcome, \
+         error_class, prompt_tokens, completion_tokens, cost_micros_usd \
+         FROM router.usage_ledger ORDER BY id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let id: i64 = row.get("id");
+    assert_eq!(row.get::<String, _>("tenant"), "acme");
+    assert_eq!(row.get::<String, _>("run_id"), "run-1");
+    assert_eq!(row.get::<String, _>("task_id"), "task-1");
+    assert_eq!(row.get::<i32, _>("attempt"), 2);
+    assert_eq!(row.get::<String, _>("deployment"), "canned");
+    assert_eq!(row.get::<String, _>("provider"), "scripted");
+    assert_eq!(row.get::<String, _>("model"), "canned-model");
+    assert_eq!(row.get::<String, _>("outcome"), "ok");
+    assert_eq!(row.get::<Option<String>, _>("error_class"), None);
+    assert_eq!(row.get::<i64, _>("prompt_tokens"), 2);
+    assert_eq!(row.get::<i64, _>("completion_tokens"), 4);
+    assert_eq!(row.get::<i64, _>("cost_micros_usd"), 10);
+
+    let message = tokio::time::timeout(Duration::from_secs(10), usage_records.next())
+        .await
+        .expect("a UsageRecord within 10s")
+        .unwrap();
+    let msg_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(colony_bus::MSG_ID))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(msg_id, Some(format!("usage-{id}")));
+    let record = v1::UsageRecord::decode(message.payload.as_ref()).unwrap();
+    assert_eq!(
+        (
+            record.tenant.as_str(),
+            record.run_id.as_str(),
+            record.task_id.as_str(),
+            record.attempt
+        ),
+        ("acme", "run-1", "task-1", 2)
+    );
+    assert_eq!(
+        (
+            record.deployment.as_str(),
+            record.provider.as_str(),
+            record.model.as_str()
+        ),
+        ("canned", "scripted", "canned-model")
+    );
+    assert_eq!(record.usage.unwrap().cost_micros_usd, 10);
+    assert!(record.occurred_at.is_some());
+
+    // A tier picks its first deployment.
+    let response = client
+        .complete(complete("", "budget", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (response.deployment.as_str(), response.route_reason.as_str()),
+        ("thrifty", "first deployment of tier budget")
+    );
+
+    // A provider failure comes back classified, and is recorded too.
+    let status = client
+        .complete(complete("canned", "", "please fail"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        status.metadata().get(ERROR_CLASS_METADATA).unwrap(),
+        "external_degrading"
+    );
+    let row = sqlx::query(
+        "SELECT outcome, error_class, deployment, tenant FROM router.usage_ledger \
+         ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<String, _>("outcome"), "error");
+    assert_eq!(
+        row.get::<Option<String>, _>("error_class").as_deref(),
+        Some("external_degrading")
+    );
+    assert_eq!(row.get::<String, _>("tenant"), "acme");
+
+    // An unknown deployment is refused before any call, so nothing is recorded.
+    let status = client
+        .complete(complete("gpt-9", "", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("unknown deployment \"gpt-9\""),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        status.metadata().get(ERROR_CLASS_METADATA).unwrap(),
+        "permanent"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+    let unsent: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM router.outbox WHERE sent_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(unsent, 0, "every usage record was relayed by shutdown");
+}
