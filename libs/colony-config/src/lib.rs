@@ -39,6 +39,17 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// Exactly these environment variables, no file (how tests build their sources).
+    pub fn from_env_pairs<'a>(pairs: impl IntoIterator<Item = &'a (&'a str, &'a str)>) -> Self {
+        Self {
+            env: pairs
+                .into_iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     /// The process environment plus an optional file.
     pub fn from_process(file: Option<PathBuf>) -> Self {
         Self {
@@ -193,13 +204,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Sources {
-        Sources {
-            env: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Sources::default()
-        }
+        Sources::from_env_pairs(pairs)
     }
 
     #[test]

@@ -5,8 +5,8 @@ mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,6 +28,7 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     ready: Arc<AtomicBool>,
+    failure: Arc<OnceLock<String>>,
 }
 
 impl Runtime {
@@ -36,6 +37,23 @@ impl Runtime {
             shutdown,
             tracker: TaskTracker::new(),
             ready: Arc::new(AtomicBool::new(false)),
+            failure: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// A part the service cannot run without stopped on its own: record why (the first reason
+    /// wins) and shut the whole service down.
+    pub fn fail(&self, reason: impl Into<String>) {
+        drop(self.failure.set(reason.into()));
+        self.shutdown.cancel();
+    }
+
+    /// `Err` with the recorded reason if [`Runtime::fail`] was called; what a service's run
+    /// returns after its orderly shutdown.
+    pub fn outcome(&self) -> anyhow::Result<()> {
+        match self.failure.get() {
+            Some(reason) => Err(anyhow::anyhow!("{reason}")),
+            None => Ok(()),
         }
     }
 
@@ -142,6 +160,26 @@ pub fn serve_http(runtime: &Runtime, listener: TcpListener, router: Router) {
             tracing::error!(%error, ?local, "http server failed");
         }
     });
+}
+
+/// Serves a tonic `router` on `listener` until shutdown, as a tracked task. In-flight calls
+/// finish after cancellation; a server that stops on its own fails the runtime.
+pub fn serve_grpc(
+    runtime: &Runtime,
+    listener: TcpListener,
+    router: tonic::transport::server::Router,
+) -> tokio::task::JoinHandle<()> {
+    let owner = runtime.clone();
+    runtime.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let served = router
+            .serve_with_incoming_shutdown(incoming, owner.shutdown.clone().cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "grpc server failed; shutting down");
+            owner.fail(format!("grpc server failed: {error}"));
+        }
+    })
 }
 
 #[cfg(test)]

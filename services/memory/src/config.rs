@@ -121,13 +121,7 @@ mod tests {
     use colony_config::Sources;
 
     fn load(env: &[(&str, &str)]) -> Result<Config, colony_config::Error> {
-        let sources = Sources {
-            env: env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Sources::default()
-        };
+        let sources = Sources::from_env_pairs(env);
         colony_config::load(ENV_PREFIX, &sources)
     }
 

@@ -12,7 +12,6 @@ pub mod session;
 mod store;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,7 +19,6 @@ use colony_bus::Bus;
 use colony_proto::v1::memory_server::MemoryServer;
 use colony_runtime::Runtime;
 use sqlx::PgPool;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -51,8 +49,6 @@ pub struct Handle {
     pool: PgPool,
     bus: Bus,
     grace: Duration,
-    /// Set when a server stopped on its own; makes [`Handle::wait`] fail.
-    fatal: Arc<OnceLock<String>>,
 }
 
 /// Starts the service on `runtime`: connects the database (applying migrations) and the bus,
@@ -86,24 +82,12 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         limits,
     ))
     .max_decoding_message_size(config.max_request_bytes);
-    let fatal = Arc::new(OnceLock::new());
-    let shutdown = runtime.shutdown.clone();
-    let failed = fatal.clone();
-    runtime.spawn(async move {
-        // Stops accepting at cancellation and lets in-flight requests finish.
-        let served = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
-                shutdown.clone().cancelled_owned(),
-            )
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "grpc server failed; shutting down");
-            drop(failed.set(format!("grpc server failed: {error}")));
-            shutdown.cancel();
-        }
-    });
+    // Stops accepting at cancellation and lets in-flight requests finish.
+    colony_runtime::serve_grpc(
+        runtime,
+        grpc,
+        tonic::transport::Server::builder().add_service(service),
+    );
 
     runtime.set_ready(true);
     Ok(Handle {
@@ -113,7 +97,6 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         pool,
         bus,
         grace: config.shutdown_grace,
-        fatal,
     })
 }
 
@@ -132,9 +115,6 @@ impl Handle {
             tracing::warn!(%error, "bus flush failed");
         }
         self.pool.close().await;
-        match self.fatal.get() {
-            Some(reason) => Err(anyhow::anyhow!("{reason}")),
-            None => Ok(()),
-        }
+        self.runtime.outcome()
     }
 }

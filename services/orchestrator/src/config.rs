@@ -183,13 +183,7 @@ mod tests {
     use colony_config::{Sources, load};
 
     fn env(pairs: &[(&str, &str)]) -> Sources {
-        Sources {
-            env: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Sources::default()
-        }
+        Sources::from_env_pairs(pairs)
     }
 
     #[test]

@@ -11,7 +11,6 @@ pub mod reports;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,7 +18,6 @@ use colony_bus::{Bus, ConsumeOptions, RelayOptions, StreamKind, subjects};
 use colony_proto::v1::orchestrator_server::OrchestratorServer;
 use colony_runtime::{Runtime, ServiceConfig};
 use sqlx::PgPool;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -49,7 +47,6 @@ pub struct Handle {
     pool: PgPool,
     bus: Bus,
     grace: Duration,
-    fatal: Arc<OnceLock<String>>,
 }
 
 /// Starts the orchestrator on `runtime`: database (with migrations), bus streams, the outbox
@@ -116,23 +113,11 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         lease: config.leases.duration,
         runs: config.runs.clone(),
     });
-    let fatal = Arc::new(OnceLock::new());
-    let shutdown = runtime.shutdown.clone();
-    let failed = fatal.clone();
-    runtime.spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
-                shutdown.clone().cancelled_owned(),
-            )
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "grpc server failed; shutting down");
-            drop(failed.set(format!("grpc server failed: {error}")));
-            shutdown.cancel();
-        }
-    });
+    colony_runtime::serve_grpc(
+        runtime,
+        grpc,
+        tonic::transport::Server::builder().add_service(service),
+    );
 
     runtime.set_ready(true);
     Ok(Handle {
@@ -142,7 +127,6 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         pool,
         bus,
         grace: config.shutdown_grace,
-        fatal,
     })
 }
 
@@ -204,9 +188,6 @@ impl Handle {
             tracing::warn!(%error, "bus flush failed");
         }
         self.pool.close().await;
-        match self.fatal.get() {
-            Some(reason) => Err(anyhow::anyhow!("{reason}")),
-            None => Ok(()),
-        }
+        self.runtime.outcome()
     }
 }

@@ -325,11 +325,7 @@ timeout = "5s"
         std::fs::write(&path, text).unwrap();
         let sources = Sources {
             file: Some(path.clone()),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            overrides: Vec::new(),
+            ..Sources::from_env_pairs(env)
         };
         let result = load(&sources).map_err(|e| e.to_string());
         std::fs::remove_file(path).unwrap();

@@ -22,7 +22,6 @@ use colony_proto::v1::router_server::RouterServer;
 use colony_runtime::Runtime;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -48,7 +47,7 @@ pub struct Handle {
     pub grpc_addr: SocketAddr,
     runtime: Runtime,
     grace: Duration,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc: JoinHandle<()>,
     relay: CancellationToken,
     pool: PgPool,
     bus: Bus,
@@ -84,22 +83,13 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         colony_runtime::health_routes(runtime, colony_telemetry::prometheus()),
     );
     let router = grpc::Router::new(service::Service::new(deployments, pool.clone()));
-    let shutdown = runtime.shutdown.clone();
-    let grpc = runtime.spawn(async move {
-        let served = tonic::transport::Server::builder()
+    let grpc = colony_runtime::serve_grpc(
+        runtime,
+        grpc,
+        tonic::transport::Server::builder()
             .trace_fn(grpc::request_span)
-            .add_service(RouterServer::new(router))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
-                shutdown.clone().cancelled_owned(),
-            )
-            .await;
-        if let Err(error) = &served {
-            tracing::error!(%error, "grpc server failed");
-            shutdown.cancel();
-        }
-        served
-    });
+            .add_service(RouterServer::new(router)),
+    );
     // Not a child of the root token: the relay outlives intake (see `Handle::wait`).
     let relay = CancellationToken::new();
     runtime.spawn(ledger::OUTBOX.run_relay(
@@ -148,9 +138,10 @@ impl Handle {
         }
         self.pool.close().await;
         match served {
-            Ok(joined) => joined
-                .context("grpc server task panicked")?
-                .context("grpc server failed"),
+            Ok(joined) => {
+                joined.context("grpc server task panicked")?;
+                runtime.outcome()
+            }
             Err(_) => anyhow::bail!("in-flight calls did not finish within {:?}", self.grace),
         }
     }
