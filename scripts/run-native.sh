@@ -156,8 +156,7 @@ done
 
 echo
 echo "Colony is running ($PROFILE build)."
-echo "  API (REST + event stream)  http://127.0.0.1:${HTTP_PORT[orchestrator]}"
-echo "  OpenAI-compatible gateway  http://127.0.0.1:${HTTP_PORT[router]}/v1"
+echo "  API (REST)                 http://127.0.0.1:${HTTP_PORT[orchestrator]}/v1/runs"
 for svc in "${SERVICES[@]}"; do
     printf '  %-26s http://127.0.0.1:%s/metrics  (/healthz, /readyz)\n' "$svc" "${HTTP_PORT[$svc]}"
 done
