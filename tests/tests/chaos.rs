@@ -1,0 +1,121 @@
+//! Chaos: worker replicas are SIGKILLed at random while a thousand tasks run. Every task must
+//! complete, none may be lost, and none may have more than one completion accepted.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+use std::time::{Duration, Instant};
+
+use colony_e2e::{Stack, StackOptions};
+
+const TASKS: usize = 1000;
+const KILLS: usize = 20;
+const WORKERS: usize = 3;
+
+const ROUTER: &str = r#"
+default_deployment = "steady"
+
+[[deployments]]
+name = "steady"
+provider = "scripted"
+model = "scripted-steady"
+tier = "mid"
+input_price_per_mtok = 0.0
+output_price_per_mtok = 0.0
+timeout = "30s"
+
+[[deployments.script]]
+reply = "done"
+delay = "1s"
+"#;
+
+async fn scalar(stack: &Stack, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
+    let mut stack = Stack::start(StackOptions {
+        router_toml: ROUTER.into(),
+        lease: "2s",
+        workers: WORKERS,
+        worker_slots: 8,
+        log_filter: "warn",
+        ..StackOptions::default()
+    })
+    .await;
+
+    for i in 0..TASKS {
+        stack.submit(&format!("chaos task {i}")).await;
+    }
+
+    // Kill a pseudo-randomly chosen live worker about every 2 s and start a replacement, so
+    // capacity stays and every kill lands on a worker that holds claimed tasks.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for kill in 0..KILLS {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let live: Vec<usize> = (0..stack.workers.len())
+            .filter(|&i| stack.workers[i].exited().is_none())
+            .collect();
+        let victim = live[(seed as usize) % live.len()];
+        stack.workers[victim].kill();
+        stack.start_worker().await;
+        eprintln!("kill {}: worker-{victim}", kill + 1);
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let finished = scalar(
+            &stack,
+            "SELECT count(*) FROM orchestrator.runs WHERE status <> 'running'",
+        )
+        .await;
+        if finished as usize == TASKS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {finished} of {TASKS} runs finished"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    assert_eq!(
+        scalar(
+            &stack,
+            "SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'"
+        )
+        .await,
+        TASKS as i64,
+        "every task completed"
+    );
+    assert_eq!(
+        scalar(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
+        )
+        .await,
+        TASKS as i64,
+        "exactly one accepted completion per task"
+    );
+    assert_eq!(
+        scalar(
+            &stack,
+            "SELECT count(*) FROM (SELECT task_id FROM orchestrator.task_reports \
+             WHERE accepted GROUP BY task_id HAVING count(*) > 1) twice"
+        )
+        .await,
+        0
+    );
+    let expired = scalar(
+        &stack,
+        "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'lease_expired'",
+    )
+    .await;
+    assert!(expired > 0, "the kills interrupted claimed tasks");
+    eprintln!("{expired} attempts lost their lease and were re-dispatched");
+}
