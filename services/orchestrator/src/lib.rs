@@ -7,8 +7,10 @@ mod error;
 mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod plan;
 pub mod reports;
 pub mod store;
+pub mod topology;
 
 use std::net::SocketAddr;
 use std::time::Duration;
