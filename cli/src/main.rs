@@ -54,6 +54,85 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Cancel a run: queued tasks stop at once, running ones at their next heartbeat.
+    Cancel {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-queue a dead-lettered task with a fresh attempt budget; its run runs again.
+    Requeue { task_id: String },
+    /// List the tenant's dead-lettered tasks, most recent first.
+    DeadLetters {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Maintenance mode: pause dispatch system-wide (in-flight work finishes), or resume.
+    Maintenance {
+        #[arg(value_enum)]
+        action: MaintenanceAction,
+    },
+    /// Cron schedules that create runs.
+    #[command(subcommand)]
+    Cron(CronCommand),
+}
+
+/// A schedule is named by its id or its name.
+#[derive(Subcommand)]
+enum CronCommand {
+    /// List the tenant's schedules with their next and last fire times.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule.
+    Show {
+        schedule: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a schedule.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Five cron fields: minute hour day-of-month month day-of-week, e.g. "30 2 * * *".
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the fields are read in, e.g. Europe/Paris.
+        #[arg(long)]
+        tz: String,
+        /// The goal of every run it creates.
+        #[arg(long)]
+        goal: String,
+        /// Firings missed while Colony was down: skip them, or run once to catch up.
+        #[arg(long, default_value = "skip", value_parser = ["skip", "catch_up"])]
+        missed: String,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a schedule: it fires from its next fire time on.
+    Enable { schedule: String },
+    /// Disable a schedule: it stops firing until enabled.
+    Disable { schedule: String },
+    /// Fire a schedule now, enabled or not; prints the run id.
+    RunNow { schedule: String },
+    /// Delete a schedule (its runs stay).
+    Delete { schedule: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MaintenanceAction {
+    /// Pause: nothing is dispatched and claims are refused.
+    On,
+    /// Resume: queued tasks are dispatched again at once.
+    Off,
+    /// Show whether dispatch is paused.
+    Status,
 }
 
 struct Client {
@@ -193,6 +272,83 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print_run(&run, json);
             Ok(true)
         }
+        Command::Cron(command) => cron(&client, command).await,
+        Command::Cancel { run_id, json } => {
+            let run = client
+                .send(client.request(reqwest::Method::POST, &format!("/v1/runs/{run_id}/cancel")))
+                .await?;
+            if json {
+                print_run(&run, true);
+            } else if run["status"] == "cancelling" {
+                println!(
+                    "{} (its running tasks stop at their next heartbeat)",
+                    summary(&run)
+                );
+            } else {
+                println!("{}", summary(&run));
+            }
+            Ok(true)
+        }
+        Command::Requeue { task_id } => {
+            let task = client
+                .send(client.request(
+                    reqwest::Method::POST,
+                    &format!("/v1/tasks/{task_id}/requeue"),
+                ))
+                .await?;
+            println!(
+                "task {} {} (attempt {}, run {})",
+                task["id"].as_str().unwrap_or("?"),
+                task["state"].as_str().unwrap_or("?"),
+                task["attempt"].as_i64().unwrap_or(0),
+                task["run_id"].as_str().unwrap_or("?")
+            );
+            Ok(true)
+        }
+        Command::DeadLetters { limit, json } => {
+            let list = client
+                .send(client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/dead-letters?limit={limit}"),
+                ))
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                return Ok(true);
+            }
+            for task in list["dead_letters"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  run {}  attempt {}  {}: {}",
+                    task["id"].as_str().unwrap_or("?"),
+                    task["run_id"].as_str().unwrap_or("?"),
+                    task["attempt"].as_i64().unwrap_or(0),
+                    task["error_class"].as_str().unwrap_or("unknown"),
+                    task["failure_reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(true)
+        }
+        Command::Maintenance { action } => {
+            let request = match action {
+                MaintenanceAction::Status => {
+                    client.request(reqwest::Method::GET, "/v1/admin/maintenance")
+                }
+                MaintenanceAction::On | MaintenanceAction::Off => client
+                    .request(reqwest::Method::POST, "/v1/admin/maintenance")
+                    .json(&json!({ "paused": matches!(action, MaintenanceAction::On) })),
+            };
+            let state = client.send(request).await?;
+            let since = state["changed_at"].as_str().unwrap_or("?");
+            if state["paused"] == true {
+                println!("maintenance on: dispatch paused since {since}");
+            } else {
+                println!("maintenance off: dispatching (since {since})");
+            }
+            Ok(true)
+        }
         Command::Runs { limit } => {
             let runs = client
                 .send(client.request(reqwest::Method::GET, &format!("/v1/runs?limit={limit}")))
@@ -213,6 +369,159 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// The id of a schedule given by id or by name.
+async fn schedule_id(client: &Client, schedule: &str) -> anyhow::Result<String> {
+    if schedule.len() == 36 && schedule.chars().filter(|c| *c == '-').count() == 4 {
+        return Ok(schedule.to_owned());
+    }
+    let list = client
+        .send(client.request(reqwest::Method::GET, "/v1/schedules"))
+        .await?;
+    list["schedules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == schedule)
+        .and_then(|s| s["id"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no schedule named {schedule:?}"))
+}
+
+fn fire_time(time: &Value) -> String {
+    time["local"].as_str().unwrap_or("-").to_owned()
+}
+
+fn print_schedule(schedule: &Value, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(schedule).unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "schedule {} {:?} ({})",
+        schedule["id"].as_str().unwrap_or("?"),
+        schedule["name"].as_str().unwrap_or("?"),
+        if schedule["enabled"] == true {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    );
+    println!(
+        "  cron {:?} in {}, missed firings: {}",
+        schedule["cron"].as_str().unwrap_or("?"),
+        schedule["timezone"].as_str().unwrap_or("?"),
+        schedule["missed"].as_str().unwrap_or("?")
+    );
+    println!("  goal: {}", schedule["goal"].as_str().unwrap_or(""));
+    if schedule["next_fire"].is_null() {
+        println!("  next: -");
+    } else {
+        println!(
+            "  next: {} ({} UTC)",
+            fire_time(&schedule["next_fire"]),
+            schedule["next_fire"]["utc"].as_str().unwrap_or("?")
+        );
+    }
+    let last = &schedule["last_fire"];
+    if !last.is_null() {
+        println!(
+            "  last: {} ({}), run {}",
+            fire_time(&last["fire_at"]),
+            last["kind"].as_str().unwrap_or("?"),
+            last["run_id"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+async fn cron(client: &Client, command: CronCommand) -> anyhow::Result<bool> {
+    use reqwest::Method;
+    match command {
+        CronCommand::List { json } => {
+            let list = client
+                .send(client.request(Method::GET, "/v1/schedules"))
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                return Ok(true);
+            }
+            for s in list["schedules"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<20}  {:<8}  {:<16}  {:<20}  next {}",
+                    s["id"].as_str().unwrap_or("?"),
+                    s["name"].as_str().unwrap_or("?"),
+                    if s["enabled"] == true { "on" } else { "off" },
+                    s["cron"].as_str().unwrap_or("?"),
+                    s["timezone"].as_str().unwrap_or("?"),
+                    fire_time(&s["next_fire"])
+                );
+            }
+        }
+        CronCommand::Show { schedule, json } => {
+            let id = schedule_id(client, &schedule).await?;
+            let schedule = client
+                .send(client.request(Method::GET, &format!("/v1/schedules/{id}")))
+                .await?;
+            print_schedule(&schedule, json);
+        }
+        CronCommand::Create {
+            name,
+            cron,
+            tz,
+            goal,
+            missed,
+            disabled,
+            json,
+        } => {
+            let schedule = client
+                .send(client.request(Method::POST, "/v1/schedules").json(&json!({
+                    "name": name,
+                    "cron": cron,
+                    "timezone": tz,
+                    "goal": goal,
+                    "missed": missed,
+                    "enabled": !disabled,
+                })))
+                .await?;
+            print_schedule(&schedule, json);
+        }
+        CronCommand::Enable { schedule } => {
+            let id = schedule_id(client, &schedule).await?;
+            let schedule = client
+                .send(client.request(Method::POST, &format!("/v1/schedules/{id}/enable")))
+                .await?;
+            print_schedule(&schedule, false);
+        }
+        CronCommand::Disable { schedule } => {
+            let id = schedule_id(client, &schedule).await?;
+            let schedule = client
+                .send(client.request(Method::POST, &format!("/v1/schedules/{id}/disable")))
+                .await?;
+            print_schedule(&schedule, false);
+        }
+        CronCommand::RunNow { schedule } => {
+            let id = schedule_id(client, &schedule).await?;
+            let fired = client
+                .send(client.request(Method::POST, &format!("/v1/schedules/{id}/run-now")))
+                .await?;
+            println!("{}", fired["run_id"].as_str().unwrap_or("?"));
+        }
+        CronCommand::Delete { schedule } => {
+            let id = schedule_id(client, &schedule).await?;
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/schedules/{id}")))
+                .await?;
+            eprintln!("schedule {id} deleted");
+        }
+    }
+    Ok(true)
 }
 
 #[tokio::main]

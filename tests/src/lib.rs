@@ -24,6 +24,8 @@ pub struct StackOptions {
     pub worker_slots: u32,
     /// Log filter for every service.
     pub log_filter: &'static str,
+    /// Extra environment for the orchestrator (`ORCHESTRATOR__…`), applied last.
+    pub orchestrator_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -34,6 +36,7 @@ impl Default for StackOptions {
             workers: 1,
             worker_slots: 4,
             log_filter: "info",
+            orchestrator_env: Vec::new(),
         }
     }
 }
@@ -127,6 +130,7 @@ impl Stack {
             options.lease.into(),
         ));
         orch_env.push(("ORCHESTRATOR__LEASES__REAP_INTERVAL".into(), "200ms".into()));
+        orch_env.extend(options.orchestrator_env.iter().cloned());
         services.push(Process::spawn(
             "orchestrator",
             &binary("colony-orchestrator"),

@@ -66,6 +66,17 @@ async fn a_goal_flows_through_all_five_services() {
     let mut provider = StubProvider::start().await.unwrap();
     let stack = Stack::start(StackOptions {
         router_toml: openai_router(&provider.base_url()),
+        // A transient failure is tried twice, 200 ms apart, then dead-lettered.
+        orchestrator_env: vec![
+            (
+                "ORCHESTRATOR__RETRIES__TRANSIENT__MAX_ATTEMPTS".into(),
+                "2".into(),
+            ),
+            (
+                "ORCHESTRATOR__RETRIES__TRANSIENT__BACKOFF_BASE".into(),
+                "200ms".into(),
+            ),
+        ],
         ..StackOptions::default()
     })
     .await;
@@ -184,7 +195,8 @@ async fn a_goal_flows_through_all_five_services() {
         .unwrap();
     assert!(dead.info().await.unwrap().state.messages >= 1);
 
-    // An unreachable provider fails the task with a classified error the run records.
+    // An unreachable provider fails the attempt as transient: it is retried after the
+    // backoff, then dead-lettered, and the run fails with the class and reason.
     provider.stop().await;
     let failed_id = stack.submit("this one cannot be answered").await;
     let failed = stack.wait_run(&failed_id, Duration::from_secs(60)).await;
@@ -192,13 +204,38 @@ async fn a_goal_flows_through_all_five_services() {
     assert_eq!(failed["failure"]["error_class"], "transient", "{failed}");
     let reason = failed["failure"]["reason"].as_str().unwrap();
     assert!(reason.contains("router"), "{reason}");
+    assert_eq!(failed["tasks"][0]["state"], "dead_lettered", "{failed}");
+    assert_eq!(failed["tasks"][0]["attempt"], 2, "{failed}");
     assert_eq!(
         count(
             &stack,
             "SELECT count(*) FROM router.usage_ledger WHERE outcome = 'error'"
         )
         .await,
-        1
+        2,
+        "one model call per attempt"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'failed'"
+        )
+        .await,
+        2
+    );
+    let dead: serde_json::Value = stack
+        .http
+        .get(format!("{}/v1/dead-letters", stack.orchestrator_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        dead["dead_letters"][0]["run_id"],
+        failed_id.as_str(),
+        "{dead}"
     );
 }
 
@@ -270,4 +307,115 @@ delay = "3s"
         .await,
         1
     );
+}
+
+/// Runs the `colony` CLI against the stack; returns its stdout, failing on a non-zero exit.
+async fn colony(stack: &Stack, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(colony_testkit::binary("colony"))
+        .args(args)
+        .env("COLONY_API_URL", &stack.orchestrator_url)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "colony {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_reaches_a_running_worker_and_maintenance_pauses_dispatch() {
+    let router = r#"
+default_deployment = "scripted"
+
+[[deployments]]
+name = "scripted"
+provider = "scripted"
+model = "scripted"
+tier = "mid"
+input_price_per_mtok = 0.0
+output_price_per_mtok = 0.0
+timeout = "60s"
+
+[[deployments.script]]
+contains = "slow"
+reply = "far too late"
+delay = "30s"
+
+[[deployments.script]]
+reply = "quick reply"
+"#;
+    // Lease 3 s: the worker heartbeats every second.
+    let stack = Stack::start(StackOptions {
+        router_toml: router.into(),
+        lease: "3s",
+        ..StackOptions::default()
+    })
+    .await;
+
+    let run_id = stack.submit("a slow one").await;
+    eventually(Duration::from_secs(30), "task running", || async {
+        let run = stack.get_run(&run_id).await;
+        (run["tasks"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    let cancelled_at = std::time::Instant::now();
+    let out = colony(&stack, &["cancel", &run_id]).await;
+    assert!(out.contains("cancel"), "{out}");
+    let run = stack.wait_run(&run_id, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert_eq!(run["tasks"][0]["state"], "cancelled", "{run}");
+    // Within about one heartbeat interval, long before the model call would have ended.
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        cancelled_at.elapsed()
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'cancelled'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
+        )
+        .await,
+        0,
+        "the stopped worker reported nothing"
+    );
+
+    // Maintenance: a run submitted while paused waits, and runs on resume.
+    assert!(
+        colony(&stack, &["maintenance", "on"])
+            .await
+            .contains("maintenance on")
+    );
+    assert!(
+        colony(&stack, &["maintenance", "status"])
+            .await
+            .contains("maintenance on")
+    );
+    let waiting = stack.submit("a quick one").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let run = stack.get_run(&waiting).await;
+    assert_eq!(run["tasks"][0]["state"], "queued", "{run}");
+    assert!(
+        colony(&stack, &["maintenance", "off"])
+            .await
+            .contains("maintenance off")
+    );
+    let run = stack.wait_run(&waiting, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], "quick reply");
+
+    // Nothing dead-lettered here.
+    assert_eq!(colony(&stack, &["dead-letters"]).await, "");
 }

@@ -7,6 +7,8 @@ use colony_store::DatabaseConfig;
 use colony_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
 
+pub use crate::retry::{RetryConfig, RetryPolicy};
+
 pub const ENV_PREFIX: &str = "ORCHESTRATOR";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +21,10 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub runs: RunsConfig,
     pub leases: LeaseConfig,
+    /// Cron schedules: the firing loop and its leadership (`cron.tick`, `cron.misfire_grace`, …).
+    pub cron: crate::cron::CronConfig,
+    /// Retry policy per error class (`retries.<class>.{max_attempts, backoff_base, …}`).
+    pub retries: RetryConfig,
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -65,8 +71,10 @@ pub struct LeaseConfig {
     /// How often the reaper looks for expired leases.
     #[serde(with = "humantime_serde")]
     pub reap_interval: Duration,
-    /// Attempts before a task whose leases keep expiring fails.
-    pub max_attempts: u32,
+    /// Deprecated and ignored: an expired lease counts as a transient failure, so
+    /// `retries.transient` decides. Still accepted so that existing files keep loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     /// An attempt still unclaimed this long after its dispatch is dispatched again.
     #[serde(with = "humantime_serde")]
     pub redispatch_after: Duration,
@@ -82,6 +90,8 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             runs: RunsConfig::default(),
             leases: LeaseConfig::default(),
+            cron: crate::cron::CronConfig::default(),
+            retries: RetryConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -124,7 +134,7 @@ impl Default for LeaseConfig {
         Self {
             duration: Duration::from_secs(30),
             reap_interval: Duration::from_secs(1),
-            max_attempts: 5,
+            max_attempts: None,
             redispatch_after: Duration::from_secs(60),
         }
     }
@@ -146,6 +156,7 @@ impl colony_config::Validate for Config {
         self.database.validate(problems);
         self.bus.validate(problems);
         self.telemetry.validate(problems);
+        self.cron.validate(problems);
         if !is_name(&self.runs.role) {
             problems.push(format!(
                 "runs.role: {:?} must be 1-64 letters, digits, '_' or '-'",
@@ -171,9 +182,7 @@ impl colony_config::Validate for Config {
         if self.leases.redispatch_after < Duration::from_secs(1) {
             problems.push("leases.redispatch_after: must be at least 1s".into());
         }
-        if self.leases.max_attempts == 0 {
-            problems.push("leases.max_attempts: must be at least 1".into());
-        }
+        self.retries.validate(problems);
     }
 }
 
@@ -207,5 +216,65 @@ mod tests {
         for key in ["http.addr", "runs.role", "leases.duration"] {
             assert!(text.contains(key), "{text}");
         }
+    }
+
+    #[test]
+    fn one_retry_field_can_be_set_alone() {
+        let config: Config = load(
+            ENV_PREFIX,
+            &env(&[
+                ("ORCHESTRATOR__RETRIES__TRANSIENT__MAX_ATTEMPTS", "1"),
+                (
+                    "ORCHESTRATOR__RETRIES__EXTERNAL_RATE_LIMIT__BACKOFF_CAP",
+                    "10m",
+                ),
+                ("ORCHESTRATOR__RETRIES__EXTERNAL_DEGRADING__JITTER", "0"),
+            ]),
+        )
+        .unwrap();
+        let defaults = RetryConfig::default();
+        assert_eq!(
+            config.retries.transient,
+            RetryPolicy {
+                max_attempts: 1,
+                ..defaults.transient
+            }
+        );
+        assert_eq!(
+            config.retries.external_rate_limit.backoff_cap,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            config.retries.external_rate_limit.backoff_base,
+            Duration::from_secs(5)
+        );
+        assert_eq!(config.retries.external_degrading.jitter, 0.0);
+        assert_eq!(config.retries.permanent, defaults.permanent);
+    }
+
+    #[test]
+    fn bad_retry_policies_are_reported() {
+        let error = load::<Config>(
+            ENV_PREFIX,
+            &env(&[
+                ("ORCHESTRATOR__RETRIES__TRANSIENT__MAX_ATTEMPTS", "0"),
+                ("ORCHESTRATOR__RETRIES__PERMANENT__JITTER", "1.5"),
+                ("ORCHESTRATOR__RETRIES__USER_FIXABLE__BACKOFF_CAP", "1ms"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "retries.transient.max_attempts",
+            "retries.permanent.jitter",
+            "retries.user_fixable.backoff_cap",
+        ] {
+            assert!(error.contains(key), "{error}");
+        }
+        let unknown = load::<Config>(
+            ENV_PREFIX,
+            &env(&[("ORCHESTRATOR__RETRIES__TRANSIENT__ATTEMPTS", "3")]),
+        );
+        assert!(unknown.is_err());
     }
 }

@@ -13,6 +13,11 @@ pub enum Error {
     TooLarge { limit: usize },
     #[error("run {0} not found")]
     RunNotFound(String),
+    #[error("task {0} not found")]
+    TaskNotFound(String),
+    /// The request is valid but the resource's state does not allow it; the message says why.
+    #[error("{0}")]
+    Conflict(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("bus: {0}")]
@@ -25,7 +30,8 @@ impl Error {
         match self {
             Error::InvalidRequest(_) => "invalid_request",
             Error::TooLarge { .. } => "too_large",
-            Error::RunNotFound(_) => "not_found",
+            Error::RunNotFound(_) | Error::TaskNotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
             Error::Database(_) | Error::Bus(_) => "internal",
         }
     }
@@ -48,7 +54,8 @@ impl IntoResponse for Error {
         let status = match &self {
             Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RunNotFound(_) => StatusCode::NOT_FOUND,
+            Error::RunNotFound(_) | Error::TaskNotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Database(_) | Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
@@ -67,7 +74,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidRequest(_) | Error::TooLarge { .. } => {
                 tonic::Status::invalid_argument(error.to_string())
             }
-            Error::RunNotFound(_) => tonic::Status::not_found(error.to_string()),
+            Error::RunNotFound(_) | Error::TaskNotFound(_) => {
+                tonic::Status::not_found(error.to_string())
+            }
+            Error::Conflict(_) => tonic::Status::failed_precondition(error.to_string()),
             Error::Database(_) | Error::Bus(_) => {
                 tracing::error!(%error, "rpc failed");
                 tonic::Status::unavailable(error.public_message())

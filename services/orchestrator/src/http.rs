@@ -38,7 +38,7 @@ struct CreateRun {
     goal: Option<String>,
 }
 
-fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
+pub(crate) fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
     match headers.get(TENANT_HEADER) {
         None => Ok(runs.default_tenant.clone()),
         Some(value) => match value.to_str() {
@@ -50,12 +50,12 @@ fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
     }
 }
 
-fn rejected(reason: &'static str, error: Error) -> Error {
+pub(crate) fn rejected(reason: &'static str, error: Error) -> Error {
     ::metrics::counter!(metrics::REJECTED_REQUESTS, "reason" => reason).increment(1);
     error
 }
 
-fn count(route: &'static str, status: StatusCode) {
+pub(crate) fn count(route: &'static str, status: StatusCode) {
     ::metrics::counter!(metrics::HTTP_REQUESTS, "route" => route, "status" => status.as_str().to_owned())
         .increment(1);
 }

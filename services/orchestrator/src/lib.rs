@@ -1,14 +1,18 @@
 //! colony-orchestrator: owns runs and tasks, serves the REST API and the `Orchestrator` gRPC
-//! service, dispatches work through its outbox, applies worker reports fenced by attempt, and
-//! re-dispatches expired leases.
+//! service, dispatches work through its outbox, applies worker reports fenced by attempt,
+//! retries failed attempts and expired leases per error class (then dead-letters them),
+//! cancels runs, and pauses dispatch in maintenance mode.
 
 pub mod config;
+mod control;
+pub mod cron;
 mod error;
 mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod plan;
 pub mod reports;
+pub mod retry;
 pub mod store;
 pub mod topology;
 
@@ -53,13 +57,20 @@ pub struct Handle {
 
 /// Starts the orchestrator on `runtime`: database (with migrations), bus streams, the outbox
 /// relay (which first publishes whatever an earlier process left unsent), the report
-/// consumer, the reaper, and both listeners.
+/// consumer, one recovery pass over expired leases, the reaper and scheduler loop, and both
+/// listeners.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     metrics::describe();
     let pool = colony_store::connect(&config.database).await?;
     let bus = Bus::connect(&config.bus, "colony-orchestrator").await?;
     bus.ensure_streams().await?;
-    let store = Store::new(pool.clone());
+    let store = Store::new(pool.clone()).with_retries(config.retries.clone());
+    if config.leases.max_attempts.is_some() {
+        tracing::warn!(
+            "leases.max_attempts is deprecated and ignored: an expired lease counts as a \
+             transient failure, so retries.transient.max_attempts decides"
+        );
+    }
 
     let http = colony_runtime::bind(&config.http.addr).await?;
     let http_addr = http.local_addr().context("http listener address")?;
@@ -90,17 +101,46 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         move |delivery| reports::handle(report_store.clone(), delivery),
     ));
 
+    // Recovery: attempts whose lease expired while no orchestrator ran (their workers died
+    // with it, or meanwhile) are re-queued before anything is served; the relay above
+    // publishes what an earlier process left unsent.
+    recover(&store).await?;
     runtime.spawn(reap(
         store.clone(),
         config.leases.clone(),
         runtime.shutdown.clone(),
     ));
 
+    // Cron: every replica runs the loop; the one holding the advisory lock fires.
+    let schedules = cron::Schedules::new(&store);
+    let clock: std::sync::Arc<dyn cron::Clock> = std::sync::Arc::new(cron::SystemClock);
+    if config.cron.enabled {
+        let scheduler = cron::Scheduler::new(
+            schedules.clone(),
+            config.cron.clone(),
+            config.runs.role.clone(),
+            clock.clone(),
+        );
+        runtime.spawn(scheduler.run(runtime.shutdown.clone()));
+    }
+
     let api = http::routes(http::ApiState {
         store: store.clone(),
         runs: config.runs.clone(),
         max_body_bytes: config.http.max_body_bytes,
     });
+    let api = api.merge(control::routes(http::ApiState {
+        store: store.clone(),
+        runs: config.runs.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+    }));
+    let api = api.merge(cron::routes(cron::ApiState {
+        schedules,
+        runs: config.runs.clone(),
+        cron: config.cron.clone(),
+        clock,
+        max_body_bytes: config.http.max_body_bytes,
+    }));
     colony_runtime::serve_http(
         runtime,
         http,
@@ -132,35 +172,98 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     })
 }
 
-/// Re-dispatches expired leases every `reap_interval`. Correctness never depends on JetStream
-/// redelivery: this loop is what brings a task back after its worker died.
+/// One reaper pass over every expired lease, then the due dispatches, before serving.
+async fn recover(store: &Store) -> anyhow::Result<()> {
+    let mut total = store::Reaped::default();
+    loop {
+        let reaped = store
+            .reap_expired(REAP_BATCH)
+            .await
+            .context("recovering expired leases")?;
+        count_reaped(&reaped);
+        total.requeued += reaped.requeued;
+        total.dead_lettered += reaped.dead_lettered;
+        total.cancelled += reaped.cancelled;
+        if reaped.requeued + reaped.dead_lettered + reaped.cancelled < REAP_BATCH as u64 {
+            break;
+        }
+    }
+    let dispatched = store
+        .dispatch_all_due(DISPATCH_BATCH)
+        .await
+        .context("dispatching due tasks")?;
+    let maintenance = store
+        .maintenance()
+        .await
+        .context("reading maintenance mode")?;
+    ::metrics::gauge!(metrics::MAINTENANCE).set(if maintenance.paused { 1.0 } else { 0.0 });
+    tracing::info!(
+        requeued = total.requeued,
+        dead_lettered = total.dead_lettered,
+        cancelled = total.cancelled,
+        dispatched,
+        paused = maintenance.paused,
+        "recovered expired leases"
+    );
+    Ok(())
+}
+
+const REAP_BATCH: i64 = 100;
+const DISPATCH_BATCH: i64 = 500;
+
+fn count_reaped(reaped: &store::Reaped) {
+    for (action, count) in [
+        ("requeued", reaped.requeued),
+        ("dead_lettered", reaped.dead_lettered),
+        ("cancelled", reaped.cancelled),
+    ] {
+        if count > 0 {
+            ::metrics::counter!(metrics::LEASES_EXPIRED, "action" => action).increment(count);
+        }
+    }
+    if reaped.requeued > 0 {
+        tracing::warn!(count = reaped.requeued, "expired leases re-queued");
+    }
+    if reaped.dead_lettered > 0 {
+        tracing::warn!(
+            count = reaped.dead_lettered,
+            "tasks out of attempts dead-lettered"
+        );
+    }
+    if reaped.cancelled > 0 {
+        tracing::info!(
+            count = reaped.cancelled,
+            "cancelled tasks whose worker went away stopped"
+        );
+    }
+}
+
+/// Every `reap_interval`: ends expired leases (re-queued, dead-lettered or cancelled),
+/// dispatches attempts whose backoff has passed, and dispatches again attempts nobody claimed.
+/// Correctness never depends on JetStream redelivery: this loop is what brings a task back
+/// after its worker died. Nothing is dispatched in maintenance mode.
 async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationToken) {
-    let max_attempts = i32::try_from(leases.max_attempts).unwrap_or(i32::MAX);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(leases.reap_interval) => {}
         }
-        match store.reap_expired(max_attempts, 100).await {
-            Ok(reaped) => {
-                if reaped.requeued > 0 {
-                    ::metrics::counter!(metrics::LEASES_EXPIRED, "action" => "requeued")
-                        .increment(reaped.requeued);
-                    ::metrics::counter!(metrics::TASKS, "state" => "requeued")
-                        .increment(reaped.requeued);
-                    tracing::warn!(count = reaped.requeued, "expired leases re-dispatched");
-                }
-                if reaped.failed > 0 {
-                    ::metrics::counter!(metrics::LEASES_EXPIRED, "action" => "failed")
-                        .increment(reaped.failed);
-                    ::metrics::counter!(metrics::TASKS, "state" => "failed")
-                        .increment(reaped.failed);
-                    ::metrics::counter!(metrics::RUNS, "status" => "failed")
-                        .increment(reaped.failed);
-                    tracing::warn!(count = reaped.failed, "tasks out of attempts failed");
-                }
-            }
+        match store.maintenance().await {
+            Ok(maintenance) => ::metrics::gauge!(metrics::MAINTENANCE).set(if maintenance.paused {
+                1.0
+            } else {
+                0.0
+            }),
+            Err(error) => tracing::warn!(%error, "reading maintenance mode failed"),
+        }
+        match store.reap_expired(REAP_BATCH).await {
+            Ok(reaped) => count_reaped(&reaped),
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
+        }
+        match store.dispatch_all_due(DISPATCH_BATCH).await {
+            Ok(0) => {}
+            Ok(count) => tracing::debug!(count, "due tasks dispatched"),
+            Err(error) => tracing::warn!(%error, "scheduler pass failed"),
         }
         match store
             .redispatch_unclaimed(leases.redispatch_after, 100)

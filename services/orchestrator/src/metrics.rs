@@ -9,13 +9,24 @@ pub const REDISPATCHED: &str = "colony_orchestrator_redispatched_total";
 pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds";
 pub const HTTP_REQUESTS: &str = "colony_orchestrator_http_requests_total";
 pub const REJECTED_REQUESTS: &str = "colony_orchestrator_rejected_requests_total";
+pub const RETRIES: &str = "colony_orchestrator_retries_total";
+pub const DEAD_LETTERS: &str = "colony_orchestrator_dead_letters_total";
+pub const CANCELLATIONS: &str = "colony_orchestrator_cancellations_total";
+pub const MAINTENANCE: &str = "colony_orchestrator_maintenance";
+pub const SCHEDULE_FIRINGS: &str = "colony_orchestrator_schedule_firings_total";
+pub const SCHEDULE_LEADER: &str = "colony_orchestrator_schedule_leader";
 
 pub fn describe() {
-    use metrics::{Unit, describe_counter, describe_histogram};
-    describe_counter!(RUNS, "Runs by status reached: created, succeeded, failed.");
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        RUNS,
+        "Runs by status reached: created, succeeded, failed, cancelled, running (re-opened by a \
+         re-queue)."
+    );
     describe_counter!(
         TASKS,
-        "Task transitions by state reached: queued, running, succeeded, failed, requeued."
+        "Task transitions by state reached: queued, running, succeeded, failed (an attempt), \
+         requeued, dead_lettered, cancelling, cancelled."
     );
     describe_counter!(CLAIMS, "Claims by result: granted or refused.");
     describe_counter!(
@@ -24,7 +35,7 @@ pub fn describe() {
     );
     describe_counter!(
         LEASES_EXPIRED,
-        "Leases the reaper found expired, by action: requeued or failed."
+        "Leases the reaper found expired, by action: requeued, dead_lettered or cancelled."
     );
     describe_counter!(
         REDISPATCHED,
@@ -39,6 +50,32 @@ pub fn describe() {
     describe_counter!(
         REJECTED_REQUESTS,
         "REST API requests refused for bad input, by reason (invalid_json, too_large, invalid_request)."
+    );
+    metrics::describe_counter!(
+        SCHEDULE_FIRINGS,
+        "Cron schedule firings by outcome: fired (on time), manual (run-now), caught_up (one run for \
+         missed firings), missed (late firings dropped or folded into a catch-up), duplicate \
+         (already made by another replica), invalid, failed."
+    );
+    metrics::describe_gauge!(
+        SCHEDULE_LEADER,
+        "1 on the replica that leads cron firing (holds the advisory lock), 0 elsewhere."
+    );
+    describe_counter!(
+        RETRIES,
+        "Attempts queued again after a failure (an expired lease counts as transient), by error class."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Tasks dead-lettered (out of attempts or a class never retried), by error class."
+    );
+    describe_counter!(
+        CANCELLATIONS,
+        "Runs cancelled through the API (repeated requests for one run count once)."
+    );
+    describe_gauge!(
+        MAINTENANCE,
+        "1 while maintenance mode pauses dispatch and claims, else 0 (shared by every replica)."
     );
     colony_bus::metrics::describe();
 }

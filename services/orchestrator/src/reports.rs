@@ -58,9 +58,9 @@ pub async fn handle(store: Store, delivery: Delivery<v1::TaskReport>) -> Outcome
                 ReportOutcome::Succeeded { .. } => "succeeded",
                 ReportOutcome::Failed { .. } => "failed",
             };
+            // Task and run transitions (retry, dead letter, run outcome) are counted by the
+            // store once they commit.
             ::metrics::counter!(metrics::REPORTS, "result" => "accepted").increment(1);
-            ::metrics::counter!(metrics::TASKS, "state" => state).increment(1);
-            ::metrics::counter!(metrics::RUNS, "status" => state).increment(1);
             tracing::info!(task_id = %report.task_id, attempt = report.attempt, state, "report accepted");
             Outcome::Ack
         }

@@ -11,6 +11,16 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::Error;
+use crate::retry::RetryConfig;
+
+mod control;
+mod lifecycle;
+mod outcome;
+
+use crate::retry::Next;
+pub use control::Maintenance;
+use lifecycle::{AttemptEnd, LOCKED_COLUMNS, LockedTask};
+use outcome::Effects;
 
 pub const OUTBOX: Outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
 
@@ -39,14 +49,43 @@ pub struct Failure {
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskView {
     pub id: Uuid,
+    pub run_id: Uuid,
     pub role: String,
     pub state: String,
     pub attempt: i32,
     pub worker: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The class and reason of the last failed attempt (of the dead letter, when
+    /// `state = dead_lettered`).
     pub error_class: Option<String>,
     pub failure_reason: Option<String>,
+    /// While a retry waits out its backoff: when the next attempt may be dispatched.
+    pub not_before: Option<DateTime<Utc>>,
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// Columns to select for [`TaskView::from_row`].
+const TASK_VIEW_COLUMNS: &str = "id, run_id, role, state, attempt, lease_owner, started_at, \
+     finished_at, error_class, failure_reason, not_before, dead_lettered_at";
+
+impl TaskView {
+    fn from_row(t: &sqlx::postgres::PgRow) -> Self {
+        TaskView {
+            id: t.get("id"),
+            run_id: t.get("run_id"),
+            role: t.get("role"),
+            state: t.get("state"),
+            attempt: t.get("attempt"),
+            worker: t.get("lease_owner"),
+            started_at: t.get("started_at"),
+            finished_at: t.get("finished_at"),
+            error_class: t.get("error_class"),
+            failure_reason: t.get("failure_reason"),
+            not_before: t.get("not_before"),
+            dead_lettered_at: t.get("dead_lettered_at"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +154,7 @@ pub enum ReportOutcome {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    retries: RetryConfig,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -150,6 +190,8 @@ impl TaskEvent<'_> {
             v1::TaskEventKind::Succeeded => "succeeded",
             v1::TaskEventKind::Failed => "failed",
             v1::TaskEventKind::Requeued => "requeued",
+            v1::TaskEventKind::Cancelled => "cancelled",
+            v1::TaskEventKind::DeadLettered => "dead_lettered",
             v1::TaskEventKind::Unspecified => "unspecified",
         };
         let event = v1::TaskEvent {
@@ -181,30 +223,8 @@ async fn enqueue_run_event(
     reason: &str,
     usage: Option<v1::Usage>,
 ) -> Result<(), Error> {
-    let name = match kind {
-        v1::RunEventKind::Created => "created",
-        v1::RunEventKind::Succeeded => "succeeded",
-        v1::RunEventKind::Failed => "failed",
-        v1::RunEventKind::Cancelled => "cancelled",
-        v1::RunEventKind::Unspecified => "unspecified",
-    };
-    let event = v1::RunEvent {
-        tenant: tenant.to_owned(),
-        run_id: run_id.to_string(),
-        kind: kind as i32,
-        reason: reason.to_owned(),
-        usage,
-        occurred_at: Some(colony_proto::now()),
-    };
-    OUTBOX
-        .enqueue(
-            conn,
-            &subjects::run_event(name),
-            &format!("run-{run_id}-{name}"),
-            &event,
-        )
-        .await?;
-    Ok(())
+    // A run's first revision: later ones come from re-queued dead letters.
+    outcome::enqueue_run_event(conn, tenant, run_id, 1, kind, reason, usage).await
 }
 
 async fn enqueue_dispatch(
@@ -236,8 +256,18 @@ async fn enqueue_dispatch(
 }
 
 impl Store {
+    /// A store with the default retry policies.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            retries: RetryConfig::default(),
+        }
+    }
+
+    /// The retry policies applied to failed attempts and expired leases.
+    pub fn with_retries(mut self, retries: RetryConfig) -> Self {
+        self.retries = retries;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -246,9 +276,17 @@ impl Store {
 
     /// Creates a run with its single task and queues the dispatch, all in one transaction.
     pub async fn create_run(&self, new: &NewRun) -> Result<(Uuid, Uuid), Error> {
+        let mut tx = self.pool.begin().await?;
+        let ids = Self::create_run_in(&mut tx, new).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// [`Store::create_run`] in the caller's transaction, so that what the caller records with
+    /// the run (a schedule's firing) commits or rolls back together with it.
+    pub async fn create_run_in(tx: &mut PgConnection, new: &NewRun) -> Result<(Uuid, Uuid), Error> {
         let run_id = Uuid::now_v7();
         let task_id = Uuid::now_v7();
-        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO orchestrator.runs (id, tenant, goal, status) VALUES ($1, $2, $3, 'running')",
         )
@@ -257,19 +295,25 @@ impl Store {
         .bind(&new.goal)
         .execute(&mut *tx)
         .await?;
+        // In maintenance mode the task waits for the scheduler (`dispatched_at` NULL), which
+        // dispatches it on resume.
+        let dispatch = !control::paused(&mut *tx).await?;
         sqlx::query(
-            "INSERT INTO orchestrator.tasks (id, run_id, tenant, role, instructions, state) \
-             VALUES ($1, $2, $3, $4, $5, 'queued')",
+            "INSERT INTO orchestrator.tasks \
+                 (id, run_id, tenant, role, instructions, state, dispatched_at, dispatches) \
+             VALUES ($1, $2, $3, $4, $5, 'queued', CASE WHEN $6 THEN now() END, \
+                     CASE WHEN $6 THEN 1 ELSE 0 END)",
         )
         .bind(task_id)
         .bind(run_id)
         .bind(&new.tenant)
         .bind(&new.role)
         .bind(&new.goal)
+        .bind(dispatch)
         .execute(&mut *tx)
         .await?;
         enqueue_run_event(
-            &mut tx,
+            &mut *tx,
             &new.tenant,
             run_id,
             v1::RunEventKind::Created,
@@ -289,10 +333,11 @@ impl Store {
             reason: "",
             usage: None,
         }
-        .enqueue(&mut tx)
+        .enqueue(&mut *tx)
         .await?;
-        enqueue_dispatch(&mut tx, &new.tenant, run_id, task_id, 1, &new.role, 1).await?;
-        tx.commit().await?;
+        if dispatch {
+            enqueue_dispatch(&mut *tx, &new.tenant, run_id, task_id, 1, &new.role, 1).await?;
+        }
         Ok((run_id, task_id))
     }
 
@@ -308,26 +353,15 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| Error::RunNotFound(run_id.to_string()))?;
-        let tasks = sqlx::query(
-            "SELECT id, role, state, attempt, lease_owner, started_at, finished_at, error_class, \
-                    failure_reason \
-             FROM orchestrator.tasks WHERE run_id = $1 ORDER BY created_at, id",
-        )
+        let tasks = sqlx::query(&format!(
+            "SELECT {TASK_VIEW_COLUMNS} \
+             FROM orchestrator.tasks WHERE run_id = $1 ORDER BY created_at, id"
+        ))
         .bind(run_id)
         .fetch_all(&self.pool)
         .await?
-        .into_iter()
-        .map(|t| TaskView {
-            id: t.get("id"),
-            role: t.get("role"),
-            state: t.get("state"),
-            attempt: t.get("attempt"),
-            worker: t.get("lease_owner"),
-            started_at: t.get("started_at"),
-            finished_at: t.get("finished_at"),
-            error_class: t.get("error_class"),
-            failure_reason: t.get("failure_reason"),
-        })
+        .iter()
+        .map(TaskView::from_row)
         .collect();
         let reason: Option<String> = row.get("failure_reason");
         Ok(RunView {
@@ -370,8 +404,9 @@ impl Store {
         Ok(runs)
     }
 
-    /// Claims `attempt` of a task for `worker`. Granted only if that attempt is the current one
-    /// and nobody holds it: the conditional update is the whole decision.
+    /// Claims `attempt` of a task for `worker`. Granted only if that attempt is the current one,
+    /// nobody holds it, its backoff has passed and maintenance mode is off: the conditional
+    /// update is the whole decision.
     pub async fn claim(
         &self,
         tenant: &str,
@@ -381,15 +416,17 @@ impl Store {
         lease: Duration,
     ) -> Result<Claim, Error> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "UPDATE orchestrator.tasks \
              SET state = 'running', lease_owner = $4, \
                  lease_expires_at = now() + make_interval(secs => $5), \
                  started_at = now() \
              WHERE id = $1 AND tenant = $2 AND attempt = $3 AND state = 'queued' \
+               AND (not_before IS NULL OR not_before <= now()) AND {} \
              RETURNING run_id, role, instructions, \
                        EXTRACT(EPOCH FROM (now() - ready_at))::float8 AS waited",
-        )
+            control::NOT_PAUSED
+        ))
         .bind(task_id)
         .bind(tenant)
         .bind(attempt)
@@ -398,7 +435,11 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
+            let paused = control::paused(&mut tx).await?;
             tx.rollback().await?;
+            if paused {
+                return Ok(Claim::Refused("maintenance".into()));
+            }
             return Ok(Claim::Refused(
                 self.refusal(tenant, task_id, attempt).await?,
             ));
@@ -438,10 +479,11 @@ impl Store {
         Ok(Claim::Granted(claimed))
     }
 
-    /// Explains why a claim was refused.
+    /// Explains why a claim or heartbeat was refused. A cancelled task says "cancelled".
     async fn refusal(&self, tenant: &str, task_id: Uuid, attempt: i32) -> Result<String, Error> {
         let row = sqlx::query(
-            "SELECT state, attempt FROM orchestrator.tasks WHERE id = $1 AND tenant = $2",
+            "SELECT state, attempt, not_before > now() AS waiting \
+             FROM orchestrator.tasks WHERE id = $1 AND tenant = $2",
         )
         .bind(task_id)
         .bind(tenant)
@@ -452,8 +494,13 @@ impl Store {
             Some(row) => {
                 let state: String = row.get("state");
                 let current: i32 = row.get("attempt");
-                if current != attempt {
+                let waiting: Option<bool> = row.get("waiting");
+                if matches!(state.as_str(), "cancelling" | "cancelled") {
+                    "cancelled".into()
+                } else if current != attempt {
                     format!("stale attempt {attempt}: the current attempt is {current}")
+                } else if state == "queued" && waiting == Some(true) {
+                    format!("attempt {attempt} is not due yet (retry backoff)")
                 } else {
                     format!("attempt {attempt} is already {state}")
                 }
@@ -461,7 +508,8 @@ impl Store {
         })
     }
 
-    /// Extends the lease of `attempt` if `worker` still holds it.
+    /// Extends the lease of `attempt` if `worker` still holds it. Otherwise says why the worker
+    /// must stop; "cancelled" when its run was cancelled, which also ends the task.
     pub async fn heartbeat(
         &self,
         tenant: &str,
@@ -484,47 +532,72 @@ impl Store {
         .await?
         .rows_affected();
         if extended == 1 {
-            Ok(None)
-        } else {
-            Ok(Some(self.refusal(tenant, task_id, attempt).await?))
+            return Ok(None);
         }
+        // The run was cancelled while this worker ran the task: now it knows, so the task
+        // has stopped.
+        let mut tx = self.pool.begin().await?;
+        let cancelling = sqlx::query(&format!(
+            "SELECT {LOCKED_COLUMNS} FROM orchestrator.tasks \
+             WHERE id = $1 AND tenant = $2 AND attempt = $3 AND lease_owner = $4 \
+               AND state = 'cancelling' FOR UPDATE"
+        ))
+        .bind(task_id)
+        .bind(tenant)
+        .bind(attempt)
+        .bind(worker)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = cancelling {
+            let mut effects = Effects::default();
+            self.stop_cancelled(&mut tx, &LockedTask::from_row(&row), &mut effects)
+                .await?;
+            tx.commit().await?;
+            effects.record();
+            return Ok(Some("cancelled".into()));
+        }
+        tx.rollback().await?;
+        Ok(Some(self.refusal(tenant, task_id, attempt).await?))
     }
 
     /// Applies a worker's report if it belongs to the current attempt and the reporting worker
     /// holds its lease; otherwise records it as rejected. Every report is recorded.
     pub async fn apply_report(&self, report: &Report) -> Result<ReportDecision, Error> {
         let mut tx = self.pool.begin().await?;
-        let task = sqlx::query(
-            "SELECT run_id, role, state, attempt, lease_owner FROM orchestrator.tasks \
-             WHERE id = $1 AND tenant = $2 FOR UPDATE",
-        )
+        let task = sqlx::query(&format!(
+            "SELECT {LOCKED_COLUMNS} FROM orchestrator.tasks \
+             WHERE id = $1 AND tenant = $2 FOR UPDATE"
+        ))
         .bind(report.task_id)
         .bind(&report.tenant)
         .fetch_optional(&mut *tx)
-        .await?;
+        .await?
+        .map(|row| LockedTask::from_row(&row));
         let outcome_name = match report.outcome {
             ReportOutcome::Succeeded { .. } => "succeeded",
             ReportOutcome::Failed { .. } => "failed",
         };
+        let holder = |task: &LockedTask| {
+            task.attempt == report.attempt
+                && task.lease_owner.as_deref() == Some(report.worker_id.as_str())
+        };
         let decision = match &task {
             None => ReportDecision::Rejected("unknown task".into()),
-            Some(task) => {
-                let state: String = task.get("state");
-                let attempt: i32 = task.get("attempt");
-                let owner: Option<String> = task.get("lease_owner");
-                if attempt != report.attempt {
-                    ReportDecision::Rejected(format!(
-                        "stale attempt {}: the current attempt is {attempt}",
-                        report.attempt
-                    ))
-                } else if state != "running" {
-                    ReportDecision::Rejected(format!("attempt {attempt} is already {state}"))
-                } else if owner.as_deref() != Some(report.worker_id.as_str()) {
-                    ReportDecision::Rejected("the reporting worker does not hold the lease".into())
-                } else {
-                    ReportDecision::Accepted
-                }
+            Some(task) if task.attempt != report.attempt => ReportDecision::Rejected(format!(
+                "stale attempt {}: the current attempt is {}",
+                report.attempt, task.attempt
+            )),
+            Some(task) if matches!(task.state.as_str(), "cancelling" | "cancelled") => {
+                ReportDecision::Rejected("cancelled".into())
             }
+            Some(task) if task.state != "running" => ReportDecision::Rejected(format!(
+                "attempt {} is already {}",
+                task.attempt, task.state
+            )),
+            Some(task) if !holder(task) => {
+                ReportDecision::Rejected("the reporting worker does not hold the lease".into())
+            }
+            Some(_) => ReportDecision::Accepted,
         };
         let reason = match &decision {
             ReportDecision::Accepted => None,
@@ -542,208 +615,110 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        if let (ReportDecision::Accepted, Some(task)) = (&decision, task) {
-            let run_id: Uuid = task.get("run_id");
-            let role: String = task.get("role");
-            self.finish(&mut tx, report, run_id, &role).await?;
+        let mut effects = Effects::default();
+        if let Some(task) = &task {
+            let worker = report.worker_id.as_str();
+            match (&decision, &report.outcome) {
+                (ReportDecision::Accepted, ReportOutcome::Succeeded { output, usage }) => {
+                    self.succeed(&mut tx, task, worker, output, *usage, &mut effects)
+                        .await?;
+                }
+                (
+                    ReportDecision::Accepted,
+                    ReportOutcome::Failed {
+                        error_class,
+                        message,
+                        usage,
+                    },
+                ) => {
+                    self.fail(
+                        &mut tx,
+                        task,
+                        worker,
+                        AttemptEnd::Failed,
+                        *error_class,
+                        message,
+                        *usage,
+                        &mut effects,
+                    )
+                    .await?;
+                }
+                (ReportDecision::Rejected(_), _) if task.state == "cancelling" && holder(task) => {
+                    // It finished before it heard of the cancellation: its attempt is over.
+                    self.stop_cancelled(&mut tx, task, &mut effects).await?;
+                }
+                (ReportDecision::Rejected(_), _) => {}
+            }
         }
         tx.commit().await?;
+        effects.record();
         Ok(decision)
     }
 
-    /// Marks the task and its run finished and announces both.
-    async fn finish(
-        &self,
-        tx: &mut PgConnection,
-        report: &Report,
-        run_id: Uuid,
-        role: &str,
-    ) -> Result<(), Error> {
-        let (state, output, class, message, usage) = match &report.outcome {
-            ReportOutcome::Succeeded { output, usage } => {
-                ("succeeded", Some(output.as_str()), None, None, *usage)
-            }
-            ReportOutcome::Failed {
-                error_class,
-                message,
-                usage,
-            } => (
-                "failed",
-                None,
-                Some(*error_class),
-                Some(message.as_str()),
-                *usage,
-            ),
-        };
-        let class_text = class.map(ErrorClass::as_str);
-        sqlx::query(
-            "UPDATE orchestrator.tasks SET state = $2, finished_at = now(), output = $3, \
-                 error_class = $4, failure_reason = $5, lease_expires_at = NULL, \
-                 prompt_tokens = prompt_tokens + $6, completion_tokens = completion_tokens + $7, \
-                 cost_micros_usd = cost_micros_usd + $8 \
-             WHERE id = $1",
-        )
-        .bind(report.task_id)
-        .bind(state)
-        .bind(output)
-        .bind(class_text)
-        .bind(message)
-        .bind(usage.prompt_tokens as i64)
-        .bind(usage.completion_tokens as i64)
-        .bind(usage.cost_micros_usd as i64)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE orchestrator.task_attempts SET finished_at = now(), outcome = $3 \
-             WHERE task_id = $1 AND attempt = $2",
-        )
-        .bind(report.task_id)
-        .bind(report.attempt)
-        .bind(state)
-        .execute(&mut *tx)
-        .await?;
-        let totals = sqlx::query(
-            "UPDATE orchestrator.runs SET status = $2, output = $3, finished_at = now(), \
-                 failed_task_id = CASE WHEN $2 = 'failed' THEN $4 END, \
-                 failure_reason = $5, error_class = $6, \
-                 prompt_tokens = prompt_tokens + $7, completion_tokens = completion_tokens + $8, \
-                 cost_micros_usd = cost_micros_usd + $9 \
-             WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_micros_usd",
-        )
-        .bind(run_id)
-        .bind(state)
-        .bind(output)
-        .bind(report.task_id)
-        .bind(message.map(|m| format!("task {} failed: {m}", report.task_id)))
-        .bind(class_text)
-        .bind(usage.prompt_tokens as i64)
-        .bind(usage.completion_tokens as i64)
-        .bind(usage.cost_micros_usd as i64)
-        .fetch_one(&mut *tx)
-        .await?;
-        let run_usage = usage_of(
-            totals.get("prompt_tokens"),
-            totals.get("completion_tokens"),
-            totals.get("cost_micros_usd"),
-        );
-        let (task_kind, run_kind) = if class.is_some() {
-            (v1::TaskEventKind::Failed, v1::RunEventKind::Failed)
-        } else {
-            (v1::TaskEventKind::Succeeded, v1::RunEventKind::Succeeded)
-        };
-        TaskEvent {
-            tenant: &report.tenant,
-            run_id,
-            task_id: report.task_id,
-            attempt: report.attempt,
-            role,
-            kind: task_kind,
-            worker_id: &report.worker_id,
-            error_class: class.map_or(v1::ErrorClass::Unspecified, v1::ErrorClass::from),
-            reason: message.unwrap_or(""),
-            usage: Some(usage),
-        }
-        .enqueue(tx)
-        .await?;
-        enqueue_run_event(
-            tx,
-            &report.tenant,
-            run_id,
-            run_kind,
-            message.unwrap_or(""),
-            Some(run_usage),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Re-dispatches attempts whose lease expired, with the next attempt number; a task out of
-    /// attempts fails its run. Safe to run on several replicas at once (`SKIP LOCKED`).
-    pub async fn reap_expired(&self, max_attempts: i32, batch: i64) -> Result<Reaped, Error> {
+    /// Ends attempts whose lease expired. An expired lease counts as a transient failure: the
+    /// task is queued again after the transient backoff while its attempt budget lasts, and
+    /// dead-lettered (failing its run) after that. A cancelling task whose worker went away is
+    /// cancelled. Safe to run on several replicas at once (`SKIP LOCKED`).
+    pub async fn reap_expired(&self, batch: i64) -> Result<Reaped, Error> {
         let mut tx = self.pool.begin().await?;
-        let expired = sqlx::query(
-            "SELECT id, run_id, tenant, role, attempt, lease_owner FROM orchestrator.tasks \
-             WHERE state = 'running' AND lease_expires_at < now() \
-             ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
+        let expired: Vec<LockedTask> = sqlx::query(&format!(
+            "SELECT {LOCKED_COLUMNS} FROM orchestrator.tasks \
+             WHERE state IN ('running', 'cancelling') AND lease_expires_at < now() \
+             ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
         .bind(batch)
         .fetch_all(&mut *tx)
-        .await?;
+        .await?
+        .iter()
+        .map(LockedTask::from_row)
+        .collect();
         let mut reaped = Reaped::default();
-        for task in expired {
-            let task_id: Uuid = task.get("id");
-            let run_id: Uuid = task.get("run_id");
-            let tenant: String = task.get("tenant");
-            let role: String = task.get("role");
-            let attempt: i32 = task.get("attempt");
-            let owner: Option<String> = task.get("lease_owner");
-            sqlx::query(
-                "UPDATE orchestrator.task_attempts SET finished_at = now(), outcome = 'lease_expired' \
-                 WHERE task_id = $1 AND attempt = $2",
-            )
-            .bind(task_id)
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
-            if attempt >= max_attempts {
-                let report = Report {
-                    tenant: tenant.clone(),
-                    task_id,
-                    attempt,
-                    worker_id: owner.unwrap_or_default(),
-                    outcome: ReportOutcome::Failed {
-                        error_class: ErrorClass::Transient,
-                        message: format!("lease expired on all {attempt} attempts"),
-                        usage: v1::Usage::default(),
-                    },
-                };
-                self.finish(&mut tx, &report, run_id, &role).await?;
-                reaped.failed += 1;
+        let mut effects = Effects::default();
+        for task in &expired {
+            if task.state == "cancelling" {
+                self.stop_cancelled(&mut tx, task, &mut effects).await?;
+                reaped.cancelled += 1;
                 continue;
             }
-            let next = attempt + 1;
-            sqlx::query(
-                "UPDATE orchestrator.tasks SET state = 'queued', attempt = $2, lease_owner = NULL, \
-                     lease_expires_at = NULL, ready_at = now(), dispatched_at = now(), \
-                     dispatches = 1 WHERE id = $1",
-            )
-            .bind(task_id)
-            .bind(next)
-            .execute(&mut *tx)
-            .await?;
-            TaskEvent {
-                tenant: &tenant,
-                run_id,
-                task_id,
-                attempt: next,
-                role: &role,
-                kind: v1::TaskEventKind::Requeued,
-                worker_id: owner.as_deref().unwrap_or(""),
-                error_class: v1::ErrorClass::Transient,
-                reason: "lease expired",
-                usage: None,
+            let owner = task.lease_owner.clone().unwrap_or_default();
+            let message = format!("lease expired on attempt {} (worker {owner})", task.attempt);
+            let next = self
+                .fail(
+                    &mut tx,
+                    task,
+                    &owner,
+                    AttemptEnd::LeaseExpired,
+                    ErrorClass::Transient,
+                    &message,
+                    v1::Usage::default(),
+                    &mut effects,
+                )
+                .await?;
+            match next {
+                Next::Retry { .. } => reaped.requeued += 1,
+                Next::DeadLetter => reaped.dead_lettered += 1,
             }
-            .enqueue(&mut tx)
-            .await?;
-            enqueue_dispatch(&mut tx, &tenant, run_id, task_id, next, &role, 1).await?;
-            reaped.requeued += 1;
         }
         tx.commit().await?;
+        effects.record();
         Ok(reaped)
     }
 
     /// Dispatches again attempts that stayed unclaimed for `after`: their message may have been
     /// lost or run out of deliveries. A duplicate dispatch is harmless (the claim decides).
+    /// Nothing is dispatched in maintenance mode.
     pub async fn redispatch_unclaimed(&self, after: Duration, batch: i64) -> Result<u64, Error> {
         let mut tx = self.pool.begin().await?;
-        let stale = sqlx::query(
+        let stale = sqlx::query(&format!(
             "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
              WHERE id IN (SELECT id FROM orchestrator.tasks \
                           WHERE state = 'queued' \
                             AND dispatched_at < now() - make_interval(secs => $1) \
                           ORDER BY dispatched_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               AND {} \
              RETURNING id, run_id, tenant, role, attempt, dispatches",
-        )
+            control::NOT_PAUSED
+        ))
         .bind(interval(after))
         .bind(batch)
         .fetch_all(&mut *tx)
@@ -765,8 +740,13 @@ impl Store {
     }
 }
 
+/// What one reaper pass did with expired leases.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reaped {
+    /// Queued again with the next attempt (after the transient backoff).
     pub requeued: u64,
-    pub failed: u64,
+    /// Out of transient attempts: dead-lettered.
+    pub dead_lettered: u64,
+    /// Cancelling tasks whose worker went away.
+    pub cancelled: u64,
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use colony_orchestrator::config::{RetryConfig, RetryPolicy};
 use colony_orchestrator::store::{Claim, NewRun, Report, ReportDecision, ReportOutcome, Store};
 use colony_proto::v1;
 use colony_testkit::TestDb;
@@ -168,12 +169,28 @@ async fn an_expired_lease_is_redispatched_with_a_new_attempt_and_fences_the_old_
             .unwrap(),
         Claim::Granted(_)
     ));
-    assert_eq!(store.reap_expired(5, 100).await.unwrap().requeued, 0);
+    assert_eq!(store.reap_expired(100).await.unwrap().requeued, 0);
     sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
         .execute(&db.pool)
         .await
         .unwrap();
-    assert_eq!(store.reap_expired(5, 100).await.unwrap().requeued, 1);
+    assert_eq!(store.reap_expired(100).await.unwrap().requeued, 1);
+    // An expired lease is a transient failure: attempt 2 waits out the transient backoff
+    // before the scheduler dispatches it.
+    assert_eq!(
+        outbox_subjects(&db)
+            .await
+            .iter()
+            .filter(|s| s.ends_with("dispatch.generalist"))
+            .count(),
+        1
+    );
+    assert_eq!(store.dispatch_due(100).await.unwrap(), 0);
+    sqlx::query("UPDATE orchestrator.tasks SET not_before = now() - interval '1 millisecond'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(store.dispatch_due(100).await.unwrap(), 1);
     let subjects = outbox_subjects(&db).await;
     assert_eq!(
         subjects
@@ -235,17 +252,24 @@ async fn an_expired_lease_is_redispatched_with_a_new_attempt_and_fences_the_old_
 #[tokio::test]
 async fn a_task_out_of_attempts_fails_its_run_with_the_reason() {
     let db = TestDb::new().await;
-    let store = Store::new(db.pool.clone());
+    let store = Store::new(db.pool.clone()).with_retries(RetryConfig {
+        transient: RetryPolicy {
+            max_attempts: 1,
+            ..RetryConfig::default().transient
+        },
+        ..RetryConfig::default()
+    });
     let (run_id, task_id) = new_run(&store).await;
     store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
     sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let reaped = store.reap_expired(1, 100).await.unwrap();
-    assert_eq!(reaped.failed, 1);
+    let reaped = store.reap_expired(100).await.unwrap();
+    assert_eq!(reaped.dead_lettered, 1);
     let run = store.get_run("acme", run_id).await.unwrap();
     assert_eq!(run.status, "failed");
+    assert_eq!(run.tasks[0].state, "dead_lettered");
     let failure = run.failure.unwrap();
     assert_eq!(failure.task_id, Some(task_id));
     assert!(
@@ -263,8 +287,8 @@ async fn a_failed_report_records_the_class_and_reason_on_the_run() {
     store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
     let report = Report {
         outcome: ReportOutcome::Failed {
-            error_class: colony_proto::ErrorClass::Transient,
-            message: "router: provider unreachable".into(),
+            error_class: colony_proto::ErrorClass::Permanent,
+            message: "router: model not found".into(),
             usage: v1::Usage::default(),
         },
         ..success(task_id, 1, "w")
@@ -273,11 +297,15 @@ async fn a_failed_report_records_the_class_and_reason_on_the_run() {
         store.apply_report(&report).await.unwrap(),
         ReportDecision::Accepted
     );
+    // Permanent failures are never retried: dead-lettered at once.
     let run = store.get_run("acme", run_id).await.unwrap();
     assert_eq!(run.status, "failed");
+    assert_eq!(run.tasks[0].state, "dead_lettered");
+    assert_eq!(run.tasks[0].attempt, 1);
     let failure = run.failure.unwrap();
-    assert_eq!(failure.error_class.as_deref(), Some("transient"));
-    assert!(failure.reason.contains("provider unreachable"));
+    assert_eq!(failure.task_id, Some(task_id));
+    assert_eq!(failure.error_class.as_deref(), Some("permanent"));
+    assert!(failure.reason.contains("model not found"));
 }
 
 #[tokio::test]

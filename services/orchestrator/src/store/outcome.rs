@@ -1,0 +1,326 @@
+//! Run-level outcomes, computed from the run's tasks after every task transition, and the
+//! metrics a committed transaction's transitions add up to.
+
+use colony_proto::{ErrorClass, v1};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::{OUTBOX, usage_of};
+use crate::{Error, metrics};
+
+/// A task as far as its run's outcome is concerned.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskSummary {
+    pub id: Uuid,
+    pub state: String,
+    pub error_class: Option<String>,
+    pub failure_reason: Option<String>,
+    pub output: Option<String>,
+}
+
+/// Where a run ends, once its tasks say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RunOutcome {
+    Succeeded {
+        output: Option<String>,
+    },
+    Failed {
+        task_id: Uuid,
+        error_class: Option<String>,
+        reason: String,
+    },
+    Cancelled,
+}
+
+/// Tasks that may still change: a run cannot end while one of them exists.
+fn is_active(state: &str) -> bool {
+    matches!(state, "queued" | "running" | "cancelling")
+}
+
+/// The outcome a run in `status` reaches with `tasks` (in creation order), or `None` if it
+/// stays as it is. A running run fails as soon as one task is dead-lettered (fail fast),
+/// succeeds once every task succeeded; a cancelling run is cancelled once no task is active.
+pub(crate) fn run_outcome(status: &str, tasks: &[TaskSummary]) -> Option<RunOutcome> {
+    match status {
+        "running" => {
+            if let Some(task) = tasks
+                .iter()
+                .find(|t| matches!(t.state.as_str(), "dead_lettered" | "failed"))
+            {
+                let reason = task.failure_reason.as_deref().unwrap_or("no reason given");
+                return Some(RunOutcome::Failed {
+                    task_id: task.id,
+                    error_class: task.error_class.clone(),
+                    reason: format!("task {} failed: {reason}", task.id),
+                });
+            }
+            let done = !tasks.is_empty() && tasks.iter().all(|t| t.state == "succeeded");
+            done.then(|| RunOutcome::Succeeded {
+                output: tasks.last().and_then(|t| t.output.clone()),
+            })
+        }
+        "cancelling" => {
+            (!tasks.iter().any(|t| is_active(&t.state))).then_some(RunOutcome::Cancelled)
+        }
+        _ => None,
+    }
+}
+
+/// Message id of a run lifecycle event. A run re-opened by a re-queue (revision > 1) may fail
+/// again; its second `failed` must not look like a duplicate of the first.
+pub(crate) fn run_event_msg_id(run_id: Uuid, name: &str, revision: i32) -> String {
+    if revision <= 1 {
+        format!("run-{run_id}-{name}")
+    } else {
+        format!("run-{run_id}-{name}-r{revision}")
+    }
+}
+
+pub(crate) async fn enqueue_run_event(
+    conn: &mut PgConnection,
+    tenant: &str,
+    run_id: Uuid,
+    revision: i32,
+    kind: v1::RunEventKind,
+    reason: &str,
+    usage: Option<v1::Usage>,
+) -> Result<(), Error> {
+    let name = match kind {
+        v1::RunEventKind::Created => "created",
+        v1::RunEventKind::Succeeded => "succeeded",
+        v1::RunEventKind::Failed => "failed",
+        v1::RunEventKind::Cancelled => "cancelled",
+        v1::RunEventKind::Unspecified => "unspecified",
+    };
+    let event = v1::RunEvent {
+        tenant: tenant.to_owned(),
+        run_id: run_id.to_string(),
+        kind: kind as i32,
+        reason: reason.to_owned(),
+        usage,
+        occurred_at: Some(colony_proto::now()),
+    };
+    OUTBOX
+        .enqueue(
+            conn,
+            &colony_bus::subjects::run_event(name),
+            &run_event_msg_id(run_id, name, revision),
+            &event,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Recomputes the run's status from its tasks (the run row locked after the task rows, the
+/// order every transaction follows) and, if it ends, records and announces how.
+pub(crate) async fn settle_run(
+    conn: &mut PgConnection,
+    run_id: Uuid,
+    effects: &mut Effects,
+) -> Result<Option<RunOutcome>, Error> {
+    let run = sqlx::query(
+        "SELECT status, tenant, revision FROM orchestrator.runs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let status: String = run.get("status");
+    let tasks: Vec<TaskSummary> = sqlx::query(
+        "SELECT id, state, error_class, failure_reason, output FROM orchestrator.tasks \
+         WHERE run_id = $1 ORDER BY created_at, id",
+    )
+    .bind(run_id)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|t| TaskSummary {
+        id: t.get("id"),
+        state: t.get("state"),
+        error_class: t.get("error_class"),
+        failure_reason: t.get("failure_reason"),
+        output: t.get("output"),
+    })
+    .collect();
+    let Some(outcome) = run_outcome(&status, &tasks) else {
+        return Ok(None);
+    };
+    let (status, output, failed_task, class, reason, kind) = match &outcome {
+        RunOutcome::Succeeded { output } => (
+            "succeeded",
+            output.as_deref(),
+            None,
+            None,
+            None,
+            v1::RunEventKind::Succeeded,
+        ),
+        RunOutcome::Failed {
+            task_id,
+            error_class,
+            reason,
+        } => (
+            "failed",
+            None,
+            Some(*task_id),
+            error_class.as_deref(),
+            Some(reason.as_str()),
+            v1::RunEventKind::Failed,
+        ),
+        RunOutcome::Cancelled => (
+            "cancelled",
+            None,
+            None,
+            None,
+            None,
+            v1::RunEventKind::Cancelled,
+        ),
+    };
+    let totals = sqlx::query(
+        "UPDATE orchestrator.runs SET status = $2, output = $3, finished_at = now(), \
+             failed_task_id = $4, failure_reason = $5, error_class = $6 \
+         WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_micros_usd",
+    )
+    .bind(run_id)
+    .bind(status)
+    .bind(output)
+    .bind(failed_task)
+    .bind(reason)
+    .bind(class)
+    .fetch_one(&mut *conn)
+    .await?;
+    let usage = usage_of(
+        totals.get("prompt_tokens"),
+        totals.get("completion_tokens"),
+        totals.get("cost_micros_usd"),
+    );
+    enqueue_run_event(
+        conn,
+        run.get("tenant"),
+        run_id,
+        run.get("revision"),
+        kind,
+        reason.unwrap_or(""),
+        Some(usage),
+    )
+    .await?;
+    effects.runs.push(status);
+    Ok(Some(outcome))
+}
+
+/// Transitions made by one transaction, counted once it has committed.
+#[derive(Debug, Default)]
+#[must_use = "record the effects once the transaction has committed"]
+pub(crate) struct Effects {
+    /// Task states reached.
+    pub tasks: Vec<&'static str>,
+    /// Run statuses reached.
+    pub runs: Vec<&'static str>,
+    pub retries: Vec<ErrorClass>,
+    pub dead_letters: Vec<ErrorClass>,
+    pub cancellations: u64,
+}
+
+impl Effects {
+    pub fn record(self) {
+        for state in self.tasks {
+            ::metrics::counter!(metrics::TASKS, "state" => state).increment(1);
+        }
+        for status in self.runs {
+            ::metrics::counter!(metrics::RUNS, "status" => status).increment(1);
+        }
+        for class in self.retries {
+            ::metrics::counter!(metrics::RETRIES, "class" => class.as_str()).increment(1);
+        }
+        for class in self.dead_letters {
+            ::metrics::counter!(metrics::DEAD_LETTERS, "class" => class.as_str()).increment(1);
+        }
+        if self.cancellations > 0 {
+            ::metrics::counter!(metrics::CANCELLATIONS).increment(self.cancellations);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: &str) -> TaskSummary {
+        TaskSummary {
+            id: Uuid::now_v7(),
+            state: state.into(),
+            error_class: (state == "dead_lettered").then(|| "permanent".into()),
+            failure_reason: (state == "dead_lettered").then(|| "bad request".into()),
+            output: (state == "succeeded").then(|| format!("{state} output")),
+        }
+    }
+
+    fn outcome(status: &str, states: &[&str]) -> Option<&'static str> {
+        let tasks: Vec<_> = states.iter().map(|s| task(s)).collect();
+        run_outcome(status, &tasks).map(|o| match o {
+            RunOutcome::Succeeded { .. } => "succeeded",
+            RunOutcome::Failed { .. } => "failed",
+            RunOutcome::Cancelled => "cancelled",
+        })
+    }
+
+    #[test]
+    fn a_run_ends_from_its_tasks() {
+        let table: &[(&str, &[&str], Option<&str>)] = &[
+            ("running", &[], None),
+            ("running", &["queued"], None),
+            ("running", &["running"], None),
+            ("running", &["succeeded"], Some("succeeded")),
+            ("running", &["succeeded", "queued"], None),
+            ("running", &["succeeded", "succeeded"], Some("succeeded")),
+            ("running", &["dead_lettered"], Some("failed")),
+            ("running", &["running", "dead_lettered"], Some("failed")),
+            ("running", &["failed"], Some("failed")),
+            ("cancelling", &["cancelling"], None),
+            ("cancelling", &["cancelled", "running"], None),
+            ("cancelling", &["cancelled"], Some("cancelled")),
+            ("cancelling", &["cancelled", "succeeded"], Some("cancelled")),
+            ("cancelling", &[], Some("cancelled")),
+            // Final runs stay final whatever their tasks do.
+            ("succeeded", &["succeeded"], None),
+            ("failed", &["dead_lettered"], None),
+            ("cancelled", &["cancelled"], None),
+        ];
+        for (status, states, expected) in table {
+            assert_eq!(outcome(status, states), *expected, "{status} {states:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_run_names_the_task_class_and_reason() {
+        let tasks = [task("succeeded"), task("dead_lettered")];
+        let Some(RunOutcome::Failed {
+            task_id,
+            error_class,
+            reason,
+        }) = run_outcome("running", &tasks)
+        else {
+            panic!("the run fails");
+        };
+        assert_eq!(task_id, tasks[1].id);
+        assert_eq!(error_class.as_deref(), Some("permanent"));
+        assert_eq!(reason, format!("task {} failed: bad request", tasks[1].id));
+        assert_eq!(
+            run_outcome("running", &[task("succeeded")]),
+            Some(RunOutcome::Succeeded {
+                output: Some("succeeded output".into())
+            })
+        );
+    }
+
+    #[test]
+    fn msg_ids_of_a_reopened_run_differ() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            run_event_msg_id(id, "failed", 1),
+            format!("run-{id}-failed")
+        );
+        assert_ne!(
+            run_event_msg_id(id, "failed", 1),
+            run_event_msg_id(id, "failed", 2)
+        );
+    }
+}
