@@ -51,6 +51,7 @@ pub struct Stack {
     pub memory_http_url: String,
     pub workers: Vec<Process>,
     worker_env: Vec<(String, String)>,
+    orchestrator_env: Vec<(String, String)>,
     services: Vec<Process>,
     config_dir: PathBuf,
     pub http: reqwest::Client,
@@ -75,6 +76,20 @@ fn common_env(prefix: &str, db: &TestDb, bus: &TestBus, log_filter: &str) -> Vec
 
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
+}
+
+fn spawn_orchestrator(name: &str, env: &[(String, String)], http: u16, grpc: u16) -> Process {
+    let mut env = env.to_vec();
+    env.push(("ORCHESTRATOR__HTTP__ADDR".into(), addr(http)));
+    env.push(("ORCHESTRATOR__GRPC__ADDR".into(), addr(grpc)));
+    Process::spawn(name, &binary("colony-orchestrator"), &[], &env)
+}
+
+/// An extra orchestrator replica started by a test.
+pub struct Replica {
+    pub process: Process,
+    pub http_url: String,
+    pub grpc_url: String,
 }
 
 impl Stack {
@@ -123,19 +138,17 @@ impl Stack {
         ));
 
         let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter);
-        orch_env.push(("ORCHESTRATOR__HTTP__ADDR".into(), addr(orch_http)));
-        orch_env.push(("ORCHESTRATOR__GRPC__ADDR".into(), addr(orch_grpc)));
         orch_env.push((
             "ORCHESTRATOR__LEASES__DURATION".into(),
             options.lease.into(),
         ));
         orch_env.push(("ORCHESTRATOR__LEASES__REAP_INTERVAL".into(), "200ms".into()));
         orch_env.extend(options.orchestrator_env.iter().cloned());
-        services.push(Process::spawn(
+        services.push(spawn_orchestrator(
             "orchestrator",
-            &binary("colony-orchestrator"),
-            &[],
             &orch_env,
+            orch_http,
+            orch_grpc,
         ));
 
         let mut monitor_env = common_env("MONITOR", &db, &bus, filter);
@@ -175,6 +188,7 @@ impl Stack {
             bus,
             workers: Vec::new(),
             worker_env,
+            orchestrator_env: orch_env,
             services,
             config_dir,
             http: reqwest::Client::new(),
@@ -190,6 +204,42 @@ impl Stack {
             stack.start_worker().await;
         }
         stack
+    }
+
+    /// Index of the stack's own service process `name` (orchestrator, router, memory, monitor).
+    pub fn services_by_name(&self, name: &str) -> usize {
+        self.services
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no service named {name}"))
+    }
+
+    /// SIGKILLs one of the stack's services.
+    pub fn kill_service(&mut self, index: usize) {
+        self.services[index].kill();
+    }
+
+    /// Starts another orchestrator replica on the same database and bus and waits until it is
+    /// ready. The caller owns the process.
+    pub async fn start_orchestrator(&self, name: &str) -> Replica {
+        let (http, grpc) = (free_port(), free_port());
+        let process = spawn_orchestrator(name, &self.orchestrator_env, http, grpc);
+        let http_url = format!("http://{}", addr(http));
+        wait_http_ok(&format!("{http_url}/readyz"), Duration::from_secs(30)).await;
+        Replica {
+            process,
+            http_url,
+            grpc_url: format!("http://{}", addr(grpc)),
+        }
+    }
+
+    /// Workers started from now on claim through this orchestrator gRPC address.
+    pub fn point_workers_at(&mut self, grpc_url: &str) {
+        for (key, value) in &mut self.worker_env {
+            if key == "AGENT_WORKER__ORCHESTRATOR_URL" {
+                *value = grpc_url.to_owned();
+            }
+        }
     }
 
     /// Starts one more agent-worker and waits until it is ready.
