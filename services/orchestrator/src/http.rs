@@ -38,16 +38,21 @@ struct CreateRun {
     goal: Option<String>,
 }
 
-pub(crate) fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
+/// The tenant a request acts for, or why its header is refused.
+pub(crate) fn tenant_of(headers: &HeaderMap, default: &str) -> Result<String, String> {
     match headers.get(TENANT_HEADER) {
-        None => Ok(runs.default_tenant.clone()),
+        None => Ok(default.to_owned()),
         Some(value) => match value.to_str() {
             Ok(tenant) if is_name(tenant) => Ok(tenant.to_owned()),
-            _ => Err(Error::InvalidRequest(format!(
+            _ => Err(format!(
                 "{TENANT_HEADER} must be 1-64 letters, digits, '_' or '-'"
-            ))),
+            )),
         },
     }
+}
+
+pub(crate) fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
+    tenant_of(headers, &runs.default_tenant).map_err(Error::InvalidRequest)
 }
 
 pub(crate) fn rejected(reason: &'static str, error: Error) -> Error {

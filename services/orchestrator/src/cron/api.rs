@@ -17,7 +17,6 @@ use uuid::Uuid;
 use super::store::{Firing, NewSchedule, ScheduleRow, Schedules};
 use super::{Clock, CronConfig, CronSpec, Error, Missed};
 use crate::config::{RunsConfig, is_name};
-use crate::http::TENANT_HEADER;
 use crate::metrics;
 
 #[derive(Clone)]
@@ -117,16 +116,8 @@ struct CreateSchedule {
 }
 
 fn tenant(headers: &HeaderMap, runs: &RunsConfig) -> Result<String, Error> {
-    match headers.get(TENANT_HEADER) {
-        None => Ok(runs.default_tenant.clone()),
-        Some(value) => match value.to_str() {
-            Ok(tenant) if is_name(tenant) => Ok(tenant.to_owned()),
-            _ => Err(Error::invalid(
-                "invalid_request",
-                format!("{TENANT_HEADER} must be 1-64 letters, digits, '_' or '-'"),
-            )),
-        },
-    }
+    crate::http::tenant_of(headers, &runs.default_tenant)
+        .map_err(|message| Error::invalid("invalid_request", message))
 }
 
 fn schedule_id(raw: &str) -> Result<Uuid, Error> {
