@@ -1,14 +1,18 @@
 //! Dispatch benchmark: single-task runs through the real stack (five processes, PostgreSQL,
-//! JetStream) with a 0-ms scripted provider, in two phases:
+//! JetStream) with a 0-ms scripted provider, in three phases on one stack:
 //!
-//! 1. burst: `--runs` runs submitted as fast as `--concurrency` clients can → throughput, and
-//!    dispatch latency under a backlog (`dispatch_burst_p50_ms`, `dispatch_burst_p99_ms`);
-//! 2. paced: `--paced-runs` runs at `--rate` runs/s, below saturation → dispatch latency
-//!    (task ready → a worker claimed it; `dispatch_p50_ms`, `dispatch_p99_ms`).
+//! 1. idle: `--paced-runs` runs at `--rate` runs/s, well below saturation → dispatch latency
+//!    (task ready → a worker claimed it; `dispatch_p50_ms`, `dispatch_p99_ms`);
+//! 2. loaded: runs offered at `--load-rate` runs/s (default 500) for `--load-secs` seconds,
+//!    open loop → `dispatch_p99_loaded_ms`, plus the rate actually submitted and completed. If
+//!    the stack cannot keep up, the bench says so and reports what it achieved;
+//! 3. drain: `--drain-runs` runs (default 10,000) submitted while maintenance mode pauses
+//!    dispatch, then resumed → `throughput_tasks_per_s` = runs / (resume → last run finished).
 //!
 //! Figures are merged into `target/bench/results.json`.
 //!
-//! Usage: `dispatch-bench [--runs N] [--paced-runs N] [--rate R] [--workers W] [--slots S]
+//! Usage: `dispatch-bench [--phases idle,loaded,drain] [--paced-runs N] [--rate R]
+//! [--load-rate R] [--load-secs S] [--drain-runs N] [--workers W] [--slots S]
 //! [--concurrency C]`.
 
 use std::collections::BTreeMap;
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use colony_e2e::{Stack, StackOptions};
 use futures::StreamExt;
+use tokio::task::JoinSet;
 
 const ROUTER: &str = r#"
 default_deployment = "instant"
@@ -35,10 +40,18 @@ reply = "done"
 delay = "0ms"
 "#;
 
+/// How long any one phase may take to finish its runs before the bench gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
+
 struct Args {
-    runs: usize,
+    idle: bool,
+    loaded: bool,
+    drain: bool,
     paced_runs: usize,
     rate: f64,
+    load_rate: f64,
+    load_secs: f64,
+    drain_runs: usize,
     workers: usize,
     slots: u32,
     concurrency: usize,
@@ -46,9 +59,14 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
-        runs: 1000,
+        idle: true,
+        loaded: true,
+        drain: true,
         paced_runs: 500,
         rate: 50.0,
+        load_rate: 500.0,
+        load_secs: 10.0,
+        drain_runs: 10_000,
         workers: 2,
         slots: 8,
         concurrency: 32,
@@ -57,15 +75,34 @@ fn parse_args() -> anyhow::Result<Args> {
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--runs" => args.runs = value.parse()?,
+            "--phases" => {
+                let phases: Vec<&str> = value.split(',').map(str::trim).collect();
+                for phase in &phases {
+                    anyhow::ensure!(
+                        matches!(*phase, "idle" | "loaded" | "drain"),
+                        "unknown phase {phase} (idle, loaded, drain)"
+                    );
+                }
+                args.idle = phases.contains(&"idle");
+                args.loaded = phases.contains(&"loaded");
+                args.drain = phases.contains(&"drain");
+            }
             "--paced-runs" => args.paced_runs = value.parse()?,
             "--rate" => args.rate = value.parse()?,
+            "--load-rate" => args.load_rate = value.parse()?,
+            "--load-secs" => args.load_secs = value.parse()?,
+            "--drain-runs" => args.drain_runs = value.parse()?,
             "--workers" => args.workers = value.parse()?,
             "--slots" => args.slots = value.parse()?,
             "--concurrency" => args.concurrency = value.parse()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
+    anyhow::ensure!(
+        args.rate > 0.0 && args.load_rate > 0.0 && args.load_secs > 0.0,
+        "rates and durations must be positive"
+    );
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
     Ok(args)
 }
 
@@ -93,26 +130,65 @@ fn record(figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-/// Waits until `total` runs have finished, printing progress.
-async fn wait_finished(stack: &Stack, total: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
+/// Submits one run; the request owns everything it needs, so it can run on its own task.
+async fn submit(http: reqwest::Client, base: String, goal: String) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{base}/v1/runs"))
+        .json(&serde_json::json!({ "goal": goal }))
+        .send()
+        .await
+        .context("submitting a run")?;
+    let status = response.status();
+    anyhow::ensure!(status.as_u16() == 201, "submitting a run: HTTP {status}");
+    Ok(())
+}
+
+/// Turns maintenance mode on or off.
+async fn set_paused(stack: &Stack, paused: bool) -> anyhow::Result<()> {
+    let response = stack
+        .http
+        .post(format!("{}/v1/admin/maintenance", stack.orchestrator_url))
+        .json(&serde_json::json!({ "paused": paused }))
+        .send()
+        .await
+        .context("setting maintenance mode")?;
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "setting maintenance mode: HTTP {status}"
+    );
+    Ok(())
+}
+
+/// Runs whose goal starts with `phase` and have reached `statuses`.
+async fn count_runs(stack: &Stack, phase: &str, statuses: &[&str]) -> anyhow::Result<usize> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.runs WHERE goal LIKE $1 AND status = ANY($2)",
+    )
+    .bind(format!("{phase} %"))
+    .bind(statuses)
+    .fetch_one(&stack.db.pool)
+    .await?;
+    Ok(usize::try_from(count)?)
+}
+
+/// Waits until the `total` runs of `phase` have finished, printing progress.
+async fn wait_finished(stack: &Stack, phase: &str, total: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PHASE_TIMEOUT;
     let mut last_report = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orchestrator.runs WHERE status IN ('succeeded', 'failed')",
-        )
-        .fetch_one(&stack.db.pool)
-        .await?;
-        if done as usize >= total {
+        let done = count_runs(stack, phase, &["succeeded", "failed", "cancelled"]).await?;
+        if done >= total {
             return Ok(());
         }
         if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("{done}/{total} runs finished");
+            eprintln!("  {phase}: {done}/{total} runs finished");
             last_report = Instant::now();
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "runs did not finish within 10 minutes"
+            "{phase}: only {done}/{total} runs finished within {} s",
+            PHASE_TIMEOUT.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -132,6 +208,51 @@ async fn latencies(stack: &Stack, phase: &str) -> anyhow::Result<Vec<f64>> {
     Ok(latencies)
 }
 
+/// Seconds between two aggregates over the runs of `phase` (PostgreSQL clock).
+async fn span_secs(stack: &Stack, phase: &str, from: &str, to: &str) -> anyhow::Result<f64> {
+    let span: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT EXTRACT(EPOCH FROM ({to} - {from}))::float8 \
+         FROM orchestrator.runs WHERE goal LIKE $1"
+    ))
+    .bind(format!("{phase} %"))
+    .fetch_one(&stack.db.pool)
+    .await?;
+    span.with_context(|| format!("{phase}: no runs"))
+}
+
+/// Offers `total` runs of `phase` at `rate` runs/s, open loop: each submission runs on its own
+/// task, so a slow answer does not delay the next one. Returns the seconds the offering took.
+async fn offer(stack: &Stack, phase: &str, total: usize, rate: f64) -> anyhow::Result<f64> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut requests = JoinSet::new();
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    for i in 0..total {
+        ticker.tick().await;
+        requests.spawn(submit(
+            stack.http.clone(),
+            stack.orchestrator_url.clone(),
+            format!("{phase} {i}"),
+        ));
+        while let Some(done) = requests.try_join_next() {
+            done??;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "  {phase}: {}/{total} runs offered, {} requests in flight",
+                i + 1,
+                requests.len()
+            );
+            last_report = Instant::now();
+        }
+    }
+    let offered = started.elapsed().as_secs_f64();
+    while let Some(done) = requests.join_next().await {
+        done??;
+    }
+    Ok(offered)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -147,60 +268,128 @@ async fn main() -> anyhow::Result<()> {
         ..StackOptions::default()
     })
     .await;
+    let mut figures = BTreeMap::new();
+    let mut notes = Vec::new();
 
-    eprintln!(
-        "burst: submitting {} runs ({} at a time)",
-        args.runs, args.concurrency
-    );
-    futures::stream::iter(0..args.runs)
-        .for_each_concurrent(args.concurrency, |i| {
-            let stack = &stack;
-            async move {
-                stack.submit(&format!("burst {i}")).await;
-            }
-        })
-        .await;
-    wait_finished(&stack, args.runs).await?;
-    let span: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM (max(finished_at) - min(created_at)))::float8 \
-         FROM orchestrator.runs WHERE goal LIKE 'burst %'",
-    )
-    .fetch_one(&stack.db.pool)
-    .await?;
-    let burst = latencies(&stack, "burst").await?;
-
-    eprintln!("paced: {} runs at {} runs/s", args.paced_runs, args.rate);
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
-    let mut pending = futures::stream::FuturesUnordered::new();
-    for i in 0..args.paced_runs {
-        ticker.tick().await;
-        let stack = &stack;
-        pending.push(async move { stack.submit(&format!("paced {i}")).await });
-        while let Some(Some(_)) = futures::FutureExt::now_or_never(pending.next()) {}
+    if args.idle {
+        eprintln!("idle: {} runs at {} runs/s", args.paced_runs, args.rate);
+        offer(&stack, "idle", args.paced_runs, args.rate).await?;
+        wait_finished(&stack, "idle", args.paced_runs).await?;
+        let idle = latencies(&stack, "idle").await?;
+        figures.insert("dispatch_p50_ms", percentile(&idle, 50.0));
+        figures.insert("dispatch_p99_ms", percentile(&idle, 99.0));
+        notes.push(format!(
+            "idle: {} runs at {} runs/s",
+            args.paced_runs, args.rate
+        ));
     }
-    while pending.next().await.is_some() {}
-    wait_finished(&stack, args.runs + args.paced_runs).await?;
-    let paced = latencies(&stack, "paced").await?;
+
+    if args.loaded {
+        let total = (args.load_rate * args.load_secs).round() as usize;
+        eprintln!(
+            "loaded: {total} runs offered at {} runs/s for {} s",
+            args.load_rate, args.load_secs
+        );
+        let offered_secs = offer(&stack, "loaded", total, args.load_rate).await?;
+        wait_finished(&stack, "loaded", total).await?;
+        let loaded = latencies(&stack, "loaded").await?;
+        // What the stack took in (first → last run created) and got done (first run created →
+        // last run finished), by PostgreSQL's clock.
+        let accepted = total as f64
+            / span_secs(&stack, "loaded", "min(created_at)", "max(created_at)").await?;
+        let completed = total as f64
+            / span_secs(&stack, "loaded", "min(created_at)", "max(finished_at)").await?;
+        let generator = total as f64 / offered_secs;
+        figures.insert("dispatch_p50_loaded_ms", percentile(&loaded, 50.0));
+        figures.insert("dispatch_p99_loaded_ms", percentile(&loaded, 99.0));
+        figures.insert("dispatch_loaded_offered_per_s", generator);
+        figures.insert("dispatch_loaded_accepted_per_s", accepted);
+        figures.insert("dispatch_loaded_completed_per_s", completed);
+        let kept_up = accepted >= 0.95 * args.load_rate && completed >= 0.95 * args.load_rate;
+        notes.push(format!(
+            "loaded: {total} runs offered at {} runs/s (generator achieved {generator:.1}/s); \
+             the API accepted {accepted:.1}/s and the stack completed {completed:.1}/s",
+            args.load_rate
+        ));
+        notes.push(if kept_up {
+            format!("loaded: the stack kept up with {} runs/s", args.load_rate)
+        } else {
+            format!(
+                "loaded: NOT KEPT UP - the stack did not sustain {} runs/s; \
+                 dispatch_p99_loaded_ms is the latency at the rate it achieved, \
+                 runs queued behind the backlog",
+                args.load_rate
+            )
+        });
+    }
+
+    if args.drain {
+        let total = args.drain_runs;
+        eprintln!("drain: maintenance on, queueing {total} runs");
+        set_paused(&stack, true).await?;
+        let mut last_report = Instant::now();
+        let mut submitted = 0usize;
+        let mut submissions = futures::stream::iter(0..total)
+            .map(|i| {
+                submit(
+                    stack.http.clone(),
+                    stack.orchestrator_url.clone(),
+                    format!("drain {i}"),
+                )
+            })
+            .buffer_unordered(args.concurrency);
+        while let Some(done) = submissions.next().await {
+            done?;
+            submitted += 1;
+            if last_report.elapsed() > Duration::from_secs(5) {
+                eprintln!("  drain: {submitted}/{total} runs queued");
+                last_report = Instant::now();
+            }
+        }
+        let early = count_runs(&stack, "drain", &["running", "succeeded", "failed"]).await?;
+        anyhow::ensure!(
+            early == 0,
+            "{early} drain runs started while maintenance mode was on"
+        );
+        eprintln!("drain: {total} runs queued; maintenance off, draining");
+        let resumed = Instant::now();
+        set_paused(&stack, false).await?;
+        wait_finished(&stack, "drain", total).await?;
+        let observed = resumed.elapsed().as_secs_f64();
+        // Resume (the maintenance row's change time, stamped in the resuming transaction) →
+        // last drain run finished, both by PostgreSQL's clock.
+        let span: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM ((SELECT max(finished_at) FROM orchestrator.runs \
+                                         WHERE goal LIKE 'drain %') - changed_at))::float8 \
+             FROM orchestrator.maintenance WHERE singleton",
+        )
+        .fetch_optional(&stack.db.pool)
+        .await?
+        .flatten();
+        let span = span.context("drain: no maintenance row or no finished runs")?;
+        anyhow::ensure!(span > 0.0, "drain: no time between resume and last finish");
+        figures.insert("throughput_tasks_per_s", total as f64 / span);
+        notes.push(format!(
+            "drain: {total} runs in {span:.2} s from resume to last finish \
+             (bench clock, polled every 50 ms: {observed:.2} s)"
+        ));
+    }
 
     let failed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orchestrator.runs WHERE status = 'failed'")
+        sqlx::query_scalar("SELECT count(*) FROM orchestrator.runs WHERE status <> 'succeeded'")
             .fetch_one(&stack.db.pool)
             .await?;
-    anyhow::ensure!(failed == 0, "{failed} runs failed");
+    anyhow::ensure!(failed == 0, "{failed} runs did not succeed");
 
-    let figures = BTreeMap::from([
-        ("dispatch_p50_ms", percentile(&paced, 50.0)),
-        ("dispatch_p99_ms", percentile(&paced, 99.0)),
-        ("dispatch_burst_p50_ms", percentile(&burst, 50.0)),
-        ("dispatch_burst_p99_ms", percentile(&burst, 99.0)),
-        ("throughput_tasks_per_s", args.runs as f64 / span),
-    ]);
     println!(
-        "burst runs: {}  paced runs: {} at {}/s  workers: {} x {} slots  submit concurrency: {}",
-        args.runs, args.paced_runs, args.rate, args.workers, args.slots, args.concurrency
+        "workers: {} x {} slots  submit concurrency (drain): {}",
+        args.workers, args.slots, args.concurrency
     );
+    for note in &notes {
+        println!("{note}");
+    }
     for (name, value) in &figures {
-        println!("{name:<24} {value:.2}");
+        println!("{name:<32} {value:.2}");
     }
     let path = record(&figures)?;
     println!("figures merged into {}", path.display());
