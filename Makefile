@@ -12,6 +12,8 @@ CARGO ?= cargo
 COMPOSE ?= docker compose
 # Extra arguments for `make bench`, e.g. make bench ARGS="--runs 5000 --workers 4"
 ARGS ?=
+# Extra arguments for the peer-queue bench, e.g. make bench PEER_ARGS="--pubsub"
+PEER_ARGS ?=
 
 .PHONY: help deps fmt lint build test run bench up down proto
 
@@ -44,9 +46,17 @@ test: deps lint build ## deps, lint, build, then the whole test suite (nextest i
 run: ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps ## Run the dispatch benchmark on release builds (results: docs/benchmarks.md, target/bench/results.json)
+bench: deps ## Dispatch bench (Colony) and peer-queue bench (apalis-postgres) on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
+	benches/peer-queue/target/release/peer-queue-bench $(PEER_ARGS)
+	@python3 -c 'import json,sys; r=json.load(open("target/bench/results.json")); \
+	f=lambda k: ("%.2f" % r[k]) if k in r else "-"; \
+	print("\nsummary (target/bench/results.json)"); \
+	[print("  %-34s %s" % (k, f(k))) for k in ("dispatch_p50_ms","dispatch_p99_ms","dispatch_p99_loaded_ms","dispatch_loaded_completed_per_s","throughput_tasks_per_s","peer_queue_tasks_per_s")]; \
+	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
+	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build

@@ -166,13 +166,28 @@ impl Drop for TestBus {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a process the test starts.
+///
+/// Chosen at random below Linux's ephemeral range (32768 and up), not with `bind(0)`: a port
+/// from the ephemeral range can be taken by some process's outgoing connection (to PostgreSQL or
+/// NATS, say) between this call and the service binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()) << 32 ^ uuid::Uuid::new_v4().as_u128() as u64;
+    let _ = STATE.compare_exchange(0, seed | 1, Ordering::Relaxed, Ordering::Relaxed);
+    loop {
+        // xorshift: cheap, and distinct per process thanks to the seed.
+        let mut x = STATE.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Ordering::Relaxed);
+        let port = 10_000 + (x % 22_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The workspace's target directory (honours `CARGO_TARGET_DIR`).

@@ -61,7 +61,10 @@ impl Default for Config {
             router_url: "http://127.0.0.1:50052".into(),
             memory_url: "http://127.0.0.1:50053".into(),
             slots: 4,
-            roles: vec!["generalist".into()],
+            // The orchestrator's default roster.
+            roles: ["planner", "generalist", "researcher", "writer", "reviewer"]
+                .map(String::from)
+                .to_vec(),
             worker_id: None,
             rpc_timeout: Duration::from_secs(10),
             completion_timeout: Duration::from_secs(300),
@@ -209,7 +212,10 @@ mod tests {
         assert_eq!(config.router_url, "http://127.0.0.1:50052");
         assert_eq!(config.memory_url, "http://127.0.0.1:50053");
         assert_eq!(config.slots, 4);
-        assert_eq!(config.roles, ["generalist"]);
+        assert_eq!(
+            config.roles,
+            ["planner", "generalist", "researcher", "writer", "reviewer"]
+        );
         assert_eq!(config.worker_id, None);
         assert_eq!(config.rpc_timeout, Duration::from_secs(10));
         assert_eq!(config.completion_timeout, Duration::from_secs(300));

@@ -243,6 +243,21 @@ impl Peers for GrpcPeers {
         })
     }
 
+    async fn task_output(&self, task: &TaskSpec, task_id: &str) -> Result<String, Error> {
+        let message = v1::GetTaskOutputRequest {
+            tenant: task.tenant.clone(),
+            task_id: task_id.to_owned(),
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.get_task_output(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(response.output)
+    }
+
     async fn append(&self, task: &TaskSpec, messages: &[ChatMessage]) -> Result<(), Error> {
         let message = v1::AppendMessagesRequest {
             tenant: task.tenant.clone(),

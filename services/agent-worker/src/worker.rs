@@ -16,6 +16,9 @@ use crate::task::{ChatMessage, Claim, Dispatch, Lease, Report, TaskOutcome, Task
 
 /// Delay before a dispatch whose claim could not be made is redelivered.
 pub const CLAIM_RETRY: Duration = Duration::from_secs(1);
+/// First line of a context message that names a dependency's output by reference
+/// (`colony-ref: task-output <task_id>`); the worker fetches the output before the prompt.
+pub const OUTPUT_REF_PREFIX: &str = "colony-ref: task-output ";
 /// Lease heartbeats are never sent more often than this.
 const MIN_LEASE_HEARTBEAT: Duration = Duration::from_millis(200);
 /// First and longest pause between report publish attempts.
@@ -42,6 +45,12 @@ pub trait Peers: Send + Sync + 'static {
         task: &TaskSpec,
         messages: &[ChatMessage],
     ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `Orchestrator.GetTaskOutput`: the output of a succeeded task of the same tenant.
+    fn task_output(
+        &self,
+        task: &TaskSpec,
+        task_id: &str,
+    ) -> impl Future<Output = Result<String, Error>> + Send;
     /// `Router.Complete`.
     fn complete(
         &self,
@@ -281,8 +290,38 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             .then(|| report.outcome.kind())
     }
 
+    /// The task's context with every output reference replaced by the output it names.
+    async fn resolve_context(&self, task: &TaskSpec) -> Result<Vec<ChatMessage>, Error> {
+        let mut context = Vec::with_capacity(task.context.len());
+        for message in &task.context {
+            let Some(reference) = message.content.strip_prefix(OUTPUT_REF_PREFIX) else {
+                context.push(message.clone());
+                continue;
+            };
+            let (task_id, heading) = reference.split_once('\n').unwrap_or((reference, ""));
+            let output = self.peers.task_output(task, task_id.trim()).await?;
+            let content = if heading.is_empty() {
+                output
+            } else {
+                format!("{heading}\n{output}")
+            };
+            context.push(ChatMessage::new(message.role.clone(), content));
+        }
+        Ok(context)
+    }
+
     async fn execute(&self, task: &TaskSpec) -> TaskOutcome {
-        let mut prompt = task.context.clone();
+        let mut prompt = match self.resolve_context(task).await {
+            Ok(context) => context,
+            Err(error) => {
+                tracing::warn!(%error, class = %error.class(), "fetching a dependency output failed");
+                return TaskOutcome::Failed {
+                    class: error.class(),
+                    message: error.to_string(),
+                    usage: crate::task::Usage::default(),
+                };
+            }
+        };
         prompt.push(ChatMessage::new("user", task.instructions.clone()));
         self.remember(task, &prompt, "prompt").await;
         match self.peers.complete(task, &prompt).await {
@@ -428,6 +467,10 @@ mod tests {
             })
         }
 
+        async fn task_output(&self, _: &TaskSpec, task_id: &str) -> Result<String, Error> {
+            Ok(format!("the long output of {task_id}"))
+        }
+
         async fn complete(&self, _: &TaskSpec, _: &[ChatMessage]) -> Result<Completion, Error> {
             tokio::time::sleep(self.router_delay).await;
             self.router.clone().map_err(|class| Error::Call {
@@ -545,6 +588,34 @@ mod tests {
             ]
         );
         assert_eq!(worker.slots.busy(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_references_are_fetched_before_the_prompt() {
+        let worker = worker(FakePeers::new(Ok(completion())), FakeReporter::default());
+        let task = TaskSpec {
+            context: vec![
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "Output of task \"a\":\nsmall"),
+                ChatMessage::new(
+                    "user",
+                    format!("{OUTPUT_REF_PREFIX}t0\nOutput of task \"b\" (9 bytes):"),
+                ),
+            ],
+            ..spec()
+        };
+        let context = worker.resolve_context(&task).await.unwrap();
+        assert_eq!(
+            context,
+            [
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "Output of task \"a\":\nsmall"),
+                ChatMessage::new(
+                    "user",
+                    "Output of task \"b\" (9 bytes):\nthe long output of t0"
+                ),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

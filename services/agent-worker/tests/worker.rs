@@ -121,6 +121,17 @@ impl Orchestrator for FakeOrchestrator {
         Ok(Response::new(response))
     }
 
+    async fn get_task_output(
+        &self,
+        request: Request<v1::GetTaskOutputRequest>,
+    ) -> Result<Response<v1::GetTaskOutputResponse>, Status> {
+        let request = request.into_inner();
+        Err(Status::not_found(format!(
+            "task {} not found",
+            request.task_id
+        )))
+    }
+
     async fn heartbeat_task(
         &self,
         request: Request<v1::HeartbeatTaskRequest>,

@@ -25,6 +25,8 @@ pub struct Config {
     pub cron: crate::cron::CronConfig,
     /// Retry policy per error class (`retries.<class>.{max_attempts, backoff_base, …}`).
     pub retries: RetryConfig,
+    /// Roles, model profiles, the topology dial, plan bounds and template plans.
+    pub roster: crate::roster::RosterConfig,
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -45,16 +47,22 @@ pub struct GrpcConfig {
     pub addr: String,
 }
 
-/// How a goal becomes a run. One task per run in this version.
+/// How a goal becomes a run; the roster (`roster.*`) says which tasks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunsConfig {
     /// Largest goal, in bytes.
     pub max_goal_bytes: usize,
-    /// Role of the single task a goal becomes.
-    pub role: String,
-    /// System prompt given to that role.
-    pub system_prompt: String,
+    /// Deprecated (use `roster.templates.monolith`): when set, a monolith run (and a cron
+    /// run) is one task of this role with the goal as its instructions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Deprecated (use `roster.roles.<role>.prompt`): when set, replaces the prompt of the
+    /// monolith role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// How a run's failed task affects the rest when the request does not say.
+    pub failure_policy: FailurePolicy,
     /// Model tier asked of the router; empty for the router's default.
     pub tier: String,
     pub max_tokens: u32,
@@ -80,6 +88,75 @@ pub struct LeaseConfig {
     pub redispatch_after: Duration,
 }
 
+/// What a dead-lettered task does to the rest of its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// The run fails at once; its tasks that have not started are cancelled.
+    #[default]
+    FailFast,
+    /// Independent branches go on; the failed task's dependents are skipped; the run fails
+    /// once nothing is left to run.
+    Continue,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::FailFast => "fail_fast",
+            FailurePolicy::Continue => "continue",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "fail_fast" => Some(FailurePolicy::FailFast),
+            "continue" => Some(FailurePolicy::Continue),
+            _ => None,
+        }
+    }
+}
+
+impl RunsConfig {
+    /// The role of single-task runs (cron; [`crate::store::NewRun`] from the API's monolith).
+    /// Set by [`Config::migrated`] from the monolith template when the file does not say.
+    pub fn role(&self) -> &str {
+        self.role.as_deref().unwrap_or("generalist")
+    }
+}
+
+impl Config {
+    /// Folds the deprecated `runs.role` / `runs.system_prompt` into the roster: the monolith
+    /// template becomes one task of `runs.role`, whose prompt becomes `runs.system_prompt`.
+    /// Afterwards `runs.role` always names the monolith role.
+    pub fn migrated(mut self) -> Self {
+        if let Some(role) = self.runs.role.clone() {
+            self.roster.templates.monolith = vec![crate::plan::PlannedTask {
+                id: "answer".into(),
+                role,
+                instructions: crate::roster::GOAL_PLACEHOLDER.into(),
+                depends_on: Vec::new(),
+            }];
+        }
+        let monolith_role = self
+            .roster
+            .templates
+            .monolith
+            .first()
+            .map(|task| task.role.clone())
+            .unwrap_or_else(|| "generalist".into());
+        if let Some(prompt) = self.runs.system_prompt.take() {
+            self.roster
+                .roles
+                .entry(monolith_role.clone())
+                .or_default()
+                .prompt = prompt;
+        }
+        self.runs.role = Some(monolith_role);
+        self
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -92,6 +169,7 @@ impl Default for Config {
             leases: LeaseConfig::default(),
             cron: crate::cron::CronConfig::default(),
             retries: RetryConfig::default(),
+            roster: crate::roster::RosterConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -118,10 +196,9 @@ impl Default for RunsConfig {
     fn default() -> Self {
         Self {
             max_goal_bytes: 64 * 1024,
-            role: "generalist".into(),
-            system_prompt: "You are a capable assistant working inside Colony. \
-                            Complete the user's goal and answer with the result."
-                .into(),
+            role: None,
+            system_prompt: None,
+            failure_policy: FailurePolicy::FailFast,
             tier: String::new(),
             max_tokens: 512,
             default_tenant: "default".into(),
@@ -157,10 +234,22 @@ impl colony_config::Validate for Config {
         self.bus.validate(problems);
         self.telemetry.validate(problems);
         self.cron.validate(problems);
-        if !is_name(&self.runs.role) {
+        if let Some(role) = &self.runs.role {
+            if !is_name(role) {
+                problems.push(format!(
+                    "runs.role: {role:?} must be 1-64 letters, digits, '_' or '-'"
+                ));
+            } else if !self.roster.roles.contains_key(role) {
+                problems.push(format!("runs.role: {role:?} is not a role of the roster"));
+            }
+        }
+        self.roster.validate(problems);
+        let tier = &self.runs.tier;
+        if self.roster.profile(tier).is_none() {
             problems.push(format!(
-                "runs.role: {:?} must be 1-64 letters, digits, '_' or '-'",
-                self.runs.role
+                "roster.models: no capability profile for the default tier {:?} (runs.tier;                  an empty tier is {:?})",
+                tier,
+                crate::roster::DEFAULT_TIER
             ));
         }
         if !is_name(&self.runs.default_tenant) {
@@ -216,6 +305,37 @@ mod tests {
         for key in ["http.addr", "runs.role", "leases.duration"] {
             assert!(text.contains(key), "{text}");
         }
+    }
+
+    #[test]
+    fn the_deprecated_runs_role_and_prompt_fold_into_the_roster() {
+        let config: Config = load(ENV_PREFIX, &Sources::default()).unwrap();
+        let migrated = config.migrated();
+        assert_eq!(migrated.runs.role(), "generalist");
+        assert_eq!(migrated.roster, crate::roster::RosterConfig::default());
+
+        let config: Config = load(
+            ENV_PREFIX,
+            &env(&[
+                ("ORCHESTRATOR__RUNS__ROLE", "writer"),
+                ("ORCHESTRATOR__RUNS__SYSTEM_PROMPT", "be a poet"),
+            ]),
+        )
+        .unwrap();
+        let migrated = config.migrated();
+        assert_eq!(migrated.runs.role(), "writer");
+        assert_eq!(migrated.roster.templates.monolith.len(), 1);
+        assert_eq!(migrated.roster.templates.monolith[0].role, "writer");
+        assert_eq!(migrated.roster.roles["writer"].prompt, "be a poet");
+
+        let unknown = load::<Config>(ENV_PREFIX, &env(&[("ORCHESTRATOR__RUNS__ROLE", "poet")]))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("not a role of the roster"), "{unknown}");
+        let no_profile = load::<Config>(ENV_PREFIX, &env(&[("ORCHESTRATOR__RUNS__TIER", "huge")]))
+            .unwrap_err()
+            .to_string();
+        assert!(no_profile.contains("roster.models"), "{no_profile}");
     }
 
     #[test]

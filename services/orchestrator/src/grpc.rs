@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::config::RunsConfig;
 use crate::metrics;
-use crate::store::{Claim, Store};
+use crate::roster::PLANNER;
+use crate::store::{Claim, ClaimedTask, Store};
 
 pub struct OrchestratorService {
     pub store: Store,
@@ -37,6 +38,46 @@ fn traced<T>(request: &Request<T>, name: &'static str) -> tracing::Span {
         .and_then(|v| v.to_str().ok());
     colony_telemetry::set_parent(&span, traceparent);
     span
+}
+
+impl OrchestratorService {
+    /// The task's tier: its role's, else `runs.tier`.
+    fn tier(&self, role: &str) -> String {
+        self.store
+            .roster()
+            .roles
+            .get(role)
+            .map(|r| r.tier.clone())
+            .filter(|tier| !tier.is_empty())
+            .unwrap_or_else(|| self.runs.tier.clone())
+    }
+
+    /// What comes before the instructions: the role's prompt (a planner's also lists the
+    /// roles it may plan with), then one message per dependency with its output or a
+    /// reference to it.
+    fn context(&self, task: &ClaimedTask) -> Vec<v1::ChatMessage> {
+        let roster = self.store.roster();
+        let mut prompt = roster
+            .roles
+            .get(&task.role)
+            .map(|role| role.prompt.clone())
+            .unwrap_or_default();
+        if task.role == PLANNER {
+            prompt = format!("{prompt}\n\n{}", roster.planner_brief());
+        }
+        let mut context = Vec::with_capacity(task.dependencies.len() + 1);
+        if !prompt.trim().is_empty() {
+            context.push(v1::ChatMessage {
+                role: "system".into(),
+                content: prompt,
+            });
+        }
+        context.extend(task.dependencies.iter().map(|dependency| v1::ChatMessage {
+            role: "user".into(),
+            content: dependency.message(),
+        }));
+        context
+    }
 }
 
 #[tonic::async_trait]
@@ -75,6 +116,8 @@ impl Orchestrator for OrchestratorService {
                 }
             }
             Claim::Granted(task) => {
+                let context = self.context(&task);
+                let tier = self.tier(&task.role);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -89,12 +132,9 @@ impl Orchestrator for OrchestratorService {
                         attempt: task.attempt as u32,
                         role: task.role,
                         instructions: task.instructions,
-                        tier: self.runs.tier.clone(),
+                        tier,
                         max_tokens: self.runs.max_tokens,
-                        context: vec![v1::ChatMessage {
-                            role: "system".into(),
-                            content: self.runs.system_prompt.clone(),
-                        }],
+                        context,
                     }),
                     lease_ms,
                 }
@@ -124,6 +164,23 @@ impl Orchestrator for OrchestratorService {
             keep_going: lost.is_none(),
             reason: lost.unwrap_or_default(),
             lease_ms: self.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn get_task_output(
+        &self,
+        request: Request<v1::GetTaskOutputRequest>,
+    ) -> Result<Response<v1::GetTaskOutputResponse>, Status> {
+        let span = traced(&request, "GetTaskOutput");
+        let request = request.into_inner();
+        span.record("task_id", request.task_id.as_str());
+        let _entered = span.enter();
+        let id = task_id(&request.task_id)?;
+        let (role, output) = self.store.task_output(&request.tenant, id).await?;
+        Ok(Response::new(v1::GetTaskOutputResponse {
+            task_id: id.to_string(),
+            role,
+            output,
         }))
     }
 }

@@ -9,8 +9,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::{RunsConfig, is_name};
-use crate::store::{NewRun, RunView, Store};
+use crate::config::{FailurePolicy, RunsConfig, is_name};
+use crate::plan::PlannedTask;
+use crate::roster::PLANNER;
+use crate::store::{NewDagRun, RunView, Store};
+use crate::topology::{self, Topology};
 use crate::{Error, metrics};
 
 /// Header naming the tenant a request acts for.
@@ -36,6 +39,9 @@ pub fn routes(state: ApiState) -> Router {
 #[serde(deny_unknown_fields)]
 struct CreateRun {
     goal: Option<String>,
+    /// Overrides the dial.
+    topology: Option<Topology>,
+    failure_policy: Option<FailurePolicy>,
 }
 
 /// The tenant a request acts for, or why its header is refused.
@@ -118,19 +124,70 @@ async fn create_run_inner(
             )),
         ));
     }
-    let (run_id, _) = state
-        .store
-        .create_run(&NewRun {
-            tenant: tenant.clone(),
-            goal,
-            role: state.runs.role.clone(),
-        })
-        .await?;
+    let new = plan_run(
+        state,
+        tenant.clone(),
+        goal,
+        body.topology,
+        body.failure_policy,
+    )?;
+    let (run_id, _) = state.store.create_dag_run(&new).await?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
     ::metrics::counter!(metrics::RUNS, "status" => "created").increment(1);
-    ::metrics::counter!(metrics::TASKS, "state" => "queued").increment(1);
-    tracing::info!("run created");
+    ::metrics::counter!(
+        metrics::TOPOLOGIES,
+        "topology" => new.decision.topology.as_str(),
+        "overridden" => if new.decision.overridden { "true" } else { "false" }
+    )
+    .increment(1);
+    let queued = new.tasks.iter().filter(|t| t.depends_on.is_empty()).count();
+    ::metrics::counter!(metrics::TASKS, "state" => "queued").increment(queued as u64);
+    tracing::info!(
+        topology = new.decision.topology.as_str(),
+        reason = %new.decision.reason,
+        tasks = new.tasks.len(),
+        "run created"
+    );
     state.store.get_run(&tenant, run_id).await
+}
+
+/// Turns the dial and picks the run's first tasks: the topology's template, or for a swarm
+/// its planner.
+fn plan_run(
+    state: &ApiState,
+    tenant: String,
+    goal: String,
+    requested: Option<Topology>,
+    failure_policy: Option<FailurePolicy>,
+) -> Result<NewDagRun, Error> {
+    let roster = state.store.roster();
+    let default_profile = topology::ModelProfile {
+        context_window: 8192,
+        tokens_per_s: 50.0,
+        input_price_per_mtok: 1.0,
+        output_price_per_mtok: 2.0,
+        quality: 0.7,
+    };
+    // Validation guarantees the default tier's profile; the fallback keeps a bad deploy
+    // serving.
+    let profile = roster.profile(&state.runs.tier).unwrap_or(&default_profile);
+    let decision = topology::choose(&goal, profile, &roster.dial, requested);
+    let tasks = match roster.template(decision.topology, &goal) {
+        Some(plan) => plan.tasks,
+        None => vec![PlannedTask {
+            id: "plan".into(),
+            role: PLANNER.into(),
+            instructions: goal.clone(),
+            depends_on: Vec::new(),
+        }],
+    };
+    Ok(NewDagRun {
+        tenant,
+        goal,
+        decision,
+        failure_policy: failure_policy.unwrap_or(state.runs.failure_policy),
+        tasks,
+    })
 }
 
 async fn get_run(

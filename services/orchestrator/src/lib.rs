@@ -1,7 +1,10 @@
 //! colony-orchestrator: owns runs and tasks, serves the REST API and the `Orchestrator` gRPC
 //! service, dispatches work through its outbox, applies worker reports fenced by attempt,
 //! retries failed attempts and expired leases per error class (then dead-letters them),
-//! cancels runs, and pauses dispatch in maintenance mode.
+//! cancels runs, and pauses dispatch in maintenance mode. A run is a DAG of role tasks: the
+//! topology dial picks monolith, hybrid (a template) or swarm (a planner whose plan is
+//! validated, repaired or replaced by the template), and dependents run once their
+//! dependencies succeeded, with their outputs in context.
 
 pub mod config;
 mod control;
@@ -13,6 +16,7 @@ pub mod metrics;
 pub mod plan;
 pub mod reports;
 pub mod retry;
+pub mod roster;
 pub mod store;
 pub mod topology;
 
@@ -61,10 +65,14 @@ pub struct Handle {
 /// listeners.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     metrics::describe();
+    // The deprecated `runs.role` / `runs.system_prompt` become the roster's monolith.
+    let config = config.migrated();
     let pool = colony_store::connect(&config.database).await?;
     let bus = Bus::connect(&config.bus, "colony-orchestrator").await?;
     bus.ensure_streams().await?;
-    let store = Store::new(pool.clone()).with_retries(config.retries.clone());
+    let store = Store::new(pool.clone())
+        .with_retries(config.retries.clone())
+        .with_roster(config.roster.clone());
     if config.leases.max_attempts.is_some() {
         tracing::warn!(
             "leases.max_attempts is deprecated and ignored: an expired lease counts as a \
@@ -118,7 +126,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         let scheduler = cron::Scheduler::new(
             schedules.clone(),
             config.cron.clone(),
-            config.runs.role.clone(),
+            config.runs.role().to_owned(),
             clock.clone(),
         );
         runtime.spawn(scheduler.run(runtime.shutdown.clone()));

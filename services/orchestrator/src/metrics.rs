@@ -15,6 +15,8 @@ pub const CANCELLATIONS: &str = "colony_orchestrator_cancellations_total";
 pub const MAINTENANCE: &str = "colony_orchestrator_maintenance";
 pub const SCHEDULE_FIRINGS: &str = "colony_orchestrator_schedule_firings_total";
 pub const SCHEDULE_LEADER: &str = "colony_orchestrator_schedule_leader";
+pub const PLANS: &str = "colony_orchestrator_plans_total";
+pub const TOPOLOGIES: &str = "colony_orchestrator_topologies_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -72,6 +74,16 @@ pub fn describe() {
     describe_counter!(
         CANCELLATIONS,
         "Runs cancelled through the API (repeated requests for one run count once)."
+    );
+    describe_counter!(
+        PLANS,
+        "Planner answers by outcome: source planner, repaired or template (code ok), or repair \
+         (code: the validation error)."
+    );
+    describe_counter!(
+        TOPOLOGIES,
+        "Runs created through the API by topology (monolith, hybrid, swarm) and whether the \
+         request overrode the dial."
     );
     describe_gauge!(
         MAINTENANCE,

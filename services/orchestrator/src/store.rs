@@ -11,25 +11,63 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::Error;
+use crate::config::FailurePolicy;
+use crate::plan::PlannedTask;
 use crate::retry::RetryConfig;
+use crate::roster::RosterConfig;
+use crate::topology::{Decision, Topology};
 
 mod control;
+mod dag;
 mod lifecycle;
 mod outcome;
 
 use crate::retry::Next;
 pub use control::Maintenance;
+pub use dag::{DependencyOutput, OUTPUT_REF_PREFIX};
 use lifecycle::{AttemptEnd, LOCKED_COLUMNS, LockedTask};
 use outcome::Effects;
 
 pub const OUTBOX: Outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
 
-/// What a new run is made of.
+/// A single-task run: one task of `role` with the goal as its instructions (cron schedules,
+/// and callers that bypass the dial). Recorded as a monolith.
 #[derive(Debug, Clone)]
 pub struct NewRun {
     pub tenant: String,
     pub goal: String,
     pub role: String,
+}
+
+/// A run as a DAG: the dial's decision and the run's first tasks (a template, or the
+/// planner), in dependency order with dependencies named by plan id.
+#[derive(Debug, Clone)]
+pub struct NewDagRun {
+    pub tenant: String,
+    pub goal: String,
+    pub decision: Decision,
+    pub failure_policy: FailurePolicy,
+    pub tasks: Vec<PlannedTask>,
+}
+
+/// The topology of a run and why (see [`crate::topology::choose`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct TopologyView {
+    pub topology: String,
+    pub overridden: bool,
+    pub reason: Option<String>,
+    /// What the dial looked at: goal_tokens, working_set_tokens, context_window, fill, quality.
+    pub inputs: Option<serde_json::Value>,
+}
+
+/// How the run's DAG came about.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanView {
+    /// `planner`, `repaired` or `template`; `null` for runs that do not plan, or until their
+    /// planner answered.
+    pub source: Option<String>,
+    /// Every validation error the planner's answers got, in order.
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,11 +101,15 @@ pub struct TaskView {
     /// While a retry waits out its backoff: when the next attempt may be dispatched.
     pub not_before: Option<DateTime<Utc>>,
     pub dead_lettered_at: Option<DateTime<Utc>>,
+    /// Its id within the run's plan or template (`research`).
+    pub key: Option<String>,
+    /// Tasks that must succeed before this one runs (filled by [`Store::get_run`]).
+    pub depends_on: Vec<Uuid>,
 }
 
 /// Columns to select for [`TaskView::from_row`].
 const TASK_VIEW_COLUMNS: &str = "id, run_id, role, state, attempt, lease_owner, started_at, \
-     finished_at, error_class, failure_reason, not_before, dead_lettered_at";
+     finished_at, error_class, failure_reason, not_before, dead_lettered_at, plan_key";
 
 impl TaskView {
     fn from_row(t: &sqlx::postgres::PgRow) -> Self {
@@ -84,6 +126,8 @@ impl TaskView {
             failure_reason: t.get("failure_reason"),
             not_before: t.get("not_before"),
             dead_lettered_at: t.get("dead_lettered_at"),
+            key: t.get("plan_key"),
+            depends_on: Vec::new(),
         }
     }
 }
@@ -99,6 +143,10 @@ pub struct RunView {
     pub usage: Usage,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// `null` for runs created before topologies were recorded.
+    pub topology: Option<TopologyView>,
+    pub failure_policy: String,
+    pub plan: PlanView,
     pub tasks: Vec<TaskView>,
 }
 
@@ -113,6 +161,8 @@ pub struct ClaimedTask {
     pub instructions: String,
     /// Seconds from the attempt becoming claimable to this claim.
     pub waited: f64,
+    /// Its dependencies' outputs (inline up to `roster.inline_output_bytes`).
+    pub dependencies: Vec<DependencyOutput>,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +205,7 @@ pub enum ReportOutcome {
 pub struct Store {
     pool: PgPool,
     retries: RetryConfig,
+    roster: std::sync::Arc<RosterConfig>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -261,7 +312,18 @@ impl Store {
         Self {
             pool,
             retries: RetryConfig::default(),
+            roster: std::sync::Arc::new(RosterConfig::default()),
         }
+    }
+
+    /// The roster plans are validated against and templates come from.
+    pub fn with_roster(mut self, roster: RosterConfig) -> Self {
+        self.roster = std::sync::Arc::new(roster);
+        self
+    }
+
+    pub fn roster(&self) -> &RosterConfig {
+        &self.roster
     }
 
     /// The retry policies applied to failed attempts and expired leases.
@@ -285,31 +347,73 @@ impl Store {
     /// [`Store::create_run`] in the caller's transaction, so that what the caller records with
     /// the run (a schedule's firing) commits or rolls back together with it.
     pub async fn create_run_in(tx: &mut PgConnection, new: &NewRun) -> Result<(Uuid, Uuid), Error> {
+        let run = NewDagRun {
+            tenant: new.tenant.clone(),
+            goal: new.goal.clone(),
+            decision: Decision {
+                topology: Topology::Monolith,
+                overridden: true,
+                reason: "a single-task run".into(),
+                inputs: crate::topology::DialInputs {
+                    goal_tokens: crate::topology::estimate_tokens(&new.goal),
+                    working_set_tokens: 0,
+                    context_window: 0,
+                    fill: 0.0,
+                    quality: 0.0,
+                },
+            },
+            failure_policy: FailurePolicy::FailFast,
+            tasks: vec![PlannedTask {
+                id: "answer".into(),
+                role: new.role.clone(),
+                instructions: new.goal.clone(),
+                depends_on: Vec::new(),
+            }],
+        };
+        let (run_id, tasks) = Self::create_dag_run_in(tx, &run).await?;
+        let task_id = tasks
+            .first()
+            .copied()
+            .ok_or_else(|| Error::InvalidRequest("a run needs at least one task".into()))?;
+        Ok((run_id, task_id))
+    }
+
+    /// Creates a DAG run: the run with its dial decision, its first tasks and their
+    /// dependencies; tasks without dependencies are dispatched. One transaction.
+    pub async fn create_dag_run(&self, new: &NewDagRun) -> Result<(Uuid, Vec<Uuid>), Error> {
+        let mut tx = self.pool.begin().await?;
+        let ids = Self::create_dag_run_in(&mut tx, new).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// [`Store::create_dag_run`] in the caller's transaction. Returns the run id and its
+    /// tasks' ids in `new.tasks` order.
+    pub async fn create_dag_run_in(
+        tx: &mut PgConnection,
+        new: &NewDagRun,
+    ) -> Result<(Uuid, Vec<Uuid>), Error> {
+        if new.tasks.is_empty() {
+            return Err(Error::InvalidRequest(
+                "a run needs at least one task".into(),
+            ));
+        }
         let run_id = Uuid::now_v7();
-        let task_id = Uuid::now_v7();
+        let inputs = serde_json::to_value(&new.decision.inputs)
+            .map_err(|e| Error::InvalidRequest(format!("dial inputs: {e}")))?;
         sqlx::query(
-            "INSERT INTO orchestrator.runs (id, tenant, goal, status) VALUES ($1, $2, $3, 'running')",
+            "INSERT INTO orchestrator.runs (id, tenant, goal, status, topology, topology_reason, \
+                 topology_overridden, dial_inputs, failure_policy) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
         )
         .bind(run_id)
         .bind(&new.tenant)
         .bind(&new.goal)
-        .execute(&mut *tx)
-        .await?;
-        // In maintenance mode the task waits for the scheduler (`dispatched_at` NULL), which
-        // dispatches it on resume.
-        let dispatch = !control::paused(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO orchestrator.tasks \
-                 (id, run_id, tenant, role, instructions, state, dispatched_at, dispatches) \
-             VALUES ($1, $2, $3, $4, $5, 'queued', CASE WHEN $6 THEN now() END, \
-                     CASE WHEN $6 THEN 1 ELSE 0 END)",
-        )
-        .bind(task_id)
-        .bind(run_id)
-        .bind(&new.tenant)
-        .bind(&new.role)
-        .bind(&new.goal)
-        .bind(dispatch)
+        .bind(new.decision.topology.as_str())
+        .bind(&new.decision.reason)
+        .bind(new.decision.overridden)
+        .bind(inputs)
+        .bind(new.failure_policy.as_str())
         .execute(&mut *tx)
         .await?;
         enqueue_run_event(
@@ -321,31 +425,19 @@ impl Store {
             None,
         )
         .await?;
-        TaskEvent {
-            tenant: &new.tenant,
-            run_id,
-            task_id,
-            attempt: 1,
-            role: &new.role,
-            kind: v1::TaskEventKind::Queued,
-            worker_id: "",
-            error_class: v1::ErrorClass::Unspecified,
-            reason: "",
-            usage: None,
-        }
-        .enqueue(&mut *tx)
-        .await?;
-        if dispatch {
-            enqueue_dispatch(&mut *tx, &new.tenant, run_id, task_id, 1, &new.role, 1).await?;
-        }
-        Ok((run_id, task_id))
+        // In maintenance mode ready tasks wait for the scheduler (`dispatched_at` NULL), which
+        // dispatches them on resume.
+        let inserted = dag::insert_tasks(&mut *tx, &new.tenant, run_id, &new.tasks).await?;
+        Ok((run_id, inserted.ids))
     }
 
     /// A run as its tenant sees it; another tenant's run is "not found".
     pub async fn get_run(&self, tenant: &str, run_id: Uuid) -> Result<RunView, Error> {
         let row = sqlx::query(
             "SELECT id, tenant, goal, status, output, failed_task_id, failure_reason, error_class, \
-                    prompt_tokens, completion_tokens, cost_micros_usd, created_at, finished_at \
+                    prompt_tokens, completion_tokens, cost_micros_usd, created_at, finished_at, \
+                    topology, topology_reason, topology_overridden, dial_inputs, \
+                    failure_policy, plan_source, plan_errors \
              FROM orchestrator.runs WHERE id = $1 AND tenant = $2",
         )
         .bind(run_id)
@@ -353,7 +445,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| Error::RunNotFound(run_id.to_string()))?;
-        let tasks = sqlx::query(&format!(
+        let mut tasks: Vec<TaskView> = sqlx::query(&format!(
             "SELECT {TASK_VIEW_COLUMNS} \
              FROM orchestrator.tasks WHERE run_id = $1 ORDER BY created_at, id"
         ))
@@ -363,7 +455,22 @@ impl Store {
         .iter()
         .map(TaskView::from_row)
         .collect();
+        let edges: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT d.task_id, d.depends_on FROM orchestrator.task_dependencies d \
+             JOIN orchestrator.tasks t ON t.id = d.task_id WHERE t.run_id = $1 \
+             ORDER BY d.depends_on",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        for (task_id, depends_on) in edges {
+            if let Some(task) = tasks.iter_mut().find(|t| t.id == task_id) {
+                task.depends_on.push(depends_on);
+            }
+        }
         let reason: Option<String> = row.get("failure_reason");
+        let topology: Option<String> = row.get("topology");
+        let errors: serde_json::Value = row.get("plan_errors");
         Ok(RunView {
             id: row.get("id"),
             tenant: row.get("tenant"),
@@ -382,6 +489,17 @@ impl Store {
             },
             created_at: row.get("created_at"),
             finished_at: row.get("finished_at"),
+            topology: topology.map(|topology| TopologyView {
+                topology,
+                overridden: row.get("topology_overridden"),
+                reason: row.get("topology_reason"),
+                inputs: row.get("dial_inputs"),
+            }),
+            failure_policy: row.get("failure_policy"),
+            plan: PlanView {
+                source: row.get("plan_source"),
+                errors: serde_json::from_value(errors).unwrap_or_default(),
+            },
             tasks,
         })
     }
@@ -444,6 +562,8 @@ impl Store {
                 self.refusal(tenant, task_id, attempt).await?,
             ));
         };
+        let dependencies =
+            dag::dependency_outputs(&mut tx, task_id, self.roster.inline_output_bytes).await?;
         let claimed = ClaimedTask {
             tenant: tenant.to_owned(),
             run_id: row.get("run_id"),
@@ -452,6 +572,7 @@ impl Store {
             role: row.get("role"),
             instructions: row.get("instructions"),
             waited: row.get("waited"),
+            dependencies,
         };
         sqlx::query(
             "INSERT INTO orchestrator.task_attempts (task_id, attempt, worker_id) VALUES ($1, $2, $3)",

@@ -144,3 +144,45 @@ async fn bad_input_gets_a_json_error_and_good_input_a_run() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn the_dial_chooses_a_topology_a_request_can_override() {
+    let api = start().await;
+    let (status, run) = api.post_raw(r#"{"goal": "say hello"}"#).await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["topology"]["topology"], "monolith", "{run}");
+    assert_eq!(run["topology"]["overridden"], false, "{run}");
+    assert_eq!(run["topology"]["inputs"]["goal_tokens"], 3, "{run}");
+    assert_eq!(run["failure_policy"], "fail_fast");
+    assert_eq!(run["tasks"][0]["role"], "generalist");
+
+    let (status, run) = api
+        .post_raw(r#"{"goal": "say hello", "topology": "hybrid", "failure_policy": "continue"}"#)
+        .await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["topology"]["overridden"], true, "{run}");
+    assert_eq!(run["failure_policy"], "continue");
+    let states: Vec<&str> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["queued", "pending", "pending"], "{run}");
+    assert_eq!(run["tasks"][1]["depends_on"][0], run["tasks"][0]["id"]);
+
+    let (status, run) = api
+        .post_raw(r#"{"goal": "say hello", "topology": "swarm"}"#)
+        .await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["tasks"][0]["role"], "planner", "{run}");
+    assert!(run["plan"]["source"].is_null(), "{run}");
+
+    for body in [
+        r#"{"goal": "x", "topology": "mesh"}"#,
+        r#"{"goal": "x", "failure_policy": "sometimes"}"#,
+    ] {
+        let (status, error) = api.post_raw(body).await;
+        assert_eq!(status, 400, "{body}: {error}");
+    }
+}

@@ -346,10 +346,16 @@ async fn main() -> anyhow::Result<()> {
                 last_report = Instant::now();
             }
         }
-        let early = count_runs(&stack, "drain", &["running", "succeeded", "failed"]).await?;
+        // A run is `running` from its creation; its task stays `queued` until a claim.
+        let early: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orchestrator.tasks \
+             WHERE instructions LIKE 'drain %' AND state <> 'queued'",
+        )
+        .fetch_one(&stack.db.pool)
+        .await?;
         anyhow::ensure!(
             early == 0,
-            "{early} drain runs started while maintenance mode was on"
+            "{early} drain tasks started while maintenance mode was on"
         );
         eprintln!("drain: {total} runs queued; maintenance off, draining");
         let resumed = Instant::now();

@@ -80,7 +80,7 @@ impl Store {
         let mut running = 0;
         for task in &tasks {
             match task.state.as_str() {
-                "queued" | "dead_lettered" => {
+                "queued" | "pending" | "dead_lettered" => {
                     self.stop_cancelled(&mut tx, task, &mut effects).await?;
                 }
                 "running" => {
@@ -203,6 +203,9 @@ impl Store {
             .await?;
             effects.runs.push("running");
         }
+        // What the failure stopped (skipped dependents; under fail fast, the cancelled rest)
+        // waits again for its dependencies.
+        super::dag::reopen(&mut tx, task.run_id, status == "failed", &mut effects).await?;
         tx.commit().await?;
         effects.tasks.push("requeued");
         effects.record();

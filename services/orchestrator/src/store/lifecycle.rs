@@ -6,6 +6,7 @@ use colony_proto::{ErrorClass, v1};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::dag::{self, PlannerAnswer};
 use super::outcome::{Effects, settle_run};
 use super::{Store, TaskEvent, interval};
 use crate::Error;
@@ -88,7 +89,7 @@ impl AttemptEnd {
     }
 }
 
-async fn end_attempt(
+pub(crate) async fn end_attempt(
     conn: &mut PgConnection,
     task_id: Uuid,
     attempt: i32,
@@ -137,7 +138,10 @@ async fn add_usage(
 }
 
 impl Store {
-    /// The current attempt succeeded.
+    /// The current attempt succeeded. A planner's answer is judged first: an invalid plan
+    /// sends the planner back (the task does not succeed); a valid one (or the template) adds
+    /// its tasks to the run. Dependents whose dependencies have all succeeded are dispatched
+    /// in this transaction; then the run is settled.
     pub(crate) async fn succeed(
         &self,
         conn: &mut PgConnection,
@@ -147,6 +151,11 @@ impl Store {
         usage: v1::Usage,
         effects: &mut Effects,
     ) -> Result<(), Error> {
+        let answer = self.judge_plan(conn, task, output).await?;
+        if let Some(PlannerAnswer::Repair(error)) = &answer {
+            add_usage(conn, task, usage).await?;
+            return self.repair_plan(conn, task, worker, error, effects).await;
+        }
         sqlx::query(
             "UPDATE orchestrator.tasks SET state = 'succeeded', finished_at = now(), output = $2, \
                  error_class = NULL, failure_reason = NULL, lease_expires_at = NULL, \
@@ -165,6 +174,11 @@ impl Store {
         .enqueue(conn)
         .await?;
         effects.tasks.push("succeeded");
+        if let Some(PlannerAnswer::Planned { plan, source }) = &answer {
+            self.apply_plan(conn, task, plan, source, effects).await?;
+        }
+        let dependents = dag::dependents(conn, task.id).await?;
+        dag::promote_ready(conn, &dependents, effects).await?;
         settle_run(conn, task.run_id, effects).await?;
         Ok(())
     }
@@ -259,6 +273,15 @@ impl Store {
                 .await?;
                 effects.tasks.push("dead_lettered");
                 effects.dead_letters.push(class);
+                let policy: String = sqlx::query_scalar(
+                    "SELECT failure_policy FROM orchestrator.runs WHERE id = $1",
+                )
+                .bind(task.run_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                if policy == crate::config::FailurePolicy::Continue.as_str() {
+                    dag::skip_dependents(conn, task, effects).await?;
+                }
                 tracing::warn!(
                     task_id = %task.id, attempt = task.attempt, used = task.used(),
                     class = class.as_str(), reason = message, "task dead-lettered"

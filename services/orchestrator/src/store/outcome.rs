@@ -5,7 +5,8 @@ use colony_proto::{ErrorClass, v1};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{OUTBOX, usage_of};
+use super::{OUTBOX, dag, usage_of};
+use crate::config::FailurePolicy;
 use crate::{Error, metrics};
 
 /// A task as far as its run's outcome is concerned.
@@ -34,18 +35,29 @@ pub(crate) enum RunOutcome {
 
 /// Tasks that may still change: a run cannot end while one of them exists.
 fn is_active(state: &str) -> bool {
-    matches!(state, "queued" | "running" | "cancelling")
+    matches!(state, "queued" | "running" | "cancelling" | "pending")
 }
 
 /// The outcome a run in `status` reaches with `tasks` (in creation order), or `None` if it
-/// stays as it is. A running run fails as soon as one task is dead-lettered (fail fast),
-/// succeeds once every task succeeded; a cancelling run is cancelled once no task is active.
-pub(crate) fn run_outcome(status: &str, tasks: &[TaskSummary]) -> Option<RunOutcome> {
+/// stays as it is. A running run fails as soon as one task is dead-lettered (`fail_fast`), or
+/// once a task is dead-lettered and nothing is left to run (`continue`); it succeeds once
+/// every task succeeded, with the output of the last one; a cancelling run is cancelled once
+/// no task is active.
+pub(crate) fn run_outcome(
+    status: &str,
+    policy: FailurePolicy,
+    tasks: &[TaskSummary],
+) -> Option<RunOutcome> {
     match status {
         "running" => {
+            let settled = match policy {
+                FailurePolicy::FailFast => true,
+                FailurePolicy::Continue => !tasks.iter().any(|t| is_active(&t.state)),
+            };
             if let Some(task) = tasks
                 .iter()
                 .find(|t| matches!(t.state.as_str(), "dead_lettered" | "failed"))
+                .filter(|_| settled)
             {
                 let reason = task.failure_reason.as_deref().unwrap_or("no reason given");
                 return Some(RunOutcome::Failed {
@@ -90,6 +102,7 @@ pub(crate) async fn enqueue_run_event(
         v1::RunEventKind::Succeeded => "succeeded",
         v1::RunEventKind::Failed => "failed",
         v1::RunEventKind::Cancelled => "cancelled",
+        v1::RunEventKind::Planned => "planned",
         v1::RunEventKind::Unspecified => "unspecified",
     };
     let event = v1::RunEvent {
@@ -119,12 +132,14 @@ pub(crate) async fn settle_run(
     effects: &mut Effects,
 ) -> Result<Option<RunOutcome>, Error> {
     let run = sqlx::query(
-        "SELECT status, tenant, revision FROM orchestrator.runs WHERE id = $1 FOR UPDATE",
+        "SELECT status, tenant, revision, failure_policy FROM orchestrator.runs \
+         WHERE id = $1 FOR UPDATE",
     )
     .bind(run_id)
     .fetch_one(&mut *conn)
     .await?;
     let status: String = run.get("status");
+    let policy = FailurePolicy::parse(run.get("failure_policy")).unwrap_or_default();
     let tasks: Vec<TaskSummary> = sqlx::query(
         "SELECT id, state, error_class, failure_reason, output FROM orchestrator.tasks \
          WHERE run_id = $1 ORDER BY created_at, id",
@@ -141,7 +156,7 @@ pub(crate) async fn settle_run(
         output: t.get("output"),
     })
     .collect();
-    let Some(outcome) = run_outcome(&status, &tasks) else {
+    let Some(outcome) = run_outcome(&status, policy, &tasks) else {
         return Ok(None);
     };
     let (status, output, failed_task, class, reason, kind) = match &outcome {
@@ -203,6 +218,10 @@ pub(crate) async fn settle_run(
     )
     .await?;
     effects.runs.push(status);
+    if status == "failed" {
+        // Fail fast: what has not started never will (under `continue` nothing is left).
+        dag::cancel_unstarted(conn, run.get("tenant"), run_id, effects).await?;
+    }
     Ok(Some(outcome))
 }
 
@@ -255,7 +274,7 @@ mod tests {
 
     fn outcome(status: &str, states: &[&str]) -> Option<&'static str> {
         let tasks: Vec<_> = states.iter().map(|s| task(s)).collect();
-        run_outcome(status, &tasks).map(|o| match o {
+        run_outcome(status, FailurePolicy::FailFast, &tasks).map(|o| match o {
             RunOutcome::Succeeded { .. } => "succeeded",
             RunOutcome::Failed { .. } => "failed",
             RunOutcome::Cancelled => "cancelled",
@@ -296,7 +315,7 @@ mod tests {
             task_id,
             error_class,
             reason,
-        }) = run_outcome("running", &tasks)
+        }) = run_outcome("running", FailurePolicy::FailFast, &tasks)
         else {
             panic!("the run fails");
         };
@@ -304,10 +323,36 @@ mod tests {
         assert_eq!(error_class.as_deref(), Some("permanent"));
         assert_eq!(reason, format!("task {} failed: bad request", tasks[1].id));
         assert_eq!(
-            run_outcome("running", &[task("succeeded")]),
+            run_outcome("running", FailurePolicy::FailFast, &[task("succeeded")]),
             Some(RunOutcome::Succeeded {
                 output: Some("succeeded output".into())
             })
+        );
+    }
+
+    #[test]
+    fn continue_waits_for_independent_branches() {
+        let policy = FailurePolicy::Continue;
+        let kind = |states: &[&str]| {
+            let tasks: Vec<_> = states.iter().map(|s| task(s)).collect();
+            run_outcome("running", policy, &tasks).map(|o| match o {
+                RunOutcome::Succeeded { .. } => "succeeded",
+                RunOutcome::Failed { .. } => "failed",
+                RunOutcome::Cancelled => "cancelled",
+            })
+        };
+        assert_eq!(kind(&["dead_lettered", "running"]), None);
+        assert_eq!(kind(&["dead_lettered", "pending"]), None);
+        assert_eq!(
+            kind(&["dead_lettered", "skipped", "succeeded"]),
+            Some("failed")
+        );
+        assert_eq!(kind(&["succeeded", "pending"]), None);
+        assert_eq!(kind(&["succeeded", "succeeded"]), Some("succeeded"));
+        assert_eq!(
+            outcome("running", &["dead_lettered", "pending"]),
+            Some("failed"),
+            "fail fast does not wait"
         );
     }
 
