@@ -69,6 +69,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the tenant's tasks awaiting approval, oldest first.
+    Approvals {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a task awaiting approval: it is dispatched.
+    Approve { task_id: String },
+    /// Reject a task awaiting approval: it fails (user-fixable) with the reason, and its run's
+    /// failure policy applies.
+    Reject {
+        task_id: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Maintenance mode: pause dispatch system-wide (in-flight work finishes), or resume.
     Maintenance {
         #[arg(value_enum)]
@@ -301,6 +317,65 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 task["id"].as_str().unwrap_or("?"),
                 task["state"].as_str().unwrap_or("?"),
                 task["attempt"].as_i64().unwrap_or(0),
+                task["run_id"].as_str().unwrap_or("?")
+            );
+            Ok(true)
+        }
+        Command::Approvals { limit, json } => {
+            let list = client
+                .send(client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/approvals?limit={limit}"),
+                ))
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                return Ok(true);
+            }
+            for task in list["approvals"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  run {}  {}  {}",
+                    task["id"].as_str().unwrap_or("?"),
+                    task["run_id"].as_str().unwrap_or("?"),
+                    task["role"].as_str().unwrap_or("?"),
+                    task["approval_reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(true)
+        }
+        Command::Approve { task_id } => {
+            let task = client
+                .send(client.request(
+                    reqwest::Method::POST,
+                    &format!("/v1/tasks/{task_id}/approve"),
+                ))
+                .await?;
+            println!(
+                "task {} approved: {} (run {})",
+                task["id"].as_str().unwrap_or("?"),
+                task["state"].as_str().unwrap_or("?"),
+                task["run_id"].as_str().unwrap_or("?")
+            );
+            Ok(true)
+        }
+        Command::Reject { task_id, reason } => {
+            let task = client
+                .send(
+                    client
+                        .request(
+                            reqwest::Method::POST,
+                            &format!("/v1/tasks/{task_id}/reject"),
+                        )
+                        .json(&json!({ "reason": reason })),
+                )
+                .await?;
+            println!(
+                "task {} rejected: {} (run {})",
+                task["id"].as_str().unwrap_or("?"),
+                task["state"].as_str().unwrap_or("?"),
                 task["run_id"].as_str().unwrap_or("?")
             );
             Ok(true)

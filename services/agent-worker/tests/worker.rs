@@ -132,6 +132,13 @@ impl Orchestrator for FakeOrchestrator {
         )))
     }
 
+    async fn spawn_tasks(
+        &self,
+        _request: Request<v1::SpawnTasksRequest>,
+    ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
+        Err(Status::unimplemented("the worker does not spawn yet"))
+    }
+
     async fn heartbeat_task(
         &self,
         request: Request<v1::HeartbeatTaskRequest>,

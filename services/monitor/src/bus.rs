@@ -58,6 +58,8 @@ fn task_kind(kind: i32) -> &'static str {
         Ok(v1::TaskEventKind::Requeued) => "task.requeued",
         Ok(v1::TaskEventKind::Cancelled) => "task.cancelled",
         Ok(v1::TaskEventKind::DeadLettered) => "task.dead_lettered",
+        Ok(v1::TaskEventKind::AwaitingApproval) => "task.awaiting_approval",
+        Ok(v1::TaskEventKind::Parked) => "task.parked",
         Ok(v1::TaskEventKind::Unspecified) | Err(_) => "task.unspecified",
     }
 }

@@ -27,6 +27,15 @@ pub struct Config {
     pub retries: RetryConfig,
     /// Roles, model profiles, the topology dial, plan bounds and template plans.
     pub roster: crate::roster::RosterConfig,
+    /// The human approval gate (`approvals.spend_threshold_usd`; roles also carry
+    /// `requires_approval`).
+    pub approvals: crate::approval::ApprovalsConfig,
+    /// Bounds on tasks spawned by running tasks (`spawn.max_children_per_task`,
+    /// `spawn.max_depth`).
+    pub spawn: crate::approval::SpawnConfig,
+    /// Flow control: per-tenant in-flight, queue and run-rate limits, the overflow policy
+    /// (`limits.max_in_flight_per_tenant`, `limits.overflow`, …).
+    pub limits: crate::flow::LimitsConfig,
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -170,6 +179,9 @@ impl Default for Config {
             cron: crate::cron::CronConfig::default(),
             retries: RetryConfig::default(),
             roster: crate::roster::RosterConfig::default(),
+            approvals: crate::approval::ApprovalsConfig::default(),
+            spawn: crate::approval::SpawnConfig::default(),
+            limits: crate::flow::LimitsConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -272,6 +284,9 @@ impl colony_config::Validate for Config {
             problems.push("leases.redispatch_after: must be at least 1s".into());
         }
         self.retries.validate(problems);
+        self.approvals.validate(problems);
+        colony_config::Validate::validate(&self.limits, problems);
+        self.spawn.validate(problems);
     }
 }
 

@@ -22,6 +22,13 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("bus: {0}")]
     Bus(#[from] colony_bus::Error),
+    /// Flow control refused the request (`rate_limited`, `queue_full`); try again later.
+    #[error("{message}")]
+    Overloaded {
+        reason: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -32,12 +39,16 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::RunNotFound(_) | Error::TaskNotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
+            Error::Overloaded { reason, .. } => reason,
             Error::Database(_) | Error::Bus(_) => "internal",
         }
     }
 
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Database(_) | Error::Bus(_))
+        matches!(
+            self,
+            Error::Database(_) | Error::Bus(_) | Error::Overloaded { .. }
+        )
     }
 
     /// What a client may see: internal details stay in the log.
@@ -56,7 +67,15 @@ impl IntoResponse for Error {
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RunNotFound(_) | Error::TaskNotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Database(_) | Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        // Whole seconds, at least one.
+        let retry_after = match &self {
+            Error::Overloaded { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            _ => None,
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
@@ -64,7 +83,14 @@ impl IntoResponse for Error {
         let body = serde_json::json!({
             "error": { "code": self.code(), "message": self.public_message() }
         });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        response
     }
 }
 
@@ -78,6 +104,7 @@ impl From<Error> for tonic::Status {
                 tonic::Status::not_found(error.to_string())
             }
             Error::Conflict(_) => tonic::Status::failed_precondition(error.to_string()),
+            Error::Overloaded { .. } => tonic::Status::resource_exhausted(error.to_string()),
             Error::Database(_) | Error::Bus(_) => {
                 tracing::error!(%error, "rpc failed");
                 tonic::Status::unavailable(error.public_message())

@@ -1,4 +1,5 @@
-//! `colony.v1.Orchestrator`: claims and heartbeats from agent-workers.
+//! `colony.v1.Orchestrator`: claims, heartbeats, dependency outputs and spawned child tasks
+//! from agent-workers.
 
 use std::time::Duration;
 
@@ -9,8 +10,9 @@ use uuid::Uuid;
 
 use crate::config::RunsConfig;
 use crate::metrics;
+use crate::plan::PlannedTask;
 use crate::roster::PLANNER;
-use crate::store::{Claim, ClaimedTask, Store};
+use crate::store::{Claim, ClaimedTask, Spawn, Store};
 
 pub struct OrchestratorService {
     pub store: Store,
@@ -181,6 +183,53 @@ impl Orchestrator for OrchestratorService {
             task_id: id.to_string(),
             role,
             output,
+        }))
+    }
+
+    async fn spawn_tasks(
+        &self,
+        request: Request<v1::SpawnTasksRequest>,
+    ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
+        let span = traced(&request, "SpawnTasks");
+        let request = request.into_inner();
+        span.record("task_id", request.task_id.as_str());
+        let _entered = span.enter();
+        if request.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is required"));
+        }
+        let spawn = Spawn {
+            tenant: request.tenant,
+            task_id: task_id(&request.task_id)?,
+            attempt: attempt(request.attempt)?,
+            worker_id: request.worker_id,
+            children: request
+                .children
+                .into_iter()
+                .map(|child| PlannedTask {
+                    id: child.key,
+                    role: child.role,
+                    instructions: child.instructions,
+                    depends_on: child.depends_on,
+                })
+                .collect(),
+            wait: request.wait,
+        };
+        let spawned = self.store.spawn_tasks(&spawn).await.inspect_err(|error| {
+            if !error.is_retryable() {
+                ::metrics::counter!(metrics::SPAWNS, "result" => "refused").increment(1);
+                tracing::info!(%error, "spawn refused");
+            }
+        })?;
+        Ok(Response::new(v1::SpawnTasksResponse {
+            children: spawned
+                .children
+                .into_iter()
+                .map(|(key, id)| v1::SpawnedTask {
+                    key,
+                    task_id: id.to_string(),
+                })
+                .collect(),
+            parked: spawned.parked,
         }))
     }
 }

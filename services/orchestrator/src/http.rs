@@ -24,6 +24,8 @@ pub struct ApiState {
     pub store: Store,
     pub runs: RunsConfig,
     pub max_body_bytes: usize,
+    /// Run creations per tenant (`limits.runs_per_second_per_tenant`), shared by the routers.
+    pub rate: std::sync::Arc<crate::flow::RateLimiter>,
 }
 
 pub fn routes(state: ApiState) -> Router {
@@ -42,6 +44,8 @@ struct CreateRun {
     /// Overrides the dial.
     topology: Option<Topology>,
     failure_policy: Option<FailurePolicy>,
+    /// -10..10, higher first within the tenant; 0 when absent.
+    priority: Option<i16>,
 }
 
 /// The tenant a request acts for, or why its header is refused.
@@ -81,6 +85,7 @@ async fn create_run(
         Ok(_) => StatusCode::CREATED,
         Err(Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
         Err(Error::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
+        Err(Error::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     count("/v1/runs", status);
@@ -124,13 +129,44 @@ async fn create_run_inner(
             )),
         ));
     }
-    let new = plan_run(
+    let priority = body.priority.unwrap_or(0);
+    if !(-10..=10).contains(&priority) {
+        return Err(rejected(
+            "invalid_request",
+            Error::InvalidRequest(format!("priority is {priority}; it must be -10..10")),
+        ));
+    }
+    if let Err(wait) = state.rate.acquire(&tenant, std::time::Instant::now()) {
+        return Err(rejected(
+            "rate_limited",
+            Error::Overloaded {
+                reason: "rate_limited",
+                message: format!("tenant {tenant} creates runs faster than its limit; retry later"),
+                retry_after: wait,
+            },
+        ));
+    }
+    if let Err(crate::store::Refusal::QueueFull) = state.store.admit(&tenant, priority).await {
+        return Err(rejected(
+            "queue_full",
+            Error::Overloaded {
+                reason: "queue_full",
+                message: format!(
+                    "tenant {tenant} has {} or more queued tasks; retry later",
+                    state.store.limits().max_queued_per_tenant
+                ),
+                retry_after: std::time::Duration::from_secs(1),
+            },
+        ));
+    }
+    let mut new = plan_run(
         state,
         tenant.clone(),
         goal,
         body.topology,
         body.failure_policy,
     )?;
+    new.priority = priority;
     let (run_id, _) = state.store.create_dag_run(&new).await?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
     ::metrics::counter!(metrics::RUNS, "status" => "created").increment(1);
@@ -187,6 +223,7 @@ fn plan_run(
         decision,
         failure_policy: failure_policy.unwrap_or(state.runs.failure_policy),
         tasks,
+        priority: 0,
     })
 }
 

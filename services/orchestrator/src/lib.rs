@@ -6,10 +6,13 @@
 //! validated, repaired or replaced by the template), and dependents run once their
 //! dependencies succeeded, with their outputs in context.
 
+pub mod approval;
+mod approvals_api;
 pub mod config;
 mod control;
 pub mod cron;
 mod error;
+pub mod flow;
 mod grpc;
 pub mod http;
 pub mod metrics;
@@ -72,7 +75,14 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     bus.ensure_streams().await?;
     let store = Store::new(pool.clone())
         .with_retries(config.retries.clone())
-        .with_roster(config.roster.clone());
+        .with_roster(config.roster.clone())
+        .with_approvals(approval::ApprovalPolicy {
+            spend_threshold_usd: config.approvals.spend_threshold_usd,
+            max_tokens: config.runs.max_tokens,
+            default_tier: config.runs.tier.clone(),
+        })
+        .with_spawn(config.spawn)
+        .with_limits(config.limits.clone());
     if config.leases.max_attempts.is_some() {
         tracing::warn!(
             "leases.max_attempts is deprecated and ignored: an expired lease counts as a \
@@ -112,10 +122,20 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     // Recovery: attempts whose lease expired while no orchestrator ran (their workers died
     // with it, or meanwhile) are re-queued before anything is served; the relay above
     // publishes what an earlier process left unsent.
+    // Flow limits first: inline dispatch on every replica reads them from the database.
+    store
+        .apply_limits()
+        .await
+        .context("writing the flow limits")?;
     recover(&store).await?;
     runtime.spawn(reap(
         store.clone(),
         config.leases.clone(),
+        runtime.shutdown.clone(),
+    ));
+    runtime.spawn(dispatch(
+        store.clone(),
+        config.leases.reap_interval,
         runtime.shutdown.clone(),
     ));
 
@@ -132,15 +152,24 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         runtime.spawn(scheduler.run(runtime.shutdown.clone()));
     }
 
+    let rate = std::sync::Arc::new(flow::RateLimiter::new(&config.limits));
     let api = http::routes(http::ApiState {
         store: store.clone(),
         runs: config.runs.clone(),
         max_body_bytes: config.http.max_body_bytes,
+        rate: rate.clone(),
     });
     let api = api.merge(control::routes(http::ApiState {
         store: store.clone(),
         runs: config.runs.clone(),
         max_body_bytes: config.http.max_body_bytes,
+        rate: rate.clone(),
+    }));
+    let api = api.merge(approvals_api::routes(http::ApiState {
+        store: store.clone(),
+        runs: config.runs.clone(),
+        max_body_bytes: config.http.max_body_bytes,
+        rate: rate.clone(),
     }));
     let api = api.merge(cron::routes(cron::ApiState {
         schedules,
@@ -247,7 +276,8 @@ fn count_reaped(reaped: &store::Reaped) {
 }
 
 /// Every `reap_interval`: ends expired leases (re-queued, dead-lettered or cancelled),
-/// dispatches attempts whose backoff has passed, and dispatches again attempts nobody claimed.
+/// dispatches again attempts nobody claimed and sets the queue depth gauge (the dispatcher
+/// loop dispatches attempts whose backoff has passed).
 /// Correctness never depends on JetStream redelivery: this loop is what brings a task back
 /// after its worker died. Nothing is dispatched in maintenance mode.
 async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationToken) {
@@ -268,10 +298,9 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
             Ok(reaped) => count_reaped(&reaped),
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
-        match store.dispatch_all_due(DISPATCH_BATCH).await {
-            Ok(0) => {}
-            Ok(count) => tracing::debug!(count, "due tasks dispatched"),
-            Err(error) => tracing::warn!(%error, "scheduler pass failed"),
+        match store.queue_depth().await {
+            Ok(depth) => ::metrics::gauge!(metrics::QUEUE_DEPTH).set(depth as f64),
+            Err(error) => tracing::warn!(%error, "reading the queue depth failed"),
         }
         match store
             .redispatch_unclaimed(leases.redispatch_after, 100)
@@ -283,6 +312,25 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
                 tracing::warn!(count, "unclaimed tasks dispatched again");
             }
             Err(error) => tracing::warn!(%error, "redispatch pass failed"),
+        }
+    }
+}
+
+/// The dispatcher: woken by run creation and finished attempts in this process, and every
+/// `tick` (retries whose backoff passed, slots freed on other replicas), it dispatches ready
+/// attempts that wait for dispatch — round-robin across tenants, priority first, within the
+/// flow limits ([`Store::dispatch_due`]). Nothing is dispatched in maintenance mode.
+async fn dispatch(store: Store, tick: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = store.dispatcher_woken() => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+        match store.dispatch_all_due(DISPATCH_BATCH).await {
+            Ok(0) => {}
+            Ok(count) => tracing::debug!(count, "due tasks dispatched"),
+            Err(error) => tracing::warn!(%error, "dispatcher pass failed"),
         }
     }
 }

@@ -9,6 +9,8 @@ pub const REDISPATCHED: &str = "colony_orchestrator_redispatched_total";
 pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds";
 pub const HTTP_REQUESTS: &str = "colony_orchestrator_http_requests_total";
 pub const REJECTED_REQUESTS: &str = "colony_orchestrator_rejected_requests_total";
+pub const SHED: &str = "colony_orchestrator_shed_total";
+pub const QUEUE_DEPTH: &str = "colony_orchestrator_queue_depth";
 pub const RETRIES: &str = "colony_orchestrator_retries_total";
 pub const DEAD_LETTERS: &str = "colony_orchestrator_dead_letters_total";
 pub const CANCELLATIONS: &str = "colony_orchestrator_cancellations_total";
@@ -17,6 +19,8 @@ pub const SCHEDULE_FIRINGS: &str = "colony_orchestrator_schedule_firings_total";
 pub const SCHEDULE_LEADER: &str = "colony_orchestrator_schedule_leader";
 pub const PLANS: &str = "colony_orchestrator_plans_total";
 pub const TOPOLOGIES: &str = "colony_orchestrator_topologies_total";
+pub const APPROVALS: &str = "colony_orchestrator_approvals_total";
+pub const SPAWNS: &str = "colony_orchestrator_spawns_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -31,6 +35,24 @@ pub fn describe() {
          requeued, dead_lettered, cancelling, cancelled."
     );
     describe_counter!(CLAIMS, "Claims by result: granted or refused.");
+    describe_counter!(
+        SHED,
+        "Queued runs cancelled to make room for a higher-priority run (limits.overflow = \
+         shed_lowest)."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Queued and pending tasks of every tenant (per-tenant depth is bounded by \
+         limits.max_queued_per_tenant)."
+    );
+    describe_counter!(
+        APPROVALS,
+        "Approval decisions on tasks awaiting approval, by decision: approved or rejected."
+    );
+    describe_counter!(
+        SPAWNS,
+        "SpawnTasks calls by result: spawned, parked (spawned and waits), refused."
+    );
     describe_counter!(
         REPORTS,
         "Worker reports by result: accepted, or rejected (stale attempt, not the lease holder, finished)."
@@ -51,7 +73,8 @@ pub fn describe() {
     describe_counter!(HTTP_REQUESTS, "REST API requests by route and status code.");
     describe_counter!(
         REJECTED_REQUESTS,
-        "REST API requests refused for bad input, by reason (invalid_json, too_large, invalid_request)."
+        "REST API requests refused for bad input, by reason (invalid_json, too_large, invalid_request, \
+         rate_limited, queue_full)."
     );
     metrics::describe_counter!(
         SCHEDULE_FIRINGS,

@@ -29,6 +29,8 @@ pub struct Role {
     pub tools: Vec<String>,
     /// Tasks of this role a worker should run at once (advisory: workers size their slots).
     pub concurrency: u32,
+    /// Every task of this role waits for a human's approval before it runs.
+    pub requires_approval: bool,
 }
 
 impl Default for Role {
@@ -38,6 +40,7 @@ impl Default for Role {
             tier: String::new(),
             tools: Vec::new(),
             concurrency: 4,
+            requires_approval: false,
         }
     }
 }

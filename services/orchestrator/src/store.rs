@@ -11,22 +11,29 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::Error;
+use crate::approval::{ApprovalPolicy, SpawnConfig};
 use crate::config::FailurePolicy;
 use crate::plan::PlannedTask;
 use crate::retry::RetryConfig;
 use crate::roster::RosterConfig;
 use crate::topology::{Decision, Topology};
 
+mod approval;
 mod control;
 mod dag;
+mod flow;
 mod lifecycle;
 mod outcome;
+mod spawn;
 
 use crate::retry::Next;
+pub use approval::PendingApproval;
 pub use control::Maintenance;
 pub use dag::{DependencyOutput, OUTPUT_REF_PREFIX};
+pub use flow::Refusal;
 use lifecycle::{AttemptEnd, LOCKED_COLUMNS, LockedTask};
 use outcome::Effects;
+pub use spawn::{Spawn, Spawned};
 
 pub const OUTBOX: Outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
 
@@ -48,6 +55,8 @@ pub struct NewDagRun {
     pub decision: Decision,
     pub failure_policy: FailurePolicy,
     pub tasks: Vec<PlannedTask>,
+    /// -10..10, higher first within the tenant (flow control); 0 by default.
+    pub priority: i16,
 }
 
 /// The topology of a run and why (see [`crate::topology::choose`]).
@@ -206,6 +215,11 @@ pub struct Store {
     pool: PgPool,
     retries: RetryConfig,
     roster: std::sync::Arc<RosterConfig>,
+    approvals: std::sync::Arc<ApprovalPolicy>,
+    spawn: SpawnConfig,
+    limits: crate::flow::LimitsConfig,
+    /// Wakes this process's dispatcher pass.
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -243,6 +257,8 @@ impl TaskEvent<'_> {
             v1::TaskEventKind::Requeued => "requeued",
             v1::TaskEventKind::Cancelled => "cancelled",
             v1::TaskEventKind::DeadLettered => "dead_lettered",
+            v1::TaskEventKind::AwaitingApproval => "awaiting_approval",
+            v1::TaskEventKind::Parked => "parked",
             v1::TaskEventKind::Unspecified => "unspecified",
         };
         let event = v1::TaskEvent {
@@ -313,6 +329,30 @@ impl Store {
             pool,
             retries: RetryConfig::default(),
             roster: std::sync::Arc::new(RosterConfig::default()),
+            approvals: std::sync::Arc::new(ApprovalPolicy::default()),
+            spawn: SpawnConfig::default(),
+            limits: crate::flow::LimitsConfig::default(),
+            wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Which tasks wait for a human's approval (besides roles with `requires_approval`).
+    pub fn with_approvals(mut self, policy: ApprovalPolicy) -> Self {
+        self.approvals = std::sync::Arc::new(policy);
+        self
+    }
+
+    /// Bounds on tasks spawned by running tasks.
+    pub fn with_spawn(mut self, spawn: SpawnConfig) -> Self {
+        self.spawn = spawn;
+        self
+    }
+
+    /// The approval gate applied to tasks as they are created.
+    fn gate(&self) -> dag::Gate<'_> {
+        dag::Gate {
+            roster: &self.roster,
+            policy: &self.approvals,
         }
     }
 
@@ -363,6 +403,7 @@ impl Store {
                 },
             },
             failure_policy: FailurePolicy::FailFast,
+            priority: 0,
             tasks: vec![PlannedTask {
                 id: "answer".into(),
                 role: new.role.clone(),
@@ -382,16 +423,27 @@ impl Store {
     /// dependencies; tasks without dependencies are dispatched. One transaction.
     pub async fn create_dag_run(&self, new: &NewDagRun) -> Result<(Uuid, Vec<Uuid>), Error> {
         let mut tx = self.pool.begin().await?;
-        let ids = Self::create_dag_run_in(&mut tx, new).await?;
+        let ids = Self::create_dag_run_gated_in(&mut tx, new, Some(&self.gate())).await?;
         tx.commit().await?;
+        // Tasks held back by flow control wait for the dispatcher.
+        self.wake_dispatcher();
         Ok(ids)
     }
 
     /// [`Store::create_dag_run`] in the caller's transaction. Returns the run id and its
     /// tasks' ids in `new.tasks` order.
+    /// No approval gate applies here (cron's runs); [`Store::create_dag_run`] applies it.
     pub async fn create_dag_run_in(
         tx: &mut PgConnection,
         new: &NewDagRun,
+    ) -> Result<(Uuid, Vec<Uuid>), Error> {
+        Self::create_dag_run_gated_in(tx, new, None).await
+    }
+
+    async fn create_dag_run_gated_in(
+        tx: &mut PgConnection,
+        new: &NewDagRun,
+        gate: Option<&dag::Gate<'_>>,
     ) -> Result<(Uuid, Vec<Uuid>), Error> {
         if new.tasks.is_empty() {
             return Err(Error::InvalidRequest(
@@ -403,8 +455,8 @@ impl Store {
             .map_err(|e| Error::InvalidRequest(format!("dial inputs: {e}")))?;
         sqlx::query(
             "INSERT INTO orchestrator.runs (id, tenant, goal, status, topology, topology_reason, \
-                 topology_overridden, dial_inputs, failure_policy) \
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+                 topology_overridden, dial_inputs, failure_policy, priority) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
         )
         .bind(run_id)
         .bind(&new.tenant)
@@ -414,6 +466,7 @@ impl Store {
         .bind(new.decision.overridden)
         .bind(inputs)
         .bind(new.failure_policy.as_str())
+        .bind(new.priority.clamp(-10, 10))
         .execute(&mut *tx)
         .await?;
         enqueue_run_event(
@@ -427,7 +480,7 @@ impl Store {
         .await?;
         // In maintenance mode ready tasks wait for the scheduler (`dispatched_at` NULL), which
         // dispatches them on resume.
-        let inserted = dag::insert_tasks(&mut *tx, &new.tenant, run_id, &new.tasks).await?;
+        let inserted = dag::insert_tasks(&mut *tx, &new.tenant, run_id, &new.tasks, gate).await?;
         Ok((run_id, inserted.ids))
     }
 
@@ -773,6 +826,8 @@ impl Store {
         }
         tx.commit().await?;
         effects.record();
+        // A finished attempt frees an in-flight slot of its tenant.
+        self.wake_dispatcher();
         Ok(decision)
     }
 

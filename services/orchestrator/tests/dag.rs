@@ -57,6 +57,7 @@ async fn create(
             ),
             failure_policy: policy,
             tasks,
+            priority: 0,
         })
         .await
         .unwrap()

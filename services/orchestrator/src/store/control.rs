@@ -80,7 +80,7 @@ impl Store {
         let mut running = 0;
         for task in &tasks {
             match task.state.as_str() {
-                "queued" | "pending" | "dead_lettered" => {
+                "queued" | "pending" | "dead_lettered" | "awaiting_approval" | "parked" => {
                     self.stop_cancelled(&mut tx, task, &mut effects).await?;
                 }
                 "running" => {
@@ -149,7 +149,7 @@ impl Store {
             )));
         }
         let attempt = task.attempt + 1;
-        let dispatch = !paused(&mut tx).await?;
+        let dispatch = super::flow::may_dispatch(&mut tx, task.run_id).await?;
         sqlx::query(
             "UPDATE orchestrator.tasks SET state = 'queued', attempt = $2, budget_start = $2, \
                  lease_owner = NULL, lease_expires_at = NULL, started_at = NULL, \
@@ -282,46 +282,13 @@ impl Store {
         self.maintenance().await
     }
 
-    /// Dispatches up to `batch` queued attempts that wait for the scheduler and are due
-    /// (their backoff passed; not in maintenance mode). Safe on several replicas at once.
-    pub async fn dispatch_due(&self, batch: i64) -> Result<u64, Error> {
-        let mut tx = self.pool.begin().await?;
-        let due = sqlx::query(&format!(
-            "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
-             WHERE id IN (SELECT id FROM orchestrator.tasks \
-                          WHERE state = 'queued' AND dispatched_at IS NULL \
-                            AND (not_before IS NULL OR not_before <= now()) \
-                          ORDER BY not_before NULLS FIRST, id \
-                          LIMIT $1 FOR UPDATE SKIP LOCKED) \
-               AND {NOT_PAUSED} \
-             RETURNING id, run_id, tenant, role, attempt, dispatches"
-        ))
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
-        for task in &due {
-            enqueue_dispatch(
-                &mut tx,
-                task.get("tenant"),
-                task.get("run_id"),
-                task.get("id"),
-                task.get("attempt"),
-                task.get("role"),
-                task.get("dispatches"),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(due.len() as u64)
-    }
-
-    /// [`Store::dispatch_due`] until fewer than a batch are due (at most 100 batches).
+    /// [`Store::dispatch_due`] passes until one dispatches nothing (at most 100 passes).
     pub async fn dispatch_all_due(&self, batch: i64) -> Result<u64, Error> {
         let mut total = 0;
         for _ in 0..100 {
             let count = self.dispatch_due(batch).await?;
             total += count;
-            if count < batch as u64 {
+            if count == 0 {
                 break;
             }
         }

@@ -59,6 +59,12 @@ impl DependencyOutput {
     }
 }
 
+/// Decides, as tasks are created, which of them wait for a human's approval once ready.
+pub(crate) struct Gate<'a> {
+    pub roster: &'a crate::roster::RosterConfig,
+    pub policy: &'a crate::approval::ApprovalPolicy,
+}
+
 /// The task rows inserted for a run.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Inserted {
@@ -66,31 +72,42 @@ pub(crate) struct Inserted {
     pub ids: Vec<Uuid>,
     pub queued: u64,
     pub pending: u64,
+    /// Ready at once, but waiting for approval.
+    pub awaiting: u64,
 }
 
 /// Inserts `tasks` (in dependency order, every dependency named by its plan id within
 /// `tasks`) into the run: tasks without dependencies are queued and dispatched (unless in
-/// maintenance mode), the others wait as `pending`.
+/// maintenance mode), the others wait as `pending`. A task the `gate` says needs approval
+/// records why; ready at once, it waits as `awaiting_approval` instead of being queued.
 pub(crate) async fn insert_tasks(
     conn: &mut PgConnection,
     tenant: &str,
     run_id: Uuid,
     tasks: &[PlannedTask],
+    gate: Option<&Gate<'_>>,
 ) -> Result<Inserted, Error> {
-    let dispatch = !control::paused(&mut *conn).await?;
+    // Flow control: ready tasks are dispatched at once only within the tenant's limits;
+    // otherwise they wait for the dispatcher pass.
+    let dispatch = super::flow::may_dispatch(&mut *conn, run_id).await?;
     let mut ids: HashMap<&str, Uuid> = HashMap::with_capacity(tasks.len());
     let mut inserted = Inserted::default();
     for task in tasks {
         let id = Uuid::now_v7();
         ids.insert(task.id.as_str(), id);
         inserted.ids.push(id);
-        let ready = task.depends_on.is_empty();
+        let approval = gate.and_then(|g| g.policy.reason(g.roster, &task.role, &task.instructions));
+        let awaiting = task.depends_on.is_empty() && approval.is_some();
+        let ready = task.depends_on.is_empty() && approval.is_none();
         sqlx::query(
             "INSERT INTO orchestrator.tasks \
                  (id, run_id, tenant, role, instructions, plan_key, state, dispatched_at, \
-                  dispatches) \
-             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN 'queued' ELSE 'pending' END, \
-                     CASE WHEN $7 AND $8 THEN now() END, CASE WHEN $7 AND $8 THEN 1 ELSE 0 END)",
+                  dispatches, approval_reason, awaiting_approval_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, \
+                     CASE WHEN $7 THEN 'queued' WHEN $10 THEN 'awaiting_approval' \
+                          ELSE 'pending' END, \
+                     CASE WHEN $7 AND $8 THEN now() END, CASE WHEN $7 AND $8 THEN 1 ELSE 0 END, \
+                     $9, CASE WHEN $10 THEN now() END)",
         )
         .bind(id)
         .bind(run_id)
@@ -100,6 +117,8 @@ pub(crate) async fn insert_tasks(
         .bind(&task.id)
         .bind(ready)
         .bind(dispatch)
+        .bind(&approval)
+        .bind(awaiting)
         .execute(&mut *conn)
         .await?;
         let mut depends_on: Vec<Uuid> = task
@@ -138,6 +157,12 @@ pub(crate) async fn insert_tasks(
             if dispatch {
                 enqueue_dispatch(&mut *conn, tenant, run_id, id, 1, &task.role, 1).await?;
             }
+        } else if let Some(reason) = approval.as_deref().filter(|_| awaiting) {
+            inserted.awaiting += 1;
+            super::approval::announce_awaiting(
+                &mut *conn, tenant, run_id, id, 1, &task.role, reason,
+            )
+            .await?;
         } else {
             inserted.pending += 1;
         }
@@ -164,10 +189,21 @@ pub(crate) async fn promote_ready(
     .bind(candidates)
     .fetch_all(&mut *conn)
     .await?;
+    // Tasks that need approval wait for it instead of being queued.
+    let locked = super::approval::divert_unapproved(&mut *conn, &locked, effects).await?;
     if locked.is_empty() {
         return Ok(0);
     }
-    let dispatch = !control::paused(&mut *conn).await?;
+    // Dependents of one task share its run: one flow-control decision for them all.
+    let run_id: Option<Uuid> =
+        sqlx::query_scalar("SELECT run_id FROM orchestrator.tasks WHERE id = $1")
+            .bind(locked[0])
+            .fetch_optional(&mut *conn)
+            .await?;
+    let dispatch = match run_id {
+        Some(run_id) => super::flow::may_dispatch(&mut *conn, run_id).await?,
+        None => false,
+    };
     let ready = sqlx::query(
         "UPDATE orchestrator.tasks t SET state = 'queued', ready_at = now(), \
              dispatched_at = CASE WHEN $2 THEN now() END, \
@@ -276,7 +312,8 @@ pub(crate) async fn cancel_unstarted(
     let cancelled = sqlx::query(
         "UPDATE orchestrator.tasks SET state = 'cancelled', finished_at = now(), \
              not_before = NULL, failure_reason = 'cancelled: the run failed' \
-         WHERE run_id = $1 AND state IN ('queued', 'pending') \
+         WHERE run_id = $1 \
+           AND state IN ('queued', 'pending', 'awaiting_approval', 'parked') \
          RETURNING id, role, attempt",
     )
     .bind(run_id)
@@ -325,18 +362,29 @@ pub(crate) async fn reopen(
     Ok(())
 }
 
-/// The outputs of `task_id`'s dependencies, in creation order; inline up to `inline_bytes`.
+/// The outputs of `task_id`'s dependencies, then of the children it spawned, in creation
+/// order; inline up to `inline_bytes`. A child that did not succeed (a parent resumes under
+/// the `continue` policy whatever became of its children) says so instead, inline.
 pub(crate) async fn dependency_outputs(
     conn: &mut PgConnection,
     task_id: Uuid,
     inline_bytes: usize,
 ) -> Result<Vec<DependencyOutput>, Error> {
     let rows = sqlx::query(
-        "SELECT t.id, t.plan_key, t.role, COALESCE(octet_length(t.output), 0)::int8 AS bytes, \
-                CASE WHEN COALESCE(octet_length(t.output), 0) <= $2 THEN t.output END AS output \
-         FROM orchestrator.task_dependencies d \
-         JOIN orchestrator.tasks t ON t.id = d.depends_on \
-         WHERE d.task_id = $1 ORDER BY t.created_at, t.id",
+        "SELECT * FROM ( \
+             SELECT t.id, t.plan_key, t.role, t.state, t.failure_reason, t.created_at, \
+                    COALESCE(octet_length(t.output), 0)::int8 AS bytes, \
+                    CASE WHEN COALESCE(octet_length(t.output), 0) <= $2 THEN t.output END \
+                        AS output \
+             FROM orchestrator.task_dependencies d \
+             JOIN orchestrator.tasks t ON t.id = d.depends_on \
+             WHERE d.task_id = $1 \
+             UNION ALL \
+             SELECT t.id, t.plan_key, t.role, t.state, t.failure_reason, t.created_at, \
+                    COALESCE(octet_length(t.output), 0)::int8, \
+                    CASE WHEN COALESCE(octet_length(t.output), 0) <= $2 THEN t.output END \
+             FROM orchestrator.tasks t WHERE t.parent_id = $1) o \
+         ORDER BY o.created_at, o.id",
     )
     .bind(task_id)
     .bind(i64::try_from(inline_bytes).unwrap_or(i64::MAX))
@@ -344,14 +392,31 @@ pub(crate) async fn dependency_outputs(
     .await?;
     Ok(rows
         .iter()
-        .map(|row| DependencyOutput {
-            task_id: row.get("id"),
-            key: row.get("plan_key"),
-            role: row.get("role"),
-            bytes: row.get("bytes"),
-            output: row
-                .get::<Option<String>, _>("output")
-                .or_else(|| (row.get::<i64, _>("bytes") == 0).then(String::new)),
+        .map(|row| {
+            let state: String = row.get("state");
+            if state != "succeeded" {
+                let reason: Option<String> = row.get("failure_reason");
+                let note = format!(
+                    "[this task did not succeed: it is {state}; {}]",
+                    reason.as_deref().unwrap_or("no reason given")
+                );
+                return DependencyOutput {
+                    task_id: row.get("id"),
+                    key: row.get("plan_key"),
+                    role: row.get("role"),
+                    bytes: note.len() as i64,
+                    output: Some(note),
+                };
+            }
+            DependencyOutput {
+                task_id: row.get("id"),
+                key: row.get("plan_key"),
+                role: row.get("role"),
+                bytes: row.get("bytes"),
+                output: row
+                    .get::<Option<String>, _>("output")
+                    .or_else(|| (row.get::<i64, _>("bytes") == 0).then(String::new)),
+            }
         })
         .collect())
 }
@@ -529,7 +594,14 @@ impl Store {
         source: &'static str,
         effects: &mut Effects,
     ) -> Result<(), Error> {
-        let inserted = insert_tasks(conn, &task.tenant, task.run_id, &plan.tasks).await?;
+        let inserted = insert_tasks(
+            conn,
+            &task.tenant,
+            task.run_id,
+            &plan.tasks,
+            Some(&self.gate()),
+        )
+        .await?;
         sqlx::query("UPDATE orchestrator.runs SET plan_source = $2 WHERE id = $1")
             .bind(task.run_id)
             .bind(source)

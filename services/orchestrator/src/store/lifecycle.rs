@@ -179,6 +179,7 @@ impl Store {
         }
         let dependents = dag::dependents(conn, task.id).await?;
         dag::promote_ready(conn, &dependents, effects).await?;
+        super::spawn::resume_parked(conn, task.run_id, effects).await?;
         settle_run(conn, task.run_id, effects).await?;
         Ok(())
     }
@@ -286,6 +287,7 @@ impl Store {
                     task_id = %task.id, attempt = task.attempt, used = task.used(),
                     class = class.as_str(), reason = message, "task dead-lettered"
                 );
+                super::spawn::resume_parked(conn, task.run_id, effects).await?;
                 settle_run(conn, task.run_id, effects).await?;
             }
         }

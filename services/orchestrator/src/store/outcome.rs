@@ -35,7 +35,10 @@ pub(crate) enum RunOutcome {
 
 /// Tasks that may still change: a run cannot end while one of them exists.
 fn is_active(state: &str) -> bool {
-    matches!(state, "queued" | "running" | "cancelling" | "pending")
+    matches!(
+        state,
+        "queued" | "running" | "cancelling" | "pending" | "awaiting_approval" | "parked"
+    )
 }
 
 /// The outcome a run in `status` reaches with `tasks` (in creation order), or `None` if it
@@ -141,8 +144,10 @@ pub(crate) async fn settle_run(
     let status: String = run.get("status");
     let policy = FailurePolicy::parse(run.get("failure_policy")).unwrap_or_default();
     let tasks: Vec<TaskSummary> = sqlx::query(
+        // Spawned children before the tasks of the run's plan, so that the run's output is its
+        // last planned task's, not a child's.
         "SELECT id, state, error_class, failure_reason, output FROM orchestrator.tasks \
-         WHERE run_id = $1 ORDER BY created_at, id",
+         WHERE run_id = $1 ORDER BY spawn_depth DESC, created_at, id",
     )
     .bind(run_id)
     .fetch_all(&mut *conn)

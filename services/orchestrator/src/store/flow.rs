@@ -1,0 +1,236 @@
+//! Flow control in the store: whether a ready attempt may be dispatched at once, the
+//! dispatcher pass (round-robin across tenants, priority first within one, per-tenant
+//! in-flight and global unclaimed caps), and admission of new runs against the queue bound.
+
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::control::NOT_PAUSED;
+use super::{Store, enqueue_dispatch};
+use crate::Error;
+use crate::flow::{LimitsConfig, Overflow};
+
+/// SQL: a tenant's in-flight attempts (dispatched, not finished).
+const IN_FLIGHT: &str =
+    "state IN ('queued', 'running', 'cancelling') AND dispatched_at IS NOT NULL";
+
+/// Whether a ready attempt of `run_id` may be dispatched in the caller's transaction: not in
+/// maintenance mode, its tenant under its in-flight cap, the unclaimed total under its cap, and
+/// no attempt of the same tenant with at least its priority waiting for the dispatcher (which
+/// keeps priority order). Otherwise it waits (`dispatched_at` NULL) for the dispatcher pass.
+/// The limits come from `orchestrator.flow_limits` (written from config at start).
+pub(crate) async fn may_dispatch(conn: &mut PgConnection, run_id: Uuid) -> Result<bool, Error> {
+    let defaults = LimitsConfig::default();
+    let may: Option<bool> = sqlx::query_scalar(&format!(
+        "WITH r AS (SELECT tenant, priority FROM orchestrator.runs WHERE id = $1), \
+              l AS (SELECT COALESCE((SELECT max_in_flight_per_tenant FROM orchestrator.flow_limits), $2) AS tenant_cap, \
+                           COALESCE((SELECT max_unclaimed FROM orchestrator.flow_limits), $3) AS unclaimed_cap) \
+         SELECT {NOT_PAUSED} \
+            AND (SELECT count(*) FROM orchestrator.tasks t, r \
+                 WHERE t.tenant = r.tenant AND t.{IN_FLIGHT}) < (SELECT tenant_cap FROM l) \
+            AND (SELECT count(*) FROM orchestrator.tasks \
+                 WHERE state = 'queued' AND dispatched_at IS NOT NULL) < (SELECT unclaimed_cap FROM l) \
+            AND NOT EXISTS (SELECT 1 FROM orchestrator.tasks t, r \
+                            WHERE t.tenant = r.tenant AND t.state = 'queued' \
+                              AND t.dispatched_at IS NULL \
+                              AND (t.not_before IS NULL OR t.not_before <= now()) \
+                              AND t.priority >= r.priority) \
+         FROM r"
+    ))
+    .bind(run_id)
+    .bind(defaults.max_in_flight_per_tenant as i32)
+    .bind(defaults.max_unclaimed as i32)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(may.unwrap_or(false))
+}
+
+/// Why a new run was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    QueueFull,
+}
+
+impl Store {
+    /// The flow limits the dispatcher pass and admission apply.
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    /// Writes the limits where inline dispatch (any replica) reads them.
+    pub async fn apply_limits(&self) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO orchestrator.flow_limits (singleton, max_in_flight_per_tenant, max_unclaimed) \
+             VALUES (true, $1, $2) \
+             ON CONFLICT (singleton) DO UPDATE SET max_in_flight_per_tenant = $1, \
+                 max_unclaimed = $2, changed_at = now()",
+        )
+        .bind(self.limits.max_in_flight_per_tenant as i32)
+        .bind(self.limits.max_unclaimed as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Wakes the dispatcher loop of this process (a run was created, a task finished).
+    pub fn wake_dispatcher(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits until [`Store::wake_dispatcher`] was called (at once if it was since last time).
+    pub async fn dispatcher_woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Admits a new run of `tenant` with `priority` against `limits.max_queued_per_tenant`.
+    /// When the queue is full: `reject` refuses; `shed_lowest` cancels the tenant's
+    /// lowest-priority run that has not started (reason "shed") if its priority is below
+    /// `priority`, and refuses otherwise. Returns the shed run. A soft bound: concurrent
+    /// creations may pass it by a few.
+    pub async fn admit(&self, tenant: &str, priority: i16) -> Result<Option<Uuid>, Refusal> {
+        self.admit_inner(tenant, priority)
+            .await
+            .unwrap_or_else(|error| {
+                // Admission is advisory; a failing count must not stop run creation.
+                tracing::warn!(%error, tenant, "queue depth check failed");
+                Ok(None)
+            })
+    }
+
+    async fn admit_inner(
+        &self,
+        tenant: &str,
+        priority: i16,
+    ) -> Result<Result<Option<Uuid>, Refusal>, Error> {
+        let bound = i64::try_from(self.limits.max_queued_per_tenant).unwrap_or(i64::MAX);
+        let depth: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM orchestrator.tasks \
+                 WHERE tenant = $1 AND state IN ('queued', 'pending') LIMIT $2) q",
+        )
+        .bind(tenant)
+        .bind(bound)
+        .fetch_one(&self.pool)
+        .await?;
+        if depth < bound {
+            return Ok(Ok(None));
+        }
+        if self.limits.overflow == Overflow::Reject {
+            return Ok(Err(Refusal::QueueFull));
+        }
+        // The lowest-priority run (newest first among equals) none of whose tasks started.
+        let victim: Option<Uuid> = sqlx::query_scalar(
+            "SELECT r.id FROM orchestrator.runs r \
+             WHERE r.tenant = $1 AND r.status = 'running' AND r.priority < $2 \
+               AND NOT EXISTS (SELECT 1 FROM orchestrator.tasks t WHERE t.run_id = r.id \
+                               AND t.state NOT IN ('queued', 'pending')) \
+             ORDER BY r.priority, r.created_at DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(priority)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(victim) = victim else {
+            return Ok(Err(Refusal::QueueFull));
+        };
+        match self.cancel_run(tenant, victim).await {
+            Ok(_) => {}
+            // Finished or started meanwhile: refuse rather than shed another.
+            Err(Error::Conflict(_)) => return Ok(Err(Refusal::QueueFull)),
+            Err(error) => return Err(error),
+        }
+        sqlx::query(
+            "UPDATE orchestrator.runs SET failure_reason = 'shed' \
+             WHERE id = $1 AND failure_reason IS NULL",
+        )
+        .bind(victim)
+        .execute(&self.pool)
+        .await?;
+        ::metrics::counter!(crate::metrics::SHED).increment(1);
+        tracing::warn!(tenant, run_id = %victim, "queue full: lowest-priority run shed");
+        Ok(Ok(Some(victim)))
+    }
+
+    /// One dispatcher pass: dispatches up to `batch` ready attempts waiting for dispatch,
+    /// round-robin across tenants (every tenant's first before any tenant's second, at most
+    /// `limits.per_tenant_per_pass` each), highest priority then oldest first within a tenant,
+    /// within each tenant's in-flight cap and the global unclaimed cap. Nothing in
+    /// maintenance mode. Safe on several replicas at once (`SKIP LOCKED`).
+    pub async fn dispatch_due(&self, batch: i64) -> Result<u64, Error> {
+        let mut tx = self.pool.begin().await?;
+        let unclaimed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orchestrator.tasks \
+             WHERE state = 'queued' AND dispatched_at IS NOT NULL",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let budget = batch.min(i64::from(self.limits.max_unclaimed) - unclaimed);
+        if budget <= 0 {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let candidates: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "WITH waiting AS ( \
+                 SELECT id, tenant, priority, ready_at, \
+                        ROW_NUMBER() OVER (PARTITION BY tenant \
+                                           ORDER BY priority DESC, ready_at, id) AS rank \
+                 FROM orchestrator.tasks \
+                 WHERE state = 'queued' AND dispatched_at IS NULL \
+                   AND (not_before IS NULL OR not_before <= now())), \
+             in_flight AS ( \
+                 SELECT tenant, count(*) AS n FROM orchestrator.tasks \
+                 WHERE {IN_FLIGHT} AND tenant IN (SELECT DISTINCT tenant FROM waiting) \
+                 GROUP BY tenant) \
+             SELECT w.id FROM waiting w LEFT JOIN in_flight f USING (tenant) \
+             WHERE w.rank <= LEAST($1, $2 - COALESCE(f.n, 0)) AND {NOT_PAUSED} \
+             ORDER BY w.rank, w.priority DESC, w.ready_at, w.id LIMIT $3"
+        ))
+        .bind(i64::from(self.limits.per_tenant_per_pass))
+        .bind(i64::from(self.limits.max_in_flight_per_tenant))
+        .bind(budget)
+        .fetch_all(&mut *tx)
+        .await?;
+        if candidates.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let due = sqlx::query(&format!(
+            "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
+             WHERE id IN (SELECT id FROM orchestrator.tasks \
+                          WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL \
+                          FOR UPDATE SKIP LOCKED) \
+               AND {NOT_PAUSED} \
+             RETURNING id, run_id, tenant, role, attempt, dispatches"
+        ))
+        .bind(&candidates)
+        .fetch_all(&mut *tx)
+        .await?;
+        for task in &due {
+            enqueue_dispatch(
+                &mut tx,
+                task.get("tenant"),
+                task.get("run_id"),
+                task.get("id"),
+                task.get("attempt"),
+                task.get("role"),
+                task.get("dispatches"),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(due.len() as u64)
+    }
+
+    /// Queued and pending tasks of every tenant (the queue depth gauge).
+    pub async fn queue_depth(&self) -> Result<i64, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM orchestrator.tasks WHERE state IN ('queued', 'pending')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
