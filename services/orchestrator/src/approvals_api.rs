@@ -10,7 +10,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::http::{ApiState, count, rejected, tenant};
+use crate::http::{ApiState, counted, rejected, tenant};
 use crate::store::TaskView;
 
 /// Longest rejection reason, in bytes.
@@ -24,20 +24,6 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/tasks/{id}/reject", post(reject))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-/// Counts the request under `route` with the status its result maps to.
-fn counted<T>(route: &'static str, result: Result<T, Error>) -> Result<T, Error> {
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(Error::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
-        Err(Error::RunNotFound(_) | Error::TaskNotFound(_)) => StatusCode::NOT_FOUND,
-        Err(Error::Conflict(_)) => StatusCode::CONFLICT,
-        Err(Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    count(route, status);
-    result
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,7 +42,7 @@ async fn list(
         state.store.pending_approvals(&tenant, limit).await
     }
     .await;
-    counted("/v1/approvals", result)
+    counted(StatusCode::OK, "/v1/approvals", result)
         .map(|approvals| Json(serde_json::json!({ "approvals": approvals })))
 }
 
@@ -72,7 +58,7 @@ async fn approve(
         state.store.approve(&tenant, id).await
     }
     .await;
-    counted("/v1/tasks/{id}/approve", result).map(Json)
+    counted(StatusCode::OK, "/v1/tasks/{id}/approve", result).map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,5 +102,5 @@ async fn reject(
         state.store.reject(&tenant, id, reason).await
     }
     .await;
-    counted("/v1/tasks/{id}/reject", result).map(Json)
+    counted(StatusCode::OK, "/v1/tasks/{id}/reject", result).map(Json)
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::Error;
-use crate::http::{ApiState, count, rejected, tenant};
+use crate::http::{ApiState, counted, rejected, tenant};
 use crate::store::{Maintenance, RunView, TaskView};
 
 pub fn routes(state: ApiState) -> Router {
@@ -27,20 +27,6 @@ pub fn routes(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Counts the request under `route` with the status its result maps to.
-fn counted<T>(route: &'static str, result: Result<T, Error>) -> Result<T, Error> {
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(Error::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
-        Err(Error::RunNotFound(_) | Error::TaskNotFound(_)) => StatusCode::NOT_FOUND,
-        Err(Error::Conflict(_)) => StatusCode::CONFLICT,
-        Err(Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    count(route, status);
-    result
-}
-
 #[tracing::instrument(skip_all, fields(run_id = %id))]
 async fn cancel_run(
     State(state): State<ApiState>,
@@ -53,7 +39,7 @@ async fn cancel_run(
         state.store.cancel_run(&tenant, id).await
     }
     .await;
-    counted("/v1/runs/{id}/cancel", result).map(Json)
+    counted(StatusCode::OK, "/v1/runs/{id}/cancel", result).map(Json)
 }
 
 #[tracing::instrument(skip_all, fields(task_id = %id))]
@@ -68,7 +54,7 @@ async fn requeue_task(
         state.store.requeue_task(&tenant, id).await
     }
     .await;
-    counted("/v1/tasks/{id}/requeue", result).map(Json)
+    counted(StatusCode::OK, "/v1/tasks/{id}/requeue", result).map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,5 +107,5 @@ async fn set_maintenance(
         state.store.set_maintenance(body.paused).await
     }
     .await;
-    counted("/v1/admin/maintenance", result).map(Json)
+    counted(StatusCode::OK, "/v1/admin/maintenance", result).map(Json)
 }

@@ -75,21 +75,23 @@ pub(crate) fn count(route: &'static str, status: StatusCode) {
         .increment(1);
 }
 
+/// Counts the request under `route` with the status its result answers with (`ok` on success).
+pub(crate) fn counted<T>(
+    ok: StatusCode,
+    route: &'static str,
+    result: Result<T, Error>,
+) -> Result<T, Error> {
+    count(route, result.as_ref().map_or_else(Error::status, |_| ok));
+    result
+}
+
 async fn create_run(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Result<Json<CreateRun>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RunView>), Error> {
     let result = create_run_inner(&state, &headers, body).await;
-    let status = match &result {
-        Ok(_) => StatusCode::CREATED,
-        Err(Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-        Err(Error::InvalidRequest(_)) => StatusCode::BAD_REQUEST,
-        Err(Error::Overloaded { .. }) => StatusCode::TOO_MANY_REQUESTS,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    count("/v1/runs", status);
-    result.map(|run| (StatusCode::CREATED, Json(run)))
+    counted(StatusCode::CREATED, "/v1/runs", result).map(|run| (StatusCode::CREATED, Json(run)))
 }
 
 #[tracing::instrument(skip_all, fields(tenant, run_id))]
