@@ -301,6 +301,14 @@ impl Stack {
         .await
     }
 
+    /// One integer from a query on the stack's database (a count, usually).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self, base: &str) -> String {
         self.http
             .get(format!("{base}/metrics"))
@@ -324,6 +332,29 @@ impl Drop for Stack {
         }
         drop(std::fs::remove_dir_all(&self.config_dir));
     }
+}
+
+/// A router config with one scripted deployment that answers every request with `reply`
+/// after `delay` (a humantime duration such as `"150ms"`).
+pub fn scripted_router(reply: &str, delay: &str) -> String {
+    format!(
+        r#"
+default_deployment = "scripted"
+
+[[deployments]]
+name = "scripted"
+provider = "scripted"
+model = "scripted"
+tier = "mid"
+input_price_per_mtok = 0.0
+output_price_per_mtok = 0.0
+timeout = "30s"
+
+[[deployments.script]]
+reply = "{reply}"
+delay = "{delay}"
+"#
+    )
 }
 
 /// The sum of every sample of `name` (all label sets) in Prometheus text.

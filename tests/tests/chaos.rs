@@ -1,43 +1,18 @@
 //! Chaos: worker replicas are SIGKILLed at random while a thousand tasks run. Every task must
 //! complete, none may be lost, and none may have more than one completion accepted.
-#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
 use std::time::{Duration, Instant};
 
-use colony_e2e::{Stack, StackOptions};
+use colony_e2e::{Stack, StackOptions, scripted_router};
 
 const TASKS: usize = 1000;
 const KILLS: usize = 20;
 const WORKERS: usize = 3;
 
-const ROUTER: &str = r#"
-default_deployment = "steady"
-
-[[deployments]]
-name = "steady"
-provider = "scripted"
-model = "scripted-steady"
-tier = "mid"
-input_price_per_mtok = 0.0
-output_price_per_mtok = 0.0
-timeout = "30s"
-
-[[deployments.script]]
-reply = "done"
-delay = "1s"
-"#;
-
-async fn scalar(stack: &Stack, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
     let mut stack = Stack::start(StackOptions {
-        router_toml: ROUTER.into(),
+        router_toml: scripted_router("done", "1s"),
         lease: "2s",
         workers: WORKERS,
         worker_slots: 8,
@@ -69,11 +44,9 @@ async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
 
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let finished = scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.runs WHERE status <> 'running'",
-        )
-        .await;
+        let finished = stack
+            .scalar("SELECT count(*) FROM orchestrator.runs WHERE status <> 'running'")
+            .await;
         if finished as usize == TASKS {
             break;
         }
@@ -85,37 +58,31 @@ async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
     }
 
     assert_eq!(
-        scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'"
-        )
-        .await,
+        stack
+            .scalar("SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'")
+            .await,
         TASKS as i64,
         "every task completed"
     );
     assert_eq!(
-        scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
-        )
-        .await,
+        stack
+            .scalar("SELECT count(*) FROM orchestrator.task_reports WHERE accepted")
+            .await,
         TASKS as i64,
         "exactly one accepted completion per task"
     );
     assert_eq!(
-        scalar(
-            &stack,
-            "SELECT count(*) FROM (SELECT task_id FROM orchestrator.task_reports \
+        stack
+            .scalar(
+                "SELECT count(*) FROM (SELECT task_id FROM orchestrator.task_reports \
              WHERE accepted GROUP BY task_id HAVING count(*) > 1) twice"
-        )
-        .await,
+            )
+            .await,
         0
     );
-    let expired = scalar(
-        &stack,
-        "SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'lease_expired'",
-    )
-    .await;
+    let expired = stack
+        .scalar("SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'lease_expired'")
+        .await;
     assert!(expired > 0, "the kills interrupted claimed tasks");
     eprintln!("{expired} attempts lost their lease and were re-dispatched");
 }

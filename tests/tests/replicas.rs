@@ -7,34 +7,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use colony_bus::StreamKind;
-use colony_e2e::{Stack, StackOptions};
+use colony_e2e::{Stack, StackOptions, scripted_router};
 use futures::StreamExt;
 
 const RUNS: usize = 200;
-
-const ROUTER: &str = r#"
-default_deployment = "steady"
-
-[[deployments]]
-name = "steady"
-provider = "scripted"
-model = "scripted-steady"
-tier = "mid"
-input_price_per_mtok = 0.0
-output_price_per_mtok = 0.0
-timeout = "30s"
-
-[[deployments.script]]
-reply = "done"
-delay = "100ms"
-"#;
-
-async fn scalar(stack: &Stack, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap()
-}
 
 async fn submit_to(stack: &Stack, api: &str, goal: &str) {
     let response = stack
@@ -50,7 +26,7 @@ async fn submit_to(stack: &Stack, api: &str, goal: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_surviving_replica_finishes_what_a_killed_one_started() {
     let mut stack = Stack::start(StackOptions {
-        router_toml: ROUTER.into(),
+        router_toml: scripted_router("done", "100ms"),
         lease: "2s",
         workers: 0,
         log_filter: "warn",
@@ -76,11 +52,9 @@ async fn a_surviving_replica_finishes_what_a_killed_one_started() {
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done = scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'",
-        )
-        .await;
+        let done = stack
+            .scalar("SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'")
+            .await;
         if done as usize == RUNS {
             break;
         }
@@ -91,20 +65,16 @@ async fn a_surviving_replica_finishes_what_a_killed_one_started() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
-        scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.task_reports WHERE accepted"
-        )
-        .await,
+        stack
+            .scalar("SELECT count(*) FROM orchestrator.task_reports WHERE accepted")
+            .await,
         RUNS as i64,
         "each report applied once"
     );
     assert_eq!(
-        scalar(
-            &stack,
-            "SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL"
-        )
-        .await,
+        stack
+            .scalar("SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL")
+            .await,
         0,
         "the survivor relayed everything"
     );
