@@ -32,14 +32,22 @@ fn attempt(raw: u32) -> Result<i32, Status> {
         .ok_or_else(|| Status::invalid_argument("attempt must be at least 1"))
 }
 
-fn traced<T>(request: &Request<T>, name: &'static str) -> tracing::Span {
+/// Opens the span of an rpc about one task, as a child of the caller's `traceparent`, and
+/// unwraps the request.
+fn traced<T>(
+    request: Request<T>,
+    name: &'static str,
+    task_id: fn(&T) -> &str,
+) -> (tracing::Span, T) {
     let span = tracing::info_span!("rpc", rpc = name, task_id = tracing::field::Empty);
     let traceparent = request
         .metadata()
         .get("traceparent")
         .and_then(|v| v.to_str().ok());
     colony_telemetry::set_parent(&span, traceparent);
-    span
+    let request = request.into_inner();
+    span.record("task_id", task_id(&request));
+    (span, request)
 }
 
 impl OrchestratorService {
@@ -88,9 +96,7 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<v1::ClaimTaskRequest>,
     ) -> Result<Response<v1::ClaimTaskResponse>, Status> {
-        let span = traced(&request, "ClaimTask");
-        let request = request.into_inner();
-        span.record("task_id", request.task_id.as_str());
+        let (span, request) = traced(request, "ClaimTask", |r| &r.task_id);
         let _entered = span.enter();
         if request.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is required"));
@@ -148,9 +154,7 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<v1::HeartbeatTaskRequest>,
     ) -> Result<Response<v1::HeartbeatTaskResponse>, Status> {
-        let span = traced(&request, "HeartbeatTask");
-        let request = request.into_inner();
-        span.record("task_id", request.task_id.as_str());
+        let (span, request) = traced(request, "HeartbeatTask", |r| &r.task_id);
         let _entered = span.enter();
         let lost = self
             .store
@@ -173,9 +177,7 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<v1::GetTaskOutputRequest>,
     ) -> Result<Response<v1::GetTaskOutputResponse>, Status> {
-        let span = traced(&request, "GetTaskOutput");
-        let request = request.into_inner();
-        span.record("task_id", request.task_id.as_str());
+        let (span, request) = traced(request, "GetTaskOutput", |r| &r.task_id);
         let _entered = span.enter();
         let id = task_id(&request.task_id)?;
         let (role, output) = self.store.task_output(&request.tenant, id).await?;
@@ -190,9 +192,7 @@ impl Orchestrator for OrchestratorService {
         &self,
         request: Request<v1::SpawnTasksRequest>,
     ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
-        let span = traced(&request, "SpawnTasks");
-        let request = request.into_inner();
-        span.record("task_id", request.task_id.as_str());
+        let (span, request) = traced(request, "SpawnTasks", |r| &r.task_id);
         let _entered = span.enter();
         if request.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is required"));
