@@ -63,8 +63,11 @@ impl Outbox {
         message: &M,
     ) -> Result<(), Error> {
         let traceparent = colony_telemetry::current_traceparent();
+        // One round trip: the notification is delivered at commit, so the relay wakes only
+        // for committed rows.
         sqlx::query(&format!(
-            "INSERT INTO {} (msg_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO {} (msg_id, subject, payload, traceparent) \
+             SELECT $1, $2, $3, $4 FROM (SELECT pg_notify($5, '')) AS notified \
              ON CONFLICT (msg_id) DO NOTHING",
             self.table
         ))
@@ -72,13 +75,9 @@ impl Outbox {
         .bind(subject)
         .bind(message.encode_to_vec())
         .bind(traceparent)
+        .bind(self.channel)
         .execute(&mut *conn)
         .await?;
-        // Delivered at commit, so the relay wakes only for committed rows.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.channel)
-            .execute(&mut *conn)
-            .await?;
         Ok(())
     }
 

@@ -62,9 +62,16 @@ impl Default for Config {
             memory_url: "http://127.0.0.1:50053".into(),
             slots: 4,
             // The orchestrator's default roster.
-            roles: ["planner", "generalist", "researcher", "writer", "reviewer"]
-                .map(String::from)
-                .to_vec(),
+            roles: [
+                "planner",
+                "noop",
+                "generalist",
+                "researcher",
+                "writer",
+                "reviewer",
+            ]
+            .map(String::from)
+            .to_vec(),
             worker_id: None,
             rpc_timeout: Duration::from_secs(10),
             completion_timeout: Duration::from_secs(300),
@@ -214,7 +221,14 @@ mod tests {
         assert_eq!(config.slots, 4);
         assert_eq!(
             config.roles,
-            ["planner", "generalist", "researcher", "writer", "reviewer"]
+            [
+                "planner",
+                "noop",
+                "generalist",
+                "researcher",
+                "writer",
+                "reviewer"
+            ]
         );
         assert_eq!(config.worker_id, None);
         assert_eq!(config.rpc_timeout, Duration::from_secs(10));

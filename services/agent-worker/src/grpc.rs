@@ -180,8 +180,10 @@ pub fn claim_from_proto(
             value
         }
     };
+    let noop = spec.kind() == v1::TaskKind::Noop;
     Ok(Claim::Granted {
         task: TaskSpec {
+            noop,
             tenant: dispatch.tenant.clone(),
             run_id: or(spec.run_id, &dispatch.run_id),
             task_id: dispatch.task_id.clone(),

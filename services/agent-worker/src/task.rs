@@ -47,6 +47,9 @@ pub struct TaskSpec {
     pub max_tokens: u32,
     /// Messages that come before the instructions (system prompt, earlier results).
     pub context: Vec<ChatMessage>,
+    /// A no-op task: reported as succeeded with its instructions as the output, with no model
+    /// call and no memory.
+    pub noop: bool,
 }
 
 /// The orchestrator's answer to a claim.

@@ -311,6 +311,13 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
     }
 
     async fn execute(&self, task: &TaskSpec) -> TaskOutcome {
+        if task.noop {
+            return TaskOutcome::Succeeded {
+                output: task.instructions.clone(),
+                usage: crate::task::Usage::default(),
+                deployment: String::new(),
+            };
+        }
         let mut prompt = match self.resolve_context(task).await {
             Ok(context) => context,
             Err(error) => {
@@ -412,6 +419,7 @@ mod tests {
         router_delay: Duration,
         router: Result<Completion, ErrorClass>,
         appends: Mutex<Vec<Vec<ChatMessage>>>,
+        noop: bool,
     }
 
     impl FakePeers {
@@ -422,6 +430,7 @@ mod tests {
                 router_delay: Duration::ZERO,
                 router,
                 appends: Mutex::new(Vec::new()),
+                noop: false,
             }
         }
     }
@@ -437,13 +446,17 @@ mod tests {
             tier: "budget".into(),
             max_tokens: 64,
             context: vec![ChatMessage::new("system", "be brief")],
+            noop: false,
         }
     }
 
     impl Peers for FakePeers {
         async fn claim(&self, _: &Dispatch, _: &str) -> Result<Claim, Error> {
             Ok(Claim::Granted {
-                task: spec(),
+                task: TaskSpec {
+                    noop: self.noop,
+                    ..spec()
+                },
                 lease: Duration::from_secs(3),
             })
         }
@@ -550,6 +563,31 @@ mod tests {
             },
             deployment: "mock".into(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_noop_task_succeeds_with_its_instructions_without_model_or_memory() {
+        // The router would fail the task if it were asked.
+        let peers = FakePeers {
+            noop: true,
+            ..FakePeers::new(Err(ErrorClass::Permanent))
+        };
+        let worker = worker(peers, FakeReporter::default());
+        let progress = CountProgress::default();
+        let disposition = worker.handle("noop", dispatch(), &progress).await;
+        assert_eq!(disposition, Disposition::Done);
+        let published = worker.reporter.published.lock().unwrap();
+        assert_eq!(published.len(), 1);
+        assert_eq!(
+            published[0].outcome,
+            TaskOutcome::Succeeded {
+                output: "say hi".into(),
+                usage: Usage::default(),
+                deployment: String::new(),
+            }
+        );
+        assert!(worker.peers.appends.lock().unwrap().is_empty());
+        assert_eq!(worker.slots.busy(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -87,6 +87,7 @@ fn spec(request: &v1::ClaimTaskRequest) -> v1::TaskSpec {
             role: "system".into(),
             content: "You are terse.".into(),
         }],
+        kind: v1::TaskKind::Agent as i32,
     }
 }
 

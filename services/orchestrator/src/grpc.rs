@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::config::RunsConfig;
 use crate::metrics;
 use crate::plan::PlannedTask;
-use crate::roster::PLANNER;
+use crate::roster::{PLANNER, RoleKind};
 use crate::store::{Claim, ClaimedTask, Spawn, Store};
 
 pub struct OrchestratorService {
@@ -60,6 +60,14 @@ impl OrchestratorService {
             .map(|r| r.tier.clone())
             .filter(|tier| !tier.is_empty())
             .unwrap_or_else(|| self.runs.tier.clone())
+    }
+
+    /// The wire kind of `role`'s tasks; an unknown role's tasks are agent tasks.
+    fn kind(&self, role: &str) -> v1::TaskKind {
+        match self.store.roster().roles.get(role).map(|r| r.kind) {
+            Some(RoleKind::Noop) => v1::TaskKind::Noop,
+            Some(RoleKind::Agent) | None => v1::TaskKind::Agent,
+        }
     }
 
     /// What comes before the instructions: the role's prompt (a planner's also lists the
@@ -126,6 +134,7 @@ impl Orchestrator for OrchestratorService {
             Claim::Granted(task) => {
                 let context = self.context(&task);
                 let tier = self.tier(&task.role);
+                let kind = self.kind(&task.role);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -143,6 +152,7 @@ impl Orchestrator for OrchestratorService {
                         tier,
                         max_tokens: self.runs.max_tokens,
                         context,
+                        kind: kind as i32,
                     }),
                     lease_ms,
                 }

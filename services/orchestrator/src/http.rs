@@ -46,6 +46,9 @@ struct CreateRun {
     failure_policy: Option<FailurePolicy>,
     /// -10..10, higher first within the tenant; 0 when absent.
     priority: Option<i16>,
+    /// The run's tasks, given by the caller instead of the dial's template or a planner;
+    /// validated like a planner's plan (roles, ids, cycles, bounds).
+    plan: Option<Vec<PlannedTask>>,
 }
 
 /// The tenant a request acts for, or why its header is refused.
@@ -167,6 +170,7 @@ async fn create_run_inner(
         goal,
         body.topology,
         body.failure_policy,
+        body.plan,
     )?;
     new.priority = priority;
     let (run_id, _) = state.store.create_dag_run(&new).await?;
@@ -197,6 +201,7 @@ fn plan_run(
     goal: String,
     requested: Option<Topology>,
     failure_policy: Option<FailurePolicy>,
+    given: Option<Vec<PlannedTask>>,
 ) -> Result<NewDagRun, Error> {
     let roster = state.store.roster();
     let default_profile = topology::ModelProfile {
@@ -209,7 +214,32 @@ fn plan_run(
     // Validation guarantees the default tier's profile; the fallback keeps a bad deploy
     // serving.
     let profile = roster.profile(&state.runs.tier).unwrap_or(&default_profile);
-    let decision = topology::choose(&goal, profile, &roster.dial, requested);
+    let mut decision = topology::choose(&goal, profile, &roster.dial, requested);
+    if let Some(given) = given {
+        let count = given.len();
+        let plan = roster.check_given_plan(given).map_err(|error| {
+            rejected(
+                "invalid_plan",
+                Error::InvalidRequest(format!("invalid plan: {error}")),
+            )
+        })?;
+        // The caller decomposed the goal: the dial's inputs are kept for the record.
+        decision.topology = requested.unwrap_or(if count == 1 {
+            Topology::Monolith
+        } else {
+            Topology::Hybrid
+        });
+        decision.overridden = true;
+        decision.reason = format!("the request gave its plan ({count} tasks)");
+        return Ok(NewDagRun {
+            tenant,
+            goal,
+            decision,
+            failure_policy: failure_policy.unwrap_or(state.runs.failure_policy),
+            tasks: plan.tasks,
+            priority: 0,
+        });
+    }
     let tasks = match roster.template(decision.topology, &goal) {
         Some(plan) => plan.tasks,
         None => vec![PlannedTask {

@@ -31,6 +31,20 @@ pub struct Role {
     pub concurrency: u32,
     /// Every task of this role waits for a human's approval before it runs.
     pub requires_approval: bool,
+    /// What a worker does with the role's tasks.
+    pub kind: RoleKind,
+}
+
+/// What a worker does with a role's tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleKind {
+    /// Prompt, model calls through the router, memory.
+    #[default]
+    Agent,
+    /// No model call and no memory: the task succeeds at once with its instructions as the
+    /// output. For steps that only order or join work, and for measuring Colony's overhead.
+    Noop,
 }
 
 impl Default for Role {
@@ -41,6 +55,7 @@ impl Default for Role {
             tools: Vec::new(),
             concurrency: 4,
             requires_approval: false,
+            kind: RoleKind::Agent,
         }
     }
 }
@@ -148,6 +163,16 @@ impl Default for RosterConfig {
                 ),
             ),
             (
+                "noop",
+                Role {
+                    prompt: "Passes its instructions through as its output, with no model \
+                             call. Use it only to join or order other tasks."
+                        .into(),
+                    kind: RoleKind::Noop,
+                    ..Role::default()
+                },
+            ),
+            (
                 "generalist",
                 role(
                     "You are a capable assistant working inside Colony. Complete the user's goal \
@@ -214,6 +239,11 @@ impl RosterConfig {
     pub fn profile(&self, tier: &str) -> Option<&ModelProfile> {
         let key = if tier.is_empty() { DEFAULT_TIER } else { tier };
         self.models.get(key)
+    }
+
+    /// Validates a plan a caller gave with its run, like a planner's.
+    pub fn check_given_plan(&self, tasks: Vec<PlannedTask>) -> Result<ValidPlan, plan::PlanError> {
+        plan::validate(plan::Plan { tasks }, &self.plan_roles(), &self.plan_limits)
     }
 
     /// Validates a planner's answer against the roster.

@@ -1,5 +1,9 @@
 //! Dispatch benchmark: single-task runs through the real stack (five processes, PostgreSQL,
-//! JetStream) with a 0-ms scripted provider, in three phases on one stack:
+//! JetStream), in three phases on one stack. With `--work noop` (the default) each run's one
+//! task has the roster's `noop` role, so the worker reports at once without model or memory
+//! and what is measured is Colony's own machinery; with `--work model` it is a monolith run
+//! whose agent asks a 0-ms scripted provider through the router and records the conversation
+//! in memory, and every figure is recorded with a `model_` prefix.
 //!
 //! 1. idle: `--paced-runs` runs at `--rate` runs/s, well below saturation → dispatch latency
 //!    (task ready → a worker claimed it; `dispatch_p50_ms`, `dispatch_p99_ms`);
@@ -13,7 +17,7 @@
 //!
 //! Usage: `dispatch-bench [--phases idle,loaded,drain] [--paced-runs N] [--rate R]
 //! [--load-rate R] [--load-secs S] [--drain-runs N] [--workers W] [--slots S]
-//! [--concurrency C]`.
+//! [--concurrency C] [--work noop|model]`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,10 +44,23 @@ reply = "done"
 delay = "0ms"
 "#;
 
+/// How often the bench counts finished runs (it reads PostgreSQL, so not too often).
+const POLL: Duration = Duration::from_millis(200);
+
 /// How long any one phase may take to finish its runs before the bench gives up.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// What each run's single task does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// The roster's `noop` role: no model call, no memory.
+    Noop,
+    /// The monolith template's agent with the 0-ms scripted provider.
+    Model,
+}
+
 struct Args {
+    work: Work,
     idle: bool,
     loaded: bool,
     drain: bool,
@@ -59,6 +76,7 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
+        work: Work::Noop,
         idle: true,
         loaded: true,
         drain: true,
@@ -95,6 +113,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--workers" => args.workers = value.parse()?,
             "--slots" => args.slots = value.parse()?,
             "--concurrency" => args.concurrency = value.parse()?,
+            "--work" => {
+                args.work = match value.as_str() {
+                    "noop" => Work::Noop,
+                    "model" => Work::Model,
+                    other => anyhow::bail!("unknown work {other} (noop, model)"),
+                }
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -114,8 +139,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Merges `figures` into `target/bench/results.json`, keeping other benches' figures.
-fn record(figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
+/// Merges `figures`, each name after `prefix`, into `target/bench/results.json`, keeping
+/// other benches' figures.
+fn record(prefix: &str, figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
     let dir = colony_testkit::target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("results.json");
@@ -124,17 +150,29 @@ fn record(figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
     for (name, value) in figures {
-        all.insert((*name).to_owned(), serde_json::json!(value));
+        all.insert(format!("{prefix}{name}"), serde_json::json!(value));
     }
     std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     Ok(path)
 }
 
 /// Submits one run; the request owns everything it needs, so it can run on its own task.
-async fn submit(http: reqwest::Client, base: String, goal: String) -> anyhow::Result<()> {
+async fn submit(
+    http: reqwest::Client,
+    base: String,
+    goal: String,
+    work: Work,
+) -> anyhow::Result<()> {
+    let body = match work {
+        Work::Noop => serde_json::json!({
+            "goal": goal,
+            "plan": [{ "id": "step", "role": "noop", "instructions": goal }],
+        }),
+        Work::Model => serde_json::json!({ "goal": goal }),
+    };
     let response = http
         .post(format!("{base}/v1/runs"))
-        .json(&serde_json::json!({ "goal": goal }))
+        .json(&body)
         .send()
         .await
         .context("submitting a run")?;
@@ -190,7 +228,7 @@ async fn wait_finished(stack: &Stack, phase: &str, total: usize) -> anyhow::Resu
             "{phase}: only {done}/{total} runs finished within {} s",
             PHASE_TIMEOUT.as_secs()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -222,7 +260,13 @@ async fn span_secs(stack: &Stack, phase: &str, from: &str, to: &str) -> anyhow::
 
 /// Offers `total` runs of `phase` at `rate` runs/s, open loop: each submission runs on its own
 /// task, so a slow answer does not delay the next one. Returns the seconds the offering took.
-async fn offer(stack: &Stack, phase: &str, total: usize, rate: f64) -> anyhow::Result<f64> {
+async fn offer(
+    stack: &Stack,
+    phase: &str,
+    total: usize,
+    rate: f64,
+    work: Work,
+) -> anyhow::Result<f64> {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let mut requests = JoinSet::new();
     let started = Instant::now();
@@ -233,6 +277,7 @@ async fn offer(stack: &Stack, phase: &str, total: usize, rate: f64) -> anyhow::R
             stack.http.clone(),
             stack.orchestrator_url.clone(),
             format!("{phase} {i}"),
+            work,
         ));
         while let Some(done) = requests.try_join_next() {
             done??;
@@ -273,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
 
     if args.idle {
         eprintln!("idle: {} runs at {} runs/s", args.paced_runs, args.rate);
-        offer(&stack, "idle", args.paced_runs, args.rate).await?;
+        offer(&stack, "idle", args.paced_runs, args.rate, args.work).await?;
         wait_finished(&stack, "idle", args.paced_runs).await?;
         let idle = latencies(&stack, "idle").await?;
         figures.insert("dispatch_p50_ms", percentile(&idle, 50.0));
@@ -290,7 +335,7 @@ async fn main() -> anyhow::Result<()> {
             "loaded: {total} runs offered at {} runs/s for {} s",
             args.load_rate, args.load_secs
         );
-        let offered_secs = offer(&stack, "loaded", total, args.load_rate).await?;
+        let offered_secs = offer(&stack, "loaded", total, args.load_rate, args.work).await?;
         wait_finished(&stack, "loaded", total).await?;
         let loaded = latencies(&stack, "loaded").await?;
         // What the stack took in (first → last run created) and got done (first run created →
@@ -335,6 +380,7 @@ async fn main() -> anyhow::Result<()> {
                     stack.http.clone(),
                     stack.orchestrator_url.clone(),
                     format!("drain {i}"),
+                    args.work,
                 )
             })
             .buffer_unordered(args.concurrency);
@@ -377,7 +423,8 @@ async fn main() -> anyhow::Result<()> {
         figures.insert("throughput_tasks_per_s", total as f64 / span);
         notes.push(format!(
             "drain: {total} runs in {span:.2} s from resume to last finish \
-             (bench clock, polled every 50 ms: {observed:.2} s)"
+             (bench clock, polled every {} ms: {observed:.2} s)",
+            POLL.as_millis()
         ));
     }
 
@@ -391,13 +438,17 @@ async fn main() -> anyhow::Result<()> {
         "workers: {} x {} slots  submit concurrency (drain): {}",
         args.workers, args.slots, args.concurrency
     );
+    let prefix = match args.work {
+        Work::Noop => "",
+        Work::Model => "model_",
+    };
     for note in &notes {
         println!("{note}");
     }
     for (name, value) in &figures {
-        println!("{name:<32} {value:.2}");
+        println!("{prefix}{name:<32} {value:.2}");
     }
-    let path = record(&figures)?;
+    let path = record(prefix, &figures)?;
     println!("figures merged into {}", path.display());
     Ok(())
 }

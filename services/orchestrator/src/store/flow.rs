@@ -173,21 +173,38 @@ impl Store {
             tx.rollback().await?;
             return Ok(0);
         }
+        // Tenants with waiting attempts by a loose index scan (one index probe per tenant),
+        // then each tenant's head in priority order under its in-flight cap, locked so another
+        // replica's pass skips it: the cost grows with tenants and the batch, not with the
+        // depth of the queue. The rank (every tenant's first before any tenant's second) is
+        // taken over the heads only.
         let candidates: Vec<Uuid> = sqlx::query_scalar(&format!(
-            "WITH waiting AS ( \
-                 SELECT id, tenant, priority, ready_at, \
-                        ROW_NUMBER() OVER (PARTITION BY tenant \
-                                           ORDER BY priority DESC, ready_at, id) AS rank \
-                 FROM orchestrator.tasks \
-                 WHERE state = 'queued' AND dispatched_at IS NULL \
-                   AND (not_before IS NULL OR not_before <= now())), \
-             in_flight AS ( \
-                 SELECT tenant, count(*) AS n FROM orchestrator.tasks \
-                 WHERE {IN_FLIGHT} AND tenant IN (SELECT DISTINCT tenant FROM waiting) \
-                 GROUP BY tenant) \
-             SELECT w.id FROM waiting w LEFT JOIN in_flight f USING (tenant) \
-             WHERE w.rank <= LEAST($1, $2 - COALESCE(f.n, 0)) AND {NOT_PAUSED} \
-             ORDER BY w.rank, w.priority DESC, w.ready_at, w.id LIMIT $3"
+            "WITH RECURSIVE tenants AS ( \
+                 (SELECT tenant FROM orchestrator.tasks \
+                  WHERE state = 'queued' AND dispatched_at IS NULL ORDER BY tenant LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT t.tenant FROM orchestrator.tasks t \
+                         WHERE t.state = 'queued' AND t.dispatched_at IS NULL \
+                           AND t.tenant > tenants.tenant ORDER BY t.tenant LIMIT 1) \
+                 FROM tenants WHERE tenants.tenant IS NOT NULL), \
+             heads AS ( \
+                 SELECT head.id, head.priority, head.ready_at, \
+                        ROW_NUMBER() OVER (PARTITION BY tenants.tenant \
+                                           ORDER BY head.priority DESC, head.ready_at) AS rank \
+                 FROM tenants \
+                 CROSS JOIN LATERAL ( \
+                     SELECT count(*) AS n FROM orchestrator.tasks f \
+                     WHERE f.tenant = tenants.tenant AND f.{IN_FLIGHT}) in_flight \
+                 CROSS JOIN LATERAL ( \
+                     SELECT w.id, w.priority, w.ready_at FROM orchestrator.tasks w \
+                     WHERE w.tenant = tenants.tenant AND w.state = 'queued' \
+                       AND w.dispatched_at IS NULL \
+                       AND (w.not_before IS NULL OR w.not_before <= now()) \
+                     ORDER BY w.priority DESC, w.ready_at \
+                     LIMIT GREATEST(0, LEAST($1, $2 - in_flight.n)) \
+                     FOR UPDATE SKIP LOCKED) head \
+                 WHERE tenants.tenant IS NOT NULL AND {NOT_PAUSED}) \
+             SELECT id FROM heads ORDER BY rank, priority DESC, ready_at, id LIMIT $3"
         ))
         .bind(i64::from(self.limits.per_tenant_per_pass))
         .bind(i64::from(self.limits.max_in_flight_per_tenant))
@@ -198,12 +215,11 @@ impl Store {
             tx.rollback().await?;
             return Ok(0);
         }
+        // The candidates are locked and were checked above; selecting them by id alone keeps
+        // the planner on the primary key whatever its statistics say about the queue.
         let due = sqlx::query(&format!(
             "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
-             WHERE id IN (SELECT id FROM orchestrator.tasks \
-                          WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL \
-                          FOR UPDATE SKIP LOCKED) \
-               AND {NOT_PAUSED} \
+             WHERE id = ANY($1) AND {NOT_PAUSED} \
              RETURNING id, run_id, tenant, role, attempt, dispatches"
         ))
         .bind(&candidates)
