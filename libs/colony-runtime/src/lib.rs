@@ -1,6 +1,7 @@
 //! Process runtime shared by the services: signals → cancellation, one task tracker, readiness,
 //! and the `/healthz`, `/readyz`, `/metrics` endpoints.
 
+pub mod batch;
 mod service;
 
 use std::future::Future;
@@ -171,7 +172,19 @@ pub fn serve_grpc(
 ) -> tokio::task::JoinHandle<()> {
     let owner = runtime.clone();
     runtime.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small request/response frames: without TCP_NODELAY, Nagle's algorithm holds an
+        // answer's last segment until the peer's delayed ACK (~40 ms on Linux) on every call.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |stream| {
+                if let Ok(stream) = &stream
+                    && let Err(error) = stream.set_nodelay(true)
+                {
+                    tracing::debug!(%error, "setting TCP_NODELAY failed");
+                }
+                stream
+            },
+        );
         let served = router
             .serve_with_incoming_shutdown(incoming, owner.shutdown.clone().cancelled_owned())
             .await;

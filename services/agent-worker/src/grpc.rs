@@ -13,6 +13,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::claims::{ClaimLoop, ClaimQueue};
 use crate::error::{Error, Peer};
 use crate::task::{ChatMessage, Claim, Completion, Dispatch, ErrorClass, Lease, TaskSpec, Usage};
 use crate::worker::Peers;
@@ -25,6 +26,7 @@ pub use colony_proto::ERROR_CLASS_METADATA;
 #[derive(Clone)]
 pub struct GrpcPeers {
     orchestrator: OrchestratorClient<Channel>,
+    claims: ClaimQueue,
     router: RouterClient<Channel>,
     memory: MemoryClient<Channel>,
     rpc_timeout: Duration,
@@ -39,25 +41,33 @@ fn channel(url: &str, connect_timeout: Duration) -> anyhow::Result<Channel> {
 }
 
 impl GrpcPeers {
+    /// The peers, and the loop that sends this worker's claims in batches (run it on the
+    /// service's runtime).
     pub fn new(
         orchestrator_url: &str,
         router_url: &str,
         memory_url: &str,
+        worker_id: &str,
         rpc_timeout: Duration,
         completion_timeout: Duration,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            orchestrator: OrchestratorClient::new(channel(orchestrator_url, rpc_timeout)?),
+    ) -> anyhow::Result<(Self, ClaimLoop)> {
+        let orchestrator = OrchestratorClient::new(channel(orchestrator_url, rpc_timeout)?);
+        let (claims, claim_loop) =
+            crate::claims::queue(orchestrator.clone(), worker_id.to_owned(), rpc_timeout);
+        let peers = Self {
+            orchestrator,
+            claims,
             router: RouterClient::new(channel(router_url, rpc_timeout)?),
             memory: MemoryClient::new(channel(memory_url, rpc_timeout)?),
             rpc_timeout,
             completion_timeout,
-        })
+        };
+        Ok((peers, claim_loop))
     }
 }
 
 /// A request with a deadline and the current span's W3C `traceparent`.
-fn request<T>(message: T, deadline: Duration) -> Request<T> {
+pub(crate) fn request<T>(message: T, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(deadline);
     if let Some(traceparent) = colony_telemetry::current_traceparent()
@@ -108,7 +118,7 @@ pub fn status_error(peer: Peer, status: &Status, deadline: Duration) -> Error {
 
 /// Runs one call; a client that never answers is cut off shortly after the deadline even if
 /// the peer ignores `grpc-timeout`.
-async fn call<T>(
+pub(crate) async fn call<T>(
     peer: Peer,
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
@@ -210,13 +220,7 @@ impl Peers for GrpcPeers {
             attempt: dispatch.attempt,
             worker_id: worker_id.to_owned(),
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.claim_task(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = self.claims.claim(message).await?;
         claim_from_proto(dispatch, response)
     }
 

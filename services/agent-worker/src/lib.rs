@@ -7,6 +7,7 @@
 //! `TaskReport`. See `README.md` for the contract and failure modes.
 
 mod bus;
+mod claims;
 pub mod config;
 mod error;
 mod grpc;
@@ -83,13 +84,15 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             .await?;
         consumers.push((role.clone(), consumer));
     }
-    let peers = GrpcPeers::new(
+    let (peers, claim_loop) = GrpcPeers::new(
         &config.orchestrator_url,
         &config.router_url,
         &config.memory_url,
+        &worker_id,
         config.rpc_timeout,
         config.completion_timeout,
     )?;
+    runtime.spawn(claim_loop.run(runtime.shutdown.clone()));
 
     let http = colony_runtime::bind(&config.http.addr).await?;
     let http_addr = http.local_addr().context("http listener address")?;

@@ -8,6 +8,8 @@ pub const TASK_SECONDS: &str = "colony_agent_worker_task_duration_seconds";
 /// Claims, by `result` (`granted`, `refused`, `error`).
 pub const CLAIMS: &str = "colony_agent_worker_claims_total";
 /// Time from the orchestrator's `dispatched_at` to a granted claim.
+pub const CLAIM_BATCH: &str = "colony_agent_worker_claim_batch_size";
+/// Histogram.
 pub const DISPATCH_LATENCY_SECONDS: &str = "colony_agent_worker_dispatch_latency_seconds";
 /// Tasks running now (claimed and not yet ended).
 pub const SLOTS_BUSY: &str = "colony_agent_worker_slots_busy";
@@ -40,6 +42,11 @@ pub fn describe() {
         DISPATCH_LATENCY_SECONDS,
         Unit::Seconds,
         "Time from the orchestrator's dispatched_at to a granted claim."
+    );
+    describe_histogram!(
+        CLAIM_BATCH,
+        Unit::Count,
+        "Claims sent in one ClaimTasks call."
     );
     describe_gauge!(SLOTS_BUSY, "Tasks this worker is running now.");
     describe_gauge!(

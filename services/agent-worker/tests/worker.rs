@@ -122,6 +122,17 @@ impl Orchestrator for FakeOrchestrator {
         Ok(Response::new(response))
     }
 
+    async fn claim_tasks(
+        &self,
+        request: Request<v1::ClaimTasksRequest>,
+    ) -> Result<Response<v1::ClaimTasksResponse>, Status> {
+        let mut claims = Vec::new();
+        for claim in request.into_inner().claims {
+            claims.push(self.claim_task(Request::new(claim)).await?.into_inner());
+        }
+        Ok(Response::new(v1::ClaimTasksResponse { claims }))
+    }
+
     async fn get_task_output(
         &self,
         request: Request<v1::GetTaskOutputRequest>,

@@ -12,7 +12,7 @@ use crate::config::RunsConfig;
 use crate::metrics;
 use crate::plan::PlannedTask;
 use crate::roster::{PLANNER, RoleKind};
-use crate::store::{Claim, ClaimedTask, Spawn, Store};
+use crate::store::{Claim, ClaimRequest, ClaimedTask, Spawn, Store};
 
 pub struct OrchestratorService {
     pub store: Store,
@@ -62,6 +62,49 @@ impl OrchestratorService {
             .unwrap_or_else(|| self.runs.tier.clone())
     }
 
+    /// The wire answer to one claim, counted.
+    fn claim_response(&self, claim: Claim, worker: &str) -> v1::ClaimTaskResponse {
+        let lease_ms = self.lease.as_millis() as u64;
+        match claim {
+            Claim::Refused(reason) => {
+                ::metrics::counter!(metrics::CLAIMS, "result" => "refused").increment(1);
+                tracing::debug!(%reason, worker, "claim refused");
+                v1::ClaimTaskResponse {
+                    granted: false,
+                    reason,
+                    task: None,
+                    lease_ms,
+                }
+            }
+            Claim::Granted(task) => {
+                let context = self.context(&task);
+                let tier = self.tier(&task.role);
+                let kind = self.kind(&task.role);
+                ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
+                ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
+                ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
+                tracing::debug!(worker, task_id = %task.task_id, attempt = task.attempt, "task claimed");
+                v1::ClaimTaskResponse {
+                    granted: true,
+                    reason: String::new(),
+                    task: Some(v1::TaskSpec {
+                        tenant: task.tenant,
+                        run_id: task.run_id.to_string(),
+                        task_id: task.task_id.to_string(),
+                        attempt: task.attempt as u32,
+                        role: task.role,
+                        instructions: task.instructions,
+                        tier,
+                        max_tokens: self.runs.max_tokens,
+                        context,
+                        kind: kind as i32,
+                    }),
+                    lease_ms,
+                }
+            }
+        }
+    }
+
     /// The wire kind of `role`'s tasks; an unknown role's tasks are agent tasks.
     fn kind(&self, role: &str) -> v1::TaskKind {
         match self.store.roster().roles.get(role).map(|r| r.kind) {
@@ -98,6 +141,9 @@ impl OrchestratorService {
     }
 }
 
+/// Claims one `ClaimTasks` call may carry.
+const MAX_CLAIMS_PER_CALL: usize = 256;
+
 #[tonic::async_trait]
 impl Orchestrator for OrchestratorService {
     async fn claim_task(
@@ -119,44 +165,50 @@ impl Orchestrator for OrchestratorService {
                 self.lease,
             )
             .await?;
-        let lease_ms = self.lease.as_millis() as u64;
-        Ok(Response::new(match claim {
-            Claim::Refused(reason) => {
-                ::metrics::counter!(metrics::CLAIMS, "result" => "refused").increment(1);
-                tracing::debug!(%reason, worker = %request.worker_id, "claim refused");
-                v1::ClaimTaskResponse {
-                    granted: false,
-                    reason,
-                    task: None,
-                    lease_ms,
-                }
+        Ok(Response::new(
+            self.claim_response(claim, &request.worker_id),
+        ))
+    }
+
+    async fn claim_tasks(
+        &self,
+        request: Request<v1::ClaimTasksRequest>,
+    ) -> Result<Response<v1::ClaimTasksResponse>, Status> {
+        let (span, request) = traced(request, "ClaimTasks", |r| &r.worker_id);
+        let _entered = span.enter();
+        if request.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is required"));
+        }
+        if request.claims.len() > MAX_CLAIMS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} claims in one call; the limit is {MAX_CLAIMS_PER_CALL}",
+                request.claims.len()
+            )));
+        }
+        let mut claims = Vec::with_capacity(request.claims.len());
+        for claim in &request.claims {
+            if claim.worker_id != request.worker_id {
+                return Err(Status::invalid_argument(
+                    "every claim's worker_id must be the call's worker_id",
+                ));
             }
-            Claim::Granted(task) => {
-                let context = self.context(&task);
-                let tier = self.tier(&task.role);
-                let kind = self.kind(&task.role);
-                ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
-                ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
-                ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
-                tracing::info!(worker = %request.worker_id, attempt = task.attempt, "task claimed");
-                v1::ClaimTaskResponse {
-                    granted: true,
-                    reason: String::new(),
-                    task: Some(v1::TaskSpec {
-                        tenant: task.tenant,
-                        run_id: task.run_id.to_string(),
-                        task_id: task.task_id.to_string(),
-                        attempt: task.attempt as u32,
-                        role: task.role,
-                        instructions: task.instructions,
-                        tier,
-                        max_tokens: self.runs.max_tokens,
-                        context,
-                        kind: kind as i32,
-                    }),
-                    lease_ms,
-                }
-            }
+            claims.push(ClaimRequest {
+                tenant: claim.tenant.clone(),
+                task_id: task_id(&claim.task_id)?,
+                attempt: attempt(claim.attempt)?,
+            });
+        }
+        let started = std::time::Instant::now();
+        let answers = self
+            .store
+            .claim_many(&request.worker_id, self.lease, &claims)
+            .await?;
+        ::metrics::histogram!(metrics::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(Response::new(v1::ClaimTasksResponse {
+            claims: answers
+                .into_iter()
+                .map(|claim| self.claim_response(claim, &request.worker_id))
+                .collect(),
         }))
     }
 

@@ -109,14 +109,16 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             &format!("{}.>", subjects::REPORT),
         )
         .await?;
-    let report_store = store.clone();
+    // Reports in flight at once; the ones that wait together are applied in one transaction.
+    let (report_queue, report_loop) = reports::queue(store.clone());
+    runtime.spawn(report_loop.run(runtime.shutdown.clone()));
     runtime.spawn(colony_bus::consume(
         bus.clone(),
         consumer,
-        ConsumeOptions::new(reports::CONSUMER, 16),
+        ConsumeOptions::new(reports::CONSUMER, 128),
         runtime.shutdown.clone(),
         runtime.tracker.clone(),
-        move |delivery| reports::handle(report_store.clone(), delivery),
+        move |delivery| reports::handle(report_queue.clone(), delivery),
     ));
 
     // Recovery: attempts whose lease expired while no orchestrator ran (their workers died
@@ -301,6 +303,11 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
         match store.queue_depth().await {
             Ok(depth) => ::metrics::gauge!(metrics::QUEUE_DEPTH).set(depth as f64),
             Err(error) => tracing::warn!(%error, "reading the queue depth failed"),
+        }
+        match store.refresh_statistics().await {
+            Ok(true) => tracing::debug!("tasks table analyzed"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "refreshing the tasks table's statistics failed"),
         }
         match store
             .redispatch_unclaimed(leases.redispatch_after, 100)

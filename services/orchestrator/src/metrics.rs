@@ -4,6 +4,10 @@ pub const RUNS: &str = "colony_orchestrator_runs_total";
 pub const TASKS: &str = "colony_orchestrator_tasks_total";
 pub const CLAIMS: &str = "colony_orchestrator_claims_total";
 pub const REPORTS: &str = "colony_orchestrator_reports_total";
+/// Histogram.
+pub const CLAIM_SECONDS: &str = "colony_orchestrator_claim_duration_seconds";
+/// Histogram.
+pub const REPORT_BATCH: &str = "colony_orchestrator_report_batch_size";
 pub const LEASES_EXPIRED: &str = "colony_orchestrator_leases_expired_total";
 pub const REDISPATCHED: &str = "colony_orchestrator_redispatched_total";
 pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds";
@@ -56,6 +60,16 @@ pub fn describe() {
     describe_counter!(
         REPORTS,
         "Worker reports by result: accepted, or rejected (stale attempt, not the lease holder, finished)."
+    );
+    describe_histogram!(
+        CLAIM_SECONDS,
+        Unit::Seconds,
+        "Time to decide one ClaimTask or ClaimTasks call (one transaction)."
+    );
+    describe_histogram!(
+        REPORT_BATCH,
+        Unit::Count,
+        "Reports applied in one transaction."
     );
     describe_counter!(
         LEASES_EXPIRED,

@@ -6,8 +6,11 @@ use colony_bus::{Delivery, Outcome};
 use colony_proto::{ErrorClass, v1};
 use uuid::Uuid;
 
-use crate::metrics;
+use colony_runtime::batch::{BatchLoop, BatchQueue, Stopped, batch_queue};
+use tokio_util::sync::CancellationToken;
+
 use crate::store::{Report, ReportDecision, ReportOutcome, Store};
+use crate::{Error, metrics};
 
 /// Durable consumer shared by orchestrator replicas.
 pub const CONSUMER: &str = "orchestrator-reports";
@@ -44,7 +47,55 @@ pub fn parse(report: v1::TaskReport) -> Result<Report, String> {
     })
 }
 
-pub async fn handle(store: Store, delivery: Delivery<v1::TaskReport>) -> Outcome {
+/// Reports waiting for the next batch at most (the consumer's in-flight limit bounds them).
+const QUEUE: usize = 1024;
+/// Reports applied in one transaction at most.
+const MAX_BATCH: usize = 128;
+
+type Applied = Result<ReportDecision, Error>;
+
+/// Where the consumer's handlers queue reports; one loop applies them in batches.
+pub type ReportQueue = BatchQueue<Report, Applied>;
+
+/// Applies queued reports in batches; run it on the service's runtime.
+pub struct ReportLoop {
+    batches: BatchLoop<Report, Applied>,
+    store: Store,
+}
+
+pub fn queue(store: Store) -> (ReportQueue, ReportLoop) {
+    let (queue, batches) = batch_queue(QUEUE, MAX_BATCH);
+    (queue, ReportLoop { batches, store })
+}
+
+impl ReportLoop {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let store = self.store;
+        self.batches
+            .run(shutdown, move |reports| apply(store.clone(), reports))
+            .await;
+    }
+}
+
+/// Applies `reports` in one transaction; if that fails (a deadlock with another replica, a
+/// report the database refuses), each in its own, so one cannot hold back the rest.
+async fn apply(store: Store, reports: Vec<Report>) -> Vec<Applied> {
+    ::metrics::histogram!(metrics::REPORT_BATCH).record(reports.len() as f64);
+    match store.apply_reports(&reports).await {
+        Ok(decisions) => decisions.into_iter().map(Ok).collect(),
+        Err(error) if reports.len() == 1 => vec![Err(error)],
+        Err(error) => {
+            tracing::warn!(%error, count = reports.len(), "report batch failed; applying one by one");
+            let mut applied = Vec::with_capacity(reports.len());
+            for report in &reports {
+                applied.push(store.apply_report(report).await);
+            }
+            applied
+        }
+    }
+}
+
+pub async fn handle(queue: ReportQueue, delivery: Delivery<v1::TaskReport>) -> Outcome {
     let report = match parse(delivery.message) {
         Ok(report) => report,
         Err(reason) => {
@@ -52,27 +103,32 @@ pub async fn handle(store: Store, delivery: Delivery<v1::TaskReport>) -> Outcome
             return Outcome::Terminate(format!("invalid report: {reason}"));
         }
     };
-    match store.apply_report(&report).await {
+    let (task_id, attempt) = (report.task_id, report.attempt);
+    let state = match report.outcome {
+        ReportOutcome::Succeeded { .. } => "succeeded",
+        ReportOutcome::Failed { .. } => "failed",
+    };
+    let applied = queue
+        .call(report)
+        .await
+        .unwrap_or_else(|Stopped| Err(Error::Conflict("the orchestrator is shutting down".into())));
+    match applied {
         Ok(ReportDecision::Accepted) => {
-            let state = match report.outcome {
-                ReportOutcome::Succeeded { .. } => "succeeded",
-                ReportOutcome::Failed { .. } => "failed",
-            };
             // Task and run transitions (retry, dead letter, run outcome) are counted by the
             // store once they commit.
             ::metrics::counter!(metrics::REPORTS, "result" => "accepted").increment(1);
-            tracing::info!(task_id = %report.task_id, attempt = report.attempt, state, "report accepted");
+            tracing::info!(%task_id, attempt, state, "report accepted");
             Outcome::Ack
         }
         Ok(ReportDecision::Rejected(reason)) => {
             ::metrics::counter!(metrics::REPORTS, "result" => "rejected").increment(1);
-            tracing::info!(task_id = %report.task_id, attempt = report.attempt, %reason, "report rejected");
+            tracing::info!(%task_id, attempt, %reason, "report rejected");
             Outcome::Ack
         }
         Err(error) => {
             let delay =
                 Duration::from_millis(200 * 2u64.pow(delivery.delivered.clamp(1, 7) as u32));
-            tracing::warn!(%error, task_id = %report.task_id, "report not applied; retrying");
+            tracing::warn!(%error, %task_id, "report not applied; retrying");
             Outcome::Retry(delay)
         }
     }

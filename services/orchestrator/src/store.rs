@@ -19,6 +19,7 @@ use crate::roster::RosterConfig;
 use crate::topology::{Decision, Topology};
 
 mod approval;
+mod claim;
 mod control;
 mod dag;
 mod flow;
@@ -28,6 +29,7 @@ mod spawn;
 
 use crate::retry::Next;
 pub use approval::PendingApproval;
+pub use claim::ClaimRequest;
 pub use control::Maintenance;
 pub use dag::{DependencyOutput, OUTPUT_REF_PREFIX};
 pub use flow::Refusal;
@@ -575,9 +577,7 @@ impl Store {
         Ok(runs)
     }
 
-    /// Claims `attempt` of a task for `worker`. Granted only if that attempt is the current one,
-    /// nobody holds it, its backoff has passed and maintenance mode is off: the conditional
-    /// update is the whole decision.
+    /// Claims `attempt` of a task for `worker` (see [`Store::claim_many`]).
     pub async fn claim(
         &self,
         tenant: &str,
@@ -586,71 +586,17 @@ impl Store {
         worker: &str,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE orchestrator.tasks \
-             SET state = 'running', lease_owner = $4, \
-                 lease_expires_at = now() + make_interval(secs => $5), \
-                 started_at = now() \
-             WHERE id = $1 AND tenant = $2 AND attempt = $3 AND state = 'queued' \
-               AND (not_before IS NULL OR not_before <= now()) AND {} \
-             RETURNING run_id, role, instructions, \
-                       EXTRACT(EPOCH FROM (now() - ready_at))::float8 AS waited",
-            control::NOT_PAUSED
-        ))
-        .bind(task_id)
-        .bind(tenant)
-        .bind(attempt)
-        .bind(worker)
-        .bind(interval(lease))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            let paused = control::paused(&mut tx).await?;
-            tx.rollback().await?;
-            if paused {
-                return Ok(Claim::Refused("maintenance".into()));
-            }
-            return Ok(Claim::Refused(
-                self.refusal(tenant, task_id, attempt).await?,
-            ));
-        };
-        let dependencies =
-            dag::dependency_outputs(&mut tx, task_id, self.roster.inline_output_bytes).await?;
-        let claimed = ClaimedTask {
+        let request = ClaimRequest {
             tenant: tenant.to_owned(),
-            run_id: row.get("run_id"),
             task_id,
             attempt,
-            role: row.get("role"),
-            instructions: row.get("instructions"),
-            waited: row.get("waited"),
-            dependencies,
         };
-        sqlx::query(
-            "INSERT INTO orchestrator.task_attempts (task_id, attempt, worker_id) VALUES ($1, $2, $3)",
-        )
-        .bind(task_id)
-        .bind(attempt)
-        .bind(worker)
-        .execute(&mut *tx)
-        .await?;
-        TaskEvent {
-            tenant,
-            run_id: claimed.run_id,
-            task_id,
-            attempt,
-            role: &claimed.role,
-            kind: v1::TaskEventKind::Started,
-            worker_id: worker,
-            error_class: v1::ErrorClass::Unspecified,
-            reason: "",
-            usage: None,
-        }
-        .enqueue(&mut tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Claim::Granted(claimed))
+        let claims = self.claim_many(worker, lease, &[request]).await?;
+        // `claim_many` answers every request.
+        Ok(claims
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Claim::Refused("no answer".into())))
     }
 
     /// Explains why a claim or heartbeat was refused. A cancelled task says "cancelled".
@@ -663,23 +609,14 @@ impl Store {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match row {
-            None => "unknown task".into(),
-            Some(row) => {
-                let state: String = row.get("state");
-                let current: i32 = row.get("attempt");
-                let waiting: Option<bool> = row.get("waiting");
-                if matches!(state.as_str(), "cancelling" | "cancelled") {
-                    "cancelled".into()
-                } else if current != attempt {
-                    format!("stale attempt {attempt}: the current attempt is {current}")
-                } else if state == "queued" && waiting == Some(true) {
-                    format!("attempt {attempt} is not due yet (retry backoff)")
-                } else {
-                    format!("attempt {attempt} is already {state}")
-                }
-            }
-        })
+        Ok(claim::refusal_reason(
+            row.as_ref().map(|row| claim::TaskState {
+                state: row.get("state"),
+                attempt: row.get("attempt"),
+                waiting: row.get::<Option<bool>, _>("waiting") == Some(true),
+            }),
+            attempt,
+        ))
     }
 
     /// Extends the lease of `attempt` if `worker` still holds it. Otherwise says why the worker
@@ -734,10 +671,40 @@ impl Store {
         Ok(Some(self.refusal(tenant, task_id, attempt).await?))
     }
 
-    /// Applies a worker's report if it belongs to the current attempt and the reporting worker
-    /// holds its lease; otherwise records it as rejected. Every report is recorded.
+    /// Applies a worker's report (see [`Store::apply_reports`]).
     pub async fn apply_report(&self, report: &Report) -> Result<ReportDecision, Error> {
+        let decisions = self.apply_reports(std::slice::from_ref(report)).await?;
+        // `apply_reports` decides every report.
+        Ok(decisions
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| ReportDecision::Rejected("no decision".into())))
+    }
+
+    /// Applies workers' reports in order, in one transaction: each is applied if it belongs to
+    /// the current attempt and the reporting worker holds its lease, and recorded as rejected
+    /// otherwise. Every report is recorded. One commit for many reports is what lets a busy
+    /// orchestrator keep up; if the transaction fails, none of them is applied.
+    pub async fn apply_reports(&self, reports: &[Report]) -> Result<Vec<ReportDecision>, Error> {
         let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::default();
+        let mut decisions = Vec::with_capacity(reports.len());
+        for report in reports {
+            decisions.push(self.apply_report_in(&mut tx, report, &mut effects).await?);
+        }
+        tx.commit().await?;
+        effects.record();
+        // Finished attempts free in-flight slots of their tenants.
+        self.wake_dispatcher();
+        Ok(decisions)
+    }
+
+    async fn apply_report_in(
+        &self,
+        tx: &mut PgConnection,
+        report: &Report,
+        effects: &mut Effects,
+    ) -> Result<ReportDecision, Error> {
         let task = sqlx::query(&format!(
             "SELECT {LOCKED_COLUMNS} FROM orchestrator.tasks \
              WHERE id = $1 AND tenant = $2 FOR UPDATE"
@@ -789,12 +756,11 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        let mut effects = Effects::default();
         if let Some(task) = &task {
             let worker = report.worker_id.as_str();
             match (&decision, &report.outcome) {
                 (ReportDecision::Accepted, ReportOutcome::Succeeded { output, usage }) => {
-                    self.succeed(&mut tx, task, worker, output, *usage, &mut effects)
+                    self.succeed(tx, task, worker, output, *usage, effects)
                         .await?;
                 }
                 (
@@ -806,28 +772,24 @@ impl Store {
                     },
                 ) => {
                     self.fail(
-                        &mut tx,
+                        tx,
                         task,
                         worker,
                         AttemptEnd::Failed,
                         *error_class,
                         message,
                         *usage,
-                        &mut effects,
+                        effects,
                     )
                     .await?;
                 }
                 (ReportDecision::Rejected(_), _) if task.state == "cancelling" && holder(task) => {
                     // It finished before it heard of the cancellation: its attempt is over.
-                    self.stop_cancelled(&mut tx, task, &mut effects).await?;
+                    self.stop_cancelled(tx, task, effects).await?;
                 }
                 (ReportDecision::Rejected(_), _) => {}
             }
         }
-        tx.commit().await?;
-        effects.record();
-        // A finished attempt frees an in-flight slot of its tenant.
-        self.wake_dispatcher();
         Ok(decision)
     }
 

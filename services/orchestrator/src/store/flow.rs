@@ -249,4 +249,29 @@ impl Store {
         .fetch_one(&self.pool)
         .await?)
     }
+
+    /// Analyzes the tasks table when it changed by more than it held at the last analysis
+    /// (and by at least [`ANALYZE_AFTER_CHANGES`] rows). A queue that goes from empty to
+    /// thousands of rows within autovacuum's first minute would otherwise be planned as
+    /// empty, and a claim by id would walk a tenant's whole queue. Returns whether it ran.
+    pub async fn refresh_statistics(&self) -> Result<bool, Error> {
+        let stale: Option<bool> = sqlx::query_scalar(
+            "SELECT s.n_mod_since_analyze > GREATEST($1, c.reltuples::bigint) \
+             FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+             WHERE s.schemaname = 'orchestrator' AND s.relname = 'tasks'",
+        )
+        .bind(ANALYZE_AFTER_CHANGES)
+        .fetch_optional(&self.pool)
+        .await?;
+        if stale != Some(true) {
+            return Ok(false);
+        }
+        sqlx::query("ANALYZE orchestrator.tasks")
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
+    }
 }
+
+/// Row changes below which the tasks table's statistics are left to autovacuum.
+const ANALYZE_AFTER_CHANGES: i64 = 1_000;
