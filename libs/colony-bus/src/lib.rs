@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use async_nats;
 pub use consume::{ConsumeOptions, Delivery, Outcome, ProgressHandle, consume, consume_bytes};
-pub use outbox::{Outbox, RelayOptions};
+pub use outbox::{Outbox, OutboxRow, RelayOptions};
 
 /// Header carrying the W3C trace context of the publishing span.
 pub const TRACEPARENT: &str = "traceparent";

@@ -23,6 +23,25 @@ pub struct Outbox {
     channel: &'static str,
 }
 
+/// One message for [`Outbox::enqueue_many`]: the logical subject, the `Nats-Msg-Id` that
+/// makes a repeat harmless, and the encoded protobuf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub subject: String,
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+impl OutboxRow {
+    pub fn new<M: prost::Message>(subject: &str, msg_id: &str, message: &M) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            msg_id: msg_id.to_owned(),
+            payload: message.encode_to_vec(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
     /// Rows published per pass.
@@ -53,8 +72,7 @@ impl Outbox {
         self.table
     }
 
-    /// Adds `message` for the logical `subject` inside the caller's transaction. The current
-    /// span's trace context is stored with it so the trace continues across the relay.
+    /// Adds `message` for the logical `subject` inside the caller's transaction.
     pub async fn enqueue<M: prost::Message>(
         &self,
         conn: &mut PgConnection,
@@ -62,18 +80,37 @@ impl Outbox {
         msg_id: &str,
         message: &M,
     ) -> Result<(), Error> {
+        self.enqueue_many(conn, &[OutboxRow::new(subject, msg_id, message)])
+            .await
+    }
+
+    /// Adds `rows` inside the caller's transaction, in one statement. The current span's trace
+    /// context is stored with them so the trace continues across the relay; a row whose
+    /// `msg_id` is already there is skipped.
+    pub async fn enqueue_many(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[OutboxRow],
+    ) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let traceparent = colony_telemetry::current_traceparent();
-        // One round trip: the notification is delivered at commit, so the relay wakes only
-        // for committed rows.
+        let msg_ids: Vec<&str> = rows.iter().map(|row| row.msg_id.as_str()).collect();
+        let subjects: Vec<&str> = rows.iter().map(|row| row.subject.as_str()).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|row| row.payload.as_slice()).collect();
+        // The notification is delivered at commit, so the relay wakes only for committed rows.
         sqlx::query(&format!(
             "INSERT INTO {} (msg_id, subject, payload, traceparent) \
-             SELECT $1, $2, $3, $4 FROM (SELECT pg_notify($5, '')) AS notified \
+             SELECT u.msg_id, u.subject, u.payload, $4 \
+             FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(msg_id, subject, payload), \
+                  (SELECT pg_notify($5, '')) AS notified \
              ON CONFLICT (msg_id) DO NOTHING",
             self.table
         ))
-        .bind(msg_id)
-        .bind(subject)
-        .bind(message.encode_to_vec())
+        .bind(&msg_ids)
+        .bind(&subjects)
+        .bind(&payloads)
         .bind(traceparent)
         .bind(self.channel)
         .execute(&mut *conn)

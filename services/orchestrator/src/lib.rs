@@ -305,9 +305,9 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
             Err(error) => tracing::warn!(%error, "reading the queue depth failed"),
         }
         match store.refresh_statistics().await {
-            Ok(true) => tracing::debug!("tasks table analyzed"),
-            Ok(false) => {}
-            Err(error) => tracing::warn!(%error, "refreshing the tasks table's statistics failed"),
+            Ok(tables) if tables.is_empty() => {}
+            Ok(tables) => tracing::debug!(?tables, "queue tables analyzed"),
+            Err(error) => tracing::warn!(%error, "refreshing the queue tables' statistics failed"),
         }
         match store
             .redispatch_unclaimed(leases.redispatch_after, 100)

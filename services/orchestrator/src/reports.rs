@@ -54,26 +54,48 @@ const MAX_BATCH: usize = 128;
 
 type Applied = Result<ReportDecision, Error>;
 
-/// Where the consumer's handlers queue reports; one loop applies them in batches.
-pub type ReportQueue = BatchQueue<Report, Applied>;
+/// Report loops: reports of one run always go to the same loop (so two loops never contend
+/// for a run), and the loops' transactions run side by side.
+const SHARDS: usize = 4;
 
-/// Applies queued reports in batches; run it on the service's runtime.
-pub struct ReportLoop {
-    batches: BatchLoop<Report, Applied>,
+/// Where the consumer's handlers queue reports, by run.
+#[derive(Clone)]
+pub struct ReportQueue {
+    shards: Vec<BatchQueue<Report, Applied>>,
+}
+
+impl ReportQueue {
+    /// The shard of the run named in a report (the task's when the run is missing).
+    fn shard(&self, key: &str) -> &BatchQueue<Report, Applied> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let index = (hasher.finish() % self.shards.len() as u64) as usize;
+        &self.shards[index]
+    }
+}
+
+/// Applies queued reports in batches, one loop per shard; run it on the service's runtime.
+pub struct ReportLoops {
+    loops: Vec<BatchLoop<Report, Applied>>,
     store: Store,
 }
 
-pub fn queue(store: Store) -> (ReportQueue, ReportLoop) {
-    let (queue, batches) = batch_queue(QUEUE, MAX_BATCH);
-    (queue, ReportLoop { batches, store })
+pub fn queue(store: Store) -> (ReportQueue, ReportLoops) {
+    let (shards, loops) = (0..SHARDS)
+        .map(|_| batch_queue(QUEUE, MAX_BATCH))
+        .unzip();
+    (ReportQueue { shards }, ReportLoops { loops, store })
 }
 
-impl ReportLoop {
+impl ReportLoops {
     pub async fn run(self, shutdown: CancellationToken) {
         let store = self.store;
-        self.batches
-            .run(shutdown, move |reports| apply(store.clone(), reports))
-            .await;
+        futures::future::join_all(self.loops.into_iter().map(|batches| {
+            let store = store.clone();
+            batches.run(shutdown.clone(), move |reports| apply(store.clone(), reports))
+        }))
+        .await;
     }
 }
 
@@ -96,6 +118,11 @@ async fn apply(store: Store, reports: Vec<Report>) -> Vec<Applied> {
 }
 
 pub async fn handle(queue: ReportQueue, delivery: Delivery<v1::TaskReport>) -> Outcome {
+    let key = if delivery.message.run_id.is_empty() {
+        delivery.message.task_id.clone()
+    } else {
+        delivery.message.run_id.clone()
+    };
     let report = match parse(delivery.message) {
         Ok(report) => report,
         Err(reason) => {
@@ -109,6 +136,7 @@ pub async fn handle(queue: ReportQueue, delivery: Delivery<v1::TaskReport>) -> O
         ReportOutcome::Failed { .. } => "failed",
     };
     let applied = queue
+        .shard(&key)
         .call(report)
         .await
         .unwrap_or_else(|Stopped| Err(Error::Conflict("the orchestrator is shutting down".into())));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use colony_bus::{Outbox, subjects};
+use colony_bus::{Outbox, OutboxRow, subjects};
 use colony_proto::{ErrorClass, v1};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
@@ -222,6 +222,8 @@ pub struct Store {
     limits: crate::flow::LimitsConfig,
     /// Wakes this process's dispatcher pass.
     wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Recent queue depth per tenant, for admission without a count per run.
+    depths: std::sync::Arc<flow::DepthCache>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -251,6 +253,12 @@ struct TaskEvent<'a> {
 
 impl TaskEvent<'_> {
     async fn enqueue(self, conn: &mut PgConnection) -> Result<(), Error> {
+        OUTBOX.enqueue_many(conn, &[self.row()]).await?;
+        Ok(())
+    }
+
+    /// The event as an outbox row, for transitions that enqueue many at once.
+    fn row(&self) -> OutboxRow {
         let name = match self.kind {
             v1::TaskEventKind::Queued => "queued",
             v1::TaskEventKind::Started => "started",
@@ -277,10 +285,7 @@ impl TaskEvent<'_> {
             occurred_at: Some(colony_proto::now()),
         };
         let msg_id = format!("task-{}-{}-{name}", self.task_id, self.attempt);
-        OUTBOX
-            .enqueue(conn, &subjects::task_event(name), &msg_id, &event)
-            .await?;
-        Ok(())
+        OutboxRow::new(&subjects::task_event(name), &msg_id, &event)
     }
 }
 
@@ -305,6 +310,21 @@ async fn enqueue_dispatch(
     role: &str,
     dispatches: i32,
 ) -> Result<(), Error> {
+    let row = dispatch_row(tenant, run_id, task_id, attempt, role, dispatches);
+    OUTBOX.enqueue_many(conn, &[row]).await?;
+    Ok(())
+}
+
+/// The dispatch of `attempt` as an outbox row; `dispatches` keeps a re-dispatch's message id
+/// apart from the first.
+fn dispatch_row(
+    tenant: &str,
+    run_id: Uuid,
+    task_id: Uuid,
+    attempt: i32,
+    role: &str,
+    dispatches: i32,
+) -> OutboxRow {
     let dispatch = v1::TaskDispatch {
         tenant: tenant.to_owned(),
         run_id: run_id.to_string(),
@@ -313,15 +333,11 @@ async fn enqueue_dispatch(
         role: role.to_owned(),
         dispatched_at: Some(colony_proto::now()),
     };
-    OUTBOX
-        .enqueue(
-            conn,
-            &subjects::dispatch(role),
-            &format!("dispatch-{task_id}-{attempt}-{dispatches}"),
-            &dispatch,
-        )
-        .await?;
-    Ok(())
+    OutboxRow::new(
+        &subjects::dispatch(role),
+        &format!("dispatch-{task_id}-{attempt}-{dispatches}"),
+        &dispatch,
+    )
 }
 
 impl Store {
@@ -335,6 +351,7 @@ impl Store {
             spawn: SpawnConfig::default(),
             limits: crate::flow::LimitsConfig::default(),
             wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            depths: std::sync::Arc::default(),
         }
     }
 

@@ -10,7 +10,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::control::NOT_PAUSED;
-use super::{Claim, ClaimedTask, Store, TaskEvent, dag, interval};
+use super::{Claim, ClaimedTask, OUTBOX, Store, TaskEvent, dag, interval};
 use crate::Error;
 
 /// One attempt a worker asks for.
@@ -146,6 +146,7 @@ impl Store {
             .bind(worker)
             .execute(&mut *tx)
             .await?;
+            let mut events = Vec::with_capacity(rows.len());
             for row in &rows {
                 let task_id: Uuid = row.get("id");
                 let dependencies = if row.get::<bool, _>("has_inputs") {
@@ -164,22 +165,24 @@ impl Store {
                     waited: row.get("waited"),
                     dependencies,
                 };
-                TaskEvent {
-                    tenant: &task.tenant,
-                    run_id: task.run_id,
-                    task_id,
-                    attempt: task.attempt,
-                    role: &task.role,
-                    kind: v1::TaskEventKind::Started,
-                    worker_id: worker,
-                    error_class: v1::ErrorClass::Unspecified,
-                    reason: "",
-                    usage: None,
-                }
-                .enqueue(&mut tx)
-                .await?;
+                events.push(
+                    TaskEvent {
+                        tenant: &task.tenant,
+                        run_id: task.run_id,
+                        task_id,
+                        attempt: task.attempt,
+                        role: &task.role,
+                        kind: v1::TaskEventKind::Started,
+                        worker_id: worker,
+                        error_class: v1::ErrorClass::Unspecified,
+                        reason: "",
+                        usage: None,
+                    }
+                    .row(),
+                );
                 claimed.insert(task_id, task);
             }
+            OUTBOX.enqueue_many(&mut tx, &events).await?;
         }
         tx.commit().await?;
         Ok(requests

@@ -2,11 +2,15 @@
 //! dispatcher pass (round-robin across tenants, priority first within one, per-tenant
 //! in-flight and global unclaimed caps), and admission of new runs against the queue bound.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::control::NOT_PAUSED;
-use super::{Store, enqueue_dispatch};
+use super::{OUTBOX, Store, dispatch_row};
 use crate::Error;
 use crate::flow::{LimitsConfig, Overflow};
 
@@ -43,6 +47,47 @@ pub(crate) async fn may_dispatch(conn: &mut PgConnection, run_id: Uuid) -> Resul
     .fetch_optional(&mut *conn)
     .await?;
     Ok(may.unwrap_or(false))
+}
+
+/// How long a tenant's counted queue depth stands in for a count.
+const DEPTH_FRESH_FOR: Duration = Duration::from_millis(500);
+
+/// Recent queue depths per tenant (this replica's view): the last count, when it was taken,
+/// and the runs admitted since.
+#[derive(Debug, Default)]
+pub(crate) struct DepthCache {
+    depths: Mutex<HashMap<String, (i64, Instant)>>,
+}
+
+impl DepthCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (i64, Instant)>> {
+        match self.depths.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Records a count of `tenant`'s queue.
+    fn counted(&self, tenant: &str, depth: i64) {
+        let mut depths = self.lock();
+        if depths.len() > 10_000 {
+            depths.retain(|_, (_, at)| at.elapsed() < DEPTH_FRESH_FOR);
+        }
+        depths.insert(tenant.to_owned(), (depth, Instant::now()));
+    }
+
+    /// Admits one run of `tenant` (adds it to the depth) if a fresh count says the queue stays
+    /// below `bound` with it; `false` when a count is due.
+    fn admit_below(&self, tenant: &str, bound: i64) -> bool {
+        let mut depths = self.lock();
+        match depths.get_mut(tenant) {
+            Some((depth, at)) if at.elapsed() < DEPTH_FRESH_FOR && *depth + 1 < bound => {
+                *depth += 1;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why a new run was not admitted.
@@ -108,6 +153,11 @@ impl Store {
         priority: i16,
     ) -> Result<Result<Option<Uuid>, Refusal>, Error> {
         let bound = i64::try_from(self.limits.max_queued_per_tenant).unwrap_or(i64::MAX);
+        // Well below the bound, a recent count plus this replica's admissions since is enough;
+        // a refusal is always decided on a fresh count.
+        if self.depths.admit_below(tenant, bound) {
+            return Ok(Ok(None));
+        }
         let depth: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT 1 FROM orchestrator.tasks \
                  WHERE tenant = $1 AND state IN ('queued', 'pending') LIMIT $2) q",
@@ -116,7 +166,9 @@ impl Store {
         .bind(bound)
         .fetch_one(&self.pool)
         .await?;
+        self.depths.counted(tenant, depth);
         if depth < bound {
+            self.depths.admit_below(tenant, bound);
             return Ok(Ok(None));
         }
         if self.limits.overflow == Overflow::Reject {
@@ -225,18 +277,20 @@ impl Store {
         .bind(&candidates)
         .fetch_all(&mut *tx)
         .await?;
-        for task in &due {
-            enqueue_dispatch(
-                &mut tx,
-                task.get("tenant"),
-                task.get("run_id"),
-                task.get("id"),
-                task.get("attempt"),
-                task.get("role"),
-                task.get("dispatches"),
-            )
-            .await?;
-        }
+        let rows: Vec<_> = due
+            .iter()
+            .map(|task| {
+                dispatch_row(
+                    task.get("tenant"),
+                    task.get("run_id"),
+                    task.get("id"),
+                    task.get("attempt"),
+                    task.get("role"),
+                    task.get("dispatches"),
+                )
+            })
+            .collect();
+        OUTBOX.enqueue_many(&mut tx, &rows).await?;
         tx.commit().await?;
         Ok(due.len() as u64)
     }
@@ -250,28 +304,32 @@ impl Store {
         .await?)
     }
 
-    /// Analyzes the tasks table when it changed by more than it held at the last analysis
-    /// (and by at least [`ANALYZE_AFTER_CHANGES`] rows). A queue that goes from empty to
-    /// thousands of rows within autovacuum's first minute would otherwise be planned as
-    /// empty, and a claim by id would walk a tenant's whole queue. Returns whether it ran.
-    pub async fn refresh_statistics(&self) -> Result<bool, Error> {
-        let stale: Option<bool> = sqlx::query_scalar(
-            "SELECT s.n_mod_since_analyze > GREATEST($1, c.reltuples::bigint) \
-             FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
-             WHERE s.schemaname = 'orchestrator' AND s.relname = 'tasks'",
+    /// Analyzes each of the queue's tables that changed by more than it held at its last
+    /// analysis (and by at least [`ANALYZE_AFTER_CHANGES`] rows). A queue that goes from empty
+    /// to thousands of rows within autovacuum's first minute would otherwise be planned as
+    /// empty, and a lookup by id would walk a tenant's whole queue. Returns the tables analyzed.
+    pub async fn refresh_statistics(&self) -> Result<Vec<String>, Error> {
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+             WHERE s.schemaname = 'orchestrator' AND s.relname = ANY($2) \
+               AND s.n_mod_since_analyze > GREATEST($1, c.reltuples::bigint)",
         )
         .bind(ANALYZE_AFTER_CHANGES)
-        .fetch_optional(&self.pool)
+        .bind(&ANALYZED_TABLES[..])
+        .fetch_all(&self.pool)
         .await?;
-        if stale != Some(true) {
-            return Ok(false);
+        for table in &stale {
+            // Only names from ANALYZED_TABLES come back.
+            sqlx::query(&format!("ANALYZE orchestrator.{table}"))
+                .execute(&self.pool)
+                .await?;
         }
-        sqlx::query("ANALYZE orchestrator.tasks")
-            .execute(&self.pool)
-            .await?;
-        Ok(true)
+        Ok(stale)
     }
 }
 
-/// Row changes below which the tasks table's statistics are left to autovacuum.
+/// The orchestrator's tables that grow with the queue.
+const ANALYZED_TABLES: [&str; 2] = ["tasks", "runs"];
+
+/// Row changes below which a table's statistics are left to autovacuum.
 const ANALYZE_AFTER_CHANGES: i64 = 1_000;

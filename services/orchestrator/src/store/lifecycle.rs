@@ -23,11 +23,13 @@ pub(crate) struct LockedTask {
     pub attempt: i32,
     pub budget_start: i32,
     pub lease_owner: Option<String>,
+    /// The task that spawned it, if any.
+    pub parent_id: Option<Uuid>,
 }
 
 /// Columns to select for [`LockedTask::from_row`].
 pub(crate) const LOCKED_COLUMNS: &str =
-    "id, run_id, tenant, role, state, attempt, budget_start, lease_owner";
+    "id, run_id, tenant, role, state, attempt, budget_start, lease_owner, parent_id";
 
 impl LockedTask {
     pub fn from_row(row: &sqlx::postgres::PgRow) -> Self {
@@ -40,6 +42,7 @@ impl LockedTask {
             attempt: row.get("attempt"),
             budget_start: row.get("budget_start"),
             lease_owner: row.get("lease_owner"),
+            parent_id: row.get("parent_id"),
         }
     }
 
@@ -179,7 +182,10 @@ impl Store {
         }
         let dependents = dag::dependents(conn, task.id).await?;
         dag::promote_ready(conn, &dependents, effects).await?;
-        super::spawn::resume_parked(conn, task.run_id, effects).await?;
+        // Only a spawned child's success can complete a parked parent's children.
+        if task.parent_id.is_some() {
+            super::spawn::resume_parked(conn, task.run_id, effects).await?;
+        }
         settle_run(conn, task.run_id, effects).await?;
         Ok(())
     }

@@ -134,33 +134,35 @@ pub(crate) async fn settle_run(
     run_id: Uuid,
     effects: &mut Effects,
 ) -> Result<Option<RunOutcome>, Error> {
-    let run = sqlx::query(
-        "SELECT status, tenant, revision, failure_policy FROM orchestrator.runs \
-         WHERE id = $1 FOR UPDATE",
-    )
-    .bind(run_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let status: String = run.get("status");
-    let policy = FailurePolicy::parse(run.get("failure_policy")).unwrap_or_default();
-    let tasks: Vec<TaskSummary> = sqlx::query(
+    // The run (locked) and its tasks in one round trip: one row per task.
+    let rows = sqlx::query(
         // Spawned children before the tasks of the run's plan, so that the run's output is its
         // last planned task's, not a child's.
-        "SELECT id, state, error_class, failure_reason, output FROM orchestrator.tasks \
-         WHERE run_id = $1 ORDER BY spawn_depth DESC, created_at, id",
+        "SELECT r.status, r.tenant, r.revision, r.failure_policy, \
+                t.id, t.state, t.error_class, t.failure_reason, t.output \
+         FROM orchestrator.runs r LEFT JOIN orchestrator.tasks t ON t.run_id = r.id \
+         WHERE r.id = $1 ORDER BY t.spawn_depth DESC, t.created_at, t.id FOR UPDATE OF r",
     )
     .bind(run_id)
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|t| TaskSummary {
-        id: t.get("id"),
-        state: t.get("state"),
-        error_class: t.get("error_class"),
-        failure_reason: t.get("failure_reason"),
-        output: t.get("output"),
-    })
-    .collect();
+    .await?;
+    let Some(run) = rows.first() else {
+        return Err(Error::RunNotFound(run_id.to_string()));
+    };
+    let status: String = run.get("status");
+    let policy = FailurePolicy::parse(run.get("failure_policy")).unwrap_or_default();
+    let tasks: Vec<TaskSummary> = rows
+        .iter()
+        .filter_map(|t| {
+            Some(TaskSummary {
+                id: t.get::<Option<Uuid>, _>("id")?,
+                state: t.get("state"),
+                error_class: t.get("error_class"),
+                failure_reason: t.get("failure_reason"),
+                output: t.get("output"),
+            })
+        })
+        .collect();
     let Some(outcome) = run_outcome(&status, policy, &tasks) else {
         return Ok(None);
     };
