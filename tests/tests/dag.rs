@@ -218,4 +218,35 @@ async fn a_planned_dag_runs_in_order_with_its_dependencies_outputs() {
         .map(|t| t["role"].as_str().unwrap())
         .collect();
     assert_eq!(roles, ["researcher", "writer", "reviewer"]);
+
+    // A run may carry its plan; a noop step passes its instructions on without the router.
+    let given_id = submit(
+        &stack,
+        json!({ "goal": "summarise with a brief", "plan": [
+            { "id": "brief", "role": "noop", "instructions": "BRIEF-5: keep it short" },
+            { "id": "draft", "role": "writer", "instructions": "Write the summary",
+              "depends_on": ["brief"] },
+        ]}),
+    )
+    .await;
+    let given = stack.wait_run(&given_id, Duration::from_secs(60)).await;
+    assert_eq!(given["status"], "succeeded", "{given}");
+    assert_eq!(given["output"], "DRAFT-7", "{given}");
+    assert_eq!(given["tasks"][0]["state"], "succeeded", "{given}");
+    let noop_id = given["tasks"][0]["id"].as_str().unwrap();
+    let noop_calls: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger WHERE task_id::text = $1")
+            .bind(noop_id)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(noop_calls, 0, "a noop step never reaches the router");
+    let draft_prompt: String = sqlx::query_scalar(
+        "SELECT string_agg(content, '\n') FROM memory.messages WHERE task_id::text = $1",
+    )
+    .bind(given["tasks"][1]["id"].as_str().unwrap())
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert!(draft_prompt.contains("BRIEF-5"), "{draft_prompt}");
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use colony_proto::v1;
 use colony_proto::v1::orchestrator_server::Orchestrator;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::RunsConfig;
@@ -151,23 +152,26 @@ impl Orchestrator for OrchestratorService {
         request: Request<v1::ClaimTaskRequest>,
     ) -> Result<Response<v1::ClaimTaskResponse>, Status> {
         let (span, request) = traced(request, "ClaimTask", |r| &r.task_id);
-        let _entered = span.enter();
-        if request.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is required"));
+        async move {
+            if request.worker_id.is_empty() {
+                return Err(Status::invalid_argument("worker_id is required"));
+            }
+            let claim = self
+                .store
+                .claim(
+                    &request.tenant,
+                    task_id(&request.task_id)?,
+                    attempt(request.attempt)?,
+                    &request.worker_id,
+                    self.lease,
+                )
+                .await?;
+            Ok(Response::new(
+                self.claim_response(claim, &request.worker_id),
+            ))
         }
-        let claim = self
-            .store
-            .claim(
-                &request.tenant,
-                task_id(&request.task_id)?,
-                attempt(request.attempt)?,
-                &request.worker_id,
-                self.lease,
-            )
-            .await?;
-        Ok(Response::new(
-            self.claim_response(claim, &request.worker_id),
-        ))
+        .instrument(span)
+        .await
     }
 
     async fn claim_tasks(
@@ -175,41 +179,44 @@ impl Orchestrator for OrchestratorService {
         request: Request<v1::ClaimTasksRequest>,
     ) -> Result<Response<v1::ClaimTasksResponse>, Status> {
         let (span, request) = traced(request, "ClaimTasks", |r| &r.worker_id);
-        let _entered = span.enter();
-        if request.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is required"));
-        }
-        if request.claims.len() > MAX_CLAIMS_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "{} claims in one call; the limit is {MAX_CLAIMS_PER_CALL}",
-                request.claims.len()
-            )));
-        }
-        let mut claims = Vec::with_capacity(request.claims.len());
-        for claim in &request.claims {
-            if claim.worker_id != request.worker_id {
-                return Err(Status::invalid_argument(
-                    "every claim's worker_id must be the call's worker_id",
-                ));
+        async move {
+            if request.worker_id.is_empty() {
+                return Err(Status::invalid_argument("worker_id is required"));
             }
-            claims.push(ClaimRequest {
-                tenant: claim.tenant.clone(),
-                task_id: task_id(&claim.task_id)?,
-                attempt: attempt(claim.attempt)?,
-            });
+            if request.claims.len() > MAX_CLAIMS_PER_CALL {
+                return Err(Status::invalid_argument(format!(
+                    "{} claims in one call; the limit is {MAX_CLAIMS_PER_CALL}",
+                    request.claims.len()
+                )));
+            }
+            let mut claims = Vec::with_capacity(request.claims.len());
+            for claim in &request.claims {
+                if claim.worker_id != request.worker_id {
+                    return Err(Status::invalid_argument(
+                        "every claim's worker_id must be the call's worker_id",
+                    ));
+                }
+                claims.push(ClaimRequest {
+                    tenant: claim.tenant.clone(),
+                    task_id: task_id(&claim.task_id)?,
+                    attempt: attempt(claim.attempt)?,
+                });
+            }
+            let started = std::time::Instant::now();
+            let answers = self
+                .store
+                .claim_many(&request.worker_id, self.lease, &claims)
+                .await?;
+            ::metrics::histogram!(metrics::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
+            Ok(Response::new(v1::ClaimTasksResponse {
+                claims: answers
+                    .into_iter()
+                    .map(|claim| self.claim_response(claim, &request.worker_id))
+                    .collect(),
+            }))
         }
-        let started = std::time::Instant::now();
-        let answers = self
-            .store
-            .claim_many(&request.worker_id, self.lease, &claims)
-            .await?;
-        ::metrics::histogram!(metrics::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
-        Ok(Response::new(v1::ClaimTasksResponse {
-            claims: answers
-                .into_iter()
-                .map(|claim| self.claim_response(claim, &request.worker_id))
-                .collect(),
-        }))
+        .instrument(span)
+        .await
     }
 
     async fn heartbeat_task(
@@ -217,22 +224,25 @@ impl Orchestrator for OrchestratorService {
         request: Request<v1::HeartbeatTaskRequest>,
     ) -> Result<Response<v1::HeartbeatTaskResponse>, Status> {
         let (span, request) = traced(request, "HeartbeatTask", |r| &r.task_id);
-        let _entered = span.enter();
-        let lost = self
-            .store
-            .heartbeat(
-                &request.tenant,
-                task_id(&request.task_id)?,
-                attempt(request.attempt)?,
-                &request.worker_id,
-                self.lease,
-            )
-            .await?;
-        Ok(Response::new(v1::HeartbeatTaskResponse {
-            keep_going: lost.is_none(),
-            reason: lost.unwrap_or_default(),
-            lease_ms: self.lease.as_millis() as u64,
-        }))
+        async move {
+            let lost = self
+                .store
+                .heartbeat(
+                    &request.tenant,
+                    task_id(&request.task_id)?,
+                    attempt(request.attempt)?,
+                    &request.worker_id,
+                    self.lease,
+                )
+                .await?;
+            Ok(Response::new(v1::HeartbeatTaskResponse {
+                keep_going: lost.is_none(),
+                reason: lost.unwrap_or_default(),
+                lease_ms: self.lease.as_millis() as u64,
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn get_task_output(
@@ -240,14 +250,17 @@ impl Orchestrator for OrchestratorService {
         request: Request<v1::GetTaskOutputRequest>,
     ) -> Result<Response<v1::GetTaskOutputResponse>, Status> {
         let (span, request) = traced(request, "GetTaskOutput", |r| &r.task_id);
-        let _entered = span.enter();
-        let id = task_id(&request.task_id)?;
-        let (role, output) = self.store.task_output(&request.tenant, id).await?;
-        Ok(Response::new(v1::GetTaskOutputResponse {
-            task_id: id.to_string(),
-            role,
-            output,
-        }))
+        async move {
+            let id = task_id(&request.task_id)?;
+            let (role, output) = self.store.task_output(&request.tenant, id).await?;
+            Ok(Response::new(v1::GetTaskOutputResponse {
+                task_id: id.to_string(),
+                role,
+                output,
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn spawn_tasks(
@@ -255,43 +268,46 @@ impl Orchestrator for OrchestratorService {
         request: Request<v1::SpawnTasksRequest>,
     ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
         let (span, request) = traced(request, "SpawnTasks", |r| &r.task_id);
-        let _entered = span.enter();
-        if request.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is required"));
-        }
-        let spawn = Spawn {
-            tenant: request.tenant,
-            task_id: task_id(&request.task_id)?,
-            attempt: attempt(request.attempt)?,
-            worker_id: request.worker_id,
-            children: request
-                .children
-                .into_iter()
-                .map(|child| PlannedTask {
-                    id: child.key,
-                    role: child.role,
-                    instructions: child.instructions,
-                    depends_on: child.depends_on,
-                })
-                .collect(),
-            wait: request.wait,
-        };
-        let spawned = self.store.spawn_tasks(&spawn).await.inspect_err(|error| {
-            if !error.is_retryable() {
-                ::metrics::counter!(metrics::SPAWNS, "result" => "refused").increment(1);
-                tracing::info!(%error, "spawn refused");
+        async move {
+            if request.worker_id.is_empty() {
+                return Err(Status::invalid_argument("worker_id is required"));
             }
-        })?;
-        Ok(Response::new(v1::SpawnTasksResponse {
-            children: spawned
-                .children
-                .into_iter()
-                .map(|(key, id)| v1::SpawnedTask {
-                    key,
-                    task_id: id.to_string(),
-                })
-                .collect(),
-            parked: spawned.parked,
-        }))
+            let spawn = Spawn {
+                tenant: request.tenant,
+                task_id: task_id(&request.task_id)?,
+                attempt: attempt(request.attempt)?,
+                worker_id: request.worker_id,
+                children: request
+                    .children
+                    .into_iter()
+                    .map(|child| PlannedTask {
+                        id: child.key,
+                        role: child.role,
+                        instructions: child.instructions,
+                        depends_on: child.depends_on,
+                    })
+                    .collect(),
+                wait: request.wait,
+            };
+            let spawned = self.store.spawn_tasks(&spawn).await.inspect_err(|error| {
+                if !error.is_retryable() {
+                    ::metrics::counter!(metrics::SPAWNS, "result" => "refused").increment(1);
+                    tracing::info!(%error, "spawn refused");
+                }
+            })?;
+            Ok(Response::new(v1::SpawnTasksResponse {
+                children: spawned
+                    .children
+                    .into_iter()
+                    .map(|(key, id)| v1::SpawnedTask {
+                        key,
+                        task_id: id.to_string(),
+                    })
+                    .collect(),
+                parked: spawned.parked,
+            }))
+        }
+        .instrument(span)
+        .await
     }
 }

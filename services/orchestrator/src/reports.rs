@@ -82,9 +82,7 @@ pub struct ReportLoops {
 }
 
 pub fn queue(store: Store) -> (ReportQueue, ReportLoops) {
-    let (shards, loops) = (0..SHARDS)
-        .map(|_| batch_queue(QUEUE, MAX_BATCH))
-        .unzip();
+    let (shards, loops) = (0..SHARDS).map(|_| batch_queue(QUEUE, MAX_BATCH)).unzip();
     (ReportQueue { shards }, ReportLoops { loops, store })
 }
 
@@ -93,7 +91,9 @@ impl ReportLoops {
         let store = self.store;
         futures::future::join_all(self.loops.into_iter().map(|batches| {
             let store = store.clone();
-            batches.run(shutdown.clone(), move |reports| apply(store.clone(), reports))
+            batches.run(shutdown.clone(), move |reports| {
+                apply(store.clone(), reports)
+            })
         }))
         .await;
     }

@@ -186,3 +186,51 @@ async fn the_dial_chooses_a_topology_a_request_can_override() {
         assert_eq!(status, 400, "{body}: {error}");
     }
 }
+
+#[tokio::test]
+async fn a_run_may_carry_its_plan_validated_like_a_planners() {
+    let api = start().await;
+    let (status, run) = api
+        .post_raw(
+            r#"{"goal": "ship it", "plan": [
+                {"id": "build", "role": "noop", "instructions": "build"},
+                {"id": "test", "role": "generalist", "instructions": "test it", "depends_on": ["build"]}
+            ]}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["topology"]["topology"], "hybrid", "{run}");
+    assert_eq!(run["topology"]["overridden"], true, "{run}");
+    assert_eq!(
+        run["topology"]["reason"],
+        "the request gave its plan (2 tasks)"
+    );
+    let roles: Vec<&str> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["noop", "generalist"], "{run}");
+    assert_eq!(run["tasks"][1]["depends_on"][0], run["tasks"][0]["id"]);
+
+    for (body, says) in [
+        (
+            r#"{"goal": "x", "plan": [{"id": "a", "role": "wizard", "instructions": "x"}]}"#,
+            "wizard",
+        ),
+        (
+            r#"{"goal": "x", "plan": [
+                {"id": "a", "role": "noop", "instructions": "x", "depends_on": ["b"]},
+                {"id": "b", "role": "noop", "instructions": "x", "depends_on": ["a"]}]}"#,
+            "cycle",
+        ),
+        (r#"{"goal": "x", "plan": []}"#, "no tasks"),
+    ] {
+        let (status, error) = api.post_raw(body).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("invalid plan: "), "{error}");
+        assert!(message.contains(says), "{says}: {error}");
+    }
+}
