@@ -25,11 +25,15 @@ pub(crate) struct LockedTask {
     pub lease_owner: Option<String>,
     /// The task that spawned it, if any.
     pub parent_id: Option<Uuid>,
+    /// Whether other tasks depend on it (so its success may make them ready).
+    pub has_dependents: bool,
 }
 
-/// Columns to select for [`LockedTask::from_row`].
-pub(crate) const LOCKED_COLUMNS: &str =
-    "id, run_id, tenant, role, state, attempt, budget_start, lease_owner, parent_id";
+/// Columns to select for [`LockedTask::from_row`], from `orchestrator.tasks` under any alias
+/// (`id` in the subquery is the outer row's: `task_dependencies` has no `id`).
+pub(crate) const LOCKED_COLUMNS: &str = "id, run_id, tenant, role, state, attempt, budget_start, lease_owner, parent_id, \
+     EXISTS (SELECT 1 FROM orchestrator.task_dependencies d WHERE d.depends_on = id) \
+         AS has_dependents";
 
 impl LockedTask {
     pub fn from_row(row: &sqlx::postgres::PgRow) -> Self {
@@ -43,6 +47,7 @@ impl LockedTask {
             budget_start: row.get("budget_start"),
             lease_owner: row.get("lease_owner"),
             parent_id: row.get("parent_id"),
+            has_dependents: row.get("has_dependents"),
         }
     }
 
@@ -180,8 +185,10 @@ impl Store {
         if let Some(PlannerAnswer::Planned { plan, source }) = &answer {
             self.apply_plan(conn, task, plan, source, effects).await?;
         }
-        let dependents = dag::dependents(conn, task.id).await?;
-        dag::promote_ready(conn, &dependents, effects).await?;
+        if task.has_dependents {
+            let dependents = dag::dependents(conn, task.id).await?;
+            dag::promote_ready(conn, &dependents, effects).await?;
+        }
         // Only a spawned child's success can complete a parked parent's children.
         if task.parent_id.is_some() {
             super::spawn::resume_parked(conn, task.run_id, effects).await?;
