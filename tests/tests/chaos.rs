@@ -1,5 +1,6 @@
-//! Chaos: worker replicas are SIGKILLed at random while a thousand tasks run. Every task must
-//! complete, none may be lost, and none may have more than one completion accepted.
+//! Chaos: worker replicas are SIGKILLed at random while one run of a thousand tasks runs.
+//! Every task must complete, none may be lost, and none may have more than one completion
+//! accepted.
 
 use std::time::{Duration, Instant};
 
@@ -17,13 +18,33 @@ async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
         workers: WORKERS,
         worker_slots: 8,
         log_filter: "warn",
-        ..StackOptions::default()
+        // One run holds every task: the plan bound is raised to fit it.
+        orchestrator_env: vec![(
+            "ORCHESTRATOR__ROSTER__PLAN_LIMITS__MAX_TASKS".into(),
+            TASKS.to_string(),
+        )],
     })
     .await;
 
-    for i in 0..TASKS {
-        stack.submit(&format!("chaos task {i}")).await;
-    }
+    let plan: Vec<serde_json::Value> = (0..TASKS)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("t{i}"),
+                "role": "generalist",
+                "instructions": format!("chaos task {i}"),
+            })
+        })
+        .collect();
+    let response = stack
+        .http
+        .post(format!("{}/v1/runs", stack.orchestrator_url))
+        .json(&serde_json::json!({ "goal": "chaos", "plan": plan }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let run: serde_json::Value = response.json().await.unwrap();
+    let run_id = run["id"].as_str().unwrap().to_owned();
 
     // Kill a pseudo-randomly chosen live worker about every 2 s and start a replacement, so
     // capacity stays and every kill lands on a worker that holds claimed tasks.
@@ -45,21 +66,25 @@ async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let finished = stack
-            .scalar("SELECT count(*) FROM orchestrator.runs WHERE status <> 'running'")
+            .scalar(
+                "SELECT count(*) FROM orchestrator.tasks \
+                 WHERE state NOT IN ('queued', 'running', 'pending')",
+            )
             .await;
         if finished as usize == TASKS {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "only {finished} of {TASKS} runs finished"
+            "only {finished} of {TASKS} tasks finished"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-
+    let run = stack.wait_run(&run_id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "succeeded", "the run completed");
     assert_eq!(
         stack
-            .scalar("SELECT count(*) FROM orchestrator.runs WHERE status = 'succeeded'")
+            .scalar("SELECT count(*) FROM orchestrator.tasks WHERE state = 'succeeded'")
             .await,
         TASKS as i64,
         "every task completed"
