@@ -51,6 +51,14 @@ fn traced<T>(
     (span, request)
 }
 
+/// Claims, spawns and heartbeats act for a worker: it must say which.
+fn require_worker_id(worker_id: &str) -> Result<(), Status> {
+    if worker_id.is_empty() {
+        return Err(Status::invalid_argument("worker_id is required"));
+    }
+    Ok(())
+}
+
 impl OrchestratorService {
     /// The task's tier: its role's, else `runs.tier`.
     fn tier(&self, role: &str) -> String {
@@ -153,9 +161,7 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<v1::ClaimTaskResponse>, Status> {
         let (span, request) = traced(request, "ClaimTask", |r| &r.task_id);
         async move {
-            if request.worker_id.is_empty() {
-                return Err(Status::invalid_argument("worker_id is required"));
-            }
+            require_worker_id(&request.worker_id)?;
             let claim = self
                 .store
                 .claim(
@@ -180,9 +186,7 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<v1::ClaimTasksResponse>, Status> {
         let (span, request) = traced(request, "ClaimTasks", |r| &r.worker_id);
         async move {
-            if request.worker_id.is_empty() {
-                return Err(Status::invalid_argument("worker_id is required"));
-            }
+            require_worker_id(&request.worker_id)?;
             if request.claims.len() > MAX_CLAIMS_PER_CALL {
                 return Err(Status::invalid_argument(format!(
                     "{} claims in one call; the limit is {MAX_CLAIMS_PER_CALL}",
@@ -269,9 +273,7 @@ impl Orchestrator for OrchestratorService {
     ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
         let (span, request) = traced(request, "SpawnTasks", |r| &r.task_id);
         async move {
-            if request.worker_id.is_empty() {
-                return Err(Status::invalid_argument("worker_id is required"));
-            }
+            require_worker_id(&request.worker_id)?;
             let spawn = Spawn {
                 tenant: request.tenant,
                 task_id: task_id(&request.task_id)?,
