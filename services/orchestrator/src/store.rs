@@ -25,6 +25,7 @@ mod dag;
 mod flow;
 mod lifecycle;
 mod outcome;
+mod reports;
 mod spawn;
 
 use crate::retry::Next;
@@ -705,10 +706,17 @@ impl Store {
     pub async fn apply_reports(&self, reports: &[Report]) -> Result<Vec<ReportDecision>, Error> {
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
-        let mut decisions = Vec::with_capacity(reports.len());
-        for report in reports {
-            decisions.push(self.apply_report_in(&mut tx, report, &mut effects).await?);
-        }
+        let decisions = match reports::apply_plain_successes(&mut tx, reports, &mut effects).await?
+        {
+            Some(decisions) => decisions,
+            None => {
+                let mut decisions = Vec::with_capacity(reports.len());
+                for report in reports {
+                    decisions.push(self.apply_report_in(&mut tx, report, &mut effects).await?);
+                }
+                decisions
+            }
+        };
         tx.commit().await?;
         effects.record();
         // Finished attempts free in-flight slots of their tenants.

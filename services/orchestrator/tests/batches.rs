@@ -191,3 +191,78 @@ async fn reports_in_one_transaction_are_fenced_one_by_one() {
         .unwrap();
     assert_eq!(recorded, 4, "every report is recorded");
 }
+
+#[tokio::test]
+async fn a_batch_of_plain_successes_is_applied_together() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let a = task_of(&store, "acme").await;
+    let b = task_of(&store, "acme").await;
+    store
+        .claim_many("w1", LEASE, &[request("acme", a, 1), request("acme", b, 1)])
+        .await
+        .unwrap();
+    let report = |task_id, tokens| Report {
+        tenant: "acme".into(),
+        task_id,
+        attempt: 1,
+        worker_id: "w1".into(),
+        outcome: ReportOutcome::Succeeded {
+            output: format!("{tokens} tokens"),
+            usage: v1::Usage {
+                prompt_tokens: tokens,
+                completion_tokens: 1,
+                cost_micros_usd: 5,
+            },
+        },
+    };
+    let decisions = store
+        .apply_reports(&[report(a, 10), report(b, 20)])
+        .await
+        .unwrap();
+    assert_eq!(
+        decisions,
+        [ReportDecision::Accepted, ReportDecision::Accepted]
+    );
+    let runs: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT r.status, r.output, r.prompt_tokens, r.cost_micros_usd \
+         FROM orchestrator.runs r JOIN orchestrator.tasks t ON t.run_id = r.id \
+         ORDER BY t.prompt_tokens",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        [
+            ("succeeded".to_owned(), Some("10 tokens".to_owned()), 10, 5),
+            ("succeeded".to_owned(), Some("20 tokens".to_owned()), 20, 5),
+        ]
+    );
+    let (accepted, finished): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orchestrator.task_reports WHERE accepted), \
+                (SELECT count(*) FROM orchestrator.task_attempts WHERE outcome = 'succeeded')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((accepted, finished), (2, 2));
+    for id in [a, b] {
+        let msg_id = format!("task-{id}-1-succeeded");
+        let events: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orchestrator.outbox WHERE msg_id = $1")
+                .bind(&msg_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(events, 1, "{msg_id}");
+    }
+    // A repeat of an applied report is rejected (the batch goes one by one).
+    let again = store.apply_reports(&[report(a, 10)]).await.unwrap();
+    assert_eq!(
+        again,
+        [ReportDecision::Rejected(
+            "attempt 1 is already succeeded".into()
+        )]
+    );
+}

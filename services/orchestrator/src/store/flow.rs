@@ -329,7 +329,7 @@ impl Store {
 }
 
 /// The orchestrator's tables that grow with the queue.
-const ANALYZED_TABLES: [&str; 2] = ["tasks", "runs"];
+const ANALYZED_TABLES: [&str; 3] = ["tasks", "runs", "task_attempts"];
 
 /// Row changes below which a table's statistics are left to autovacuum.
 const ANALYZE_AFTER_CHANGES: i64 = 1_000;
