@@ -339,8 +339,17 @@ async fn dispatch(store: Store, tick: Duration, shutdown: CancellationToken) {
             Ok(count) => tracing::debug!(count, "due tasks dispatched"),
             Err(error) => tracing::warn!(%error, "dispatcher pass failed"),
         }
+        // Wake-ups that arrive meanwhile are kept and served by one pass: a busy orchestrator
+        // applies many report batches a second, and each would otherwise cost a pass.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(DISPATCH_COALESCE) => {}
+        }
     }
 }
+
+/// The least time between two dispatcher passes.
+const DISPATCH_COALESCE: Duration = Duration::from_millis(5);
 
 impl Handle {
     /// Waits for the runtime's shutdown token, then shuts down in order.

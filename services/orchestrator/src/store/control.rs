@@ -282,13 +282,17 @@ impl Store {
         self.maintenance().await
     }
 
-    /// [`Store::dispatch_due`] passes until one dispatches nothing (at most 100 passes).
+    /// [`Store::dispatch_due`] passes while one may leave more to dispatch (at most 100).
     pub async fn dispatch_all_due(&self, batch: i64) -> Result<u64, Error> {
         let mut total = 0;
         for _ in 0..100 {
             let count = self.dispatch_due(batch).await?;
             total += count;
-            if count == 0 {
+            // Below the batch and below one tenant's share of a pass, the pass was limited by
+            // the caps or the queue, not by its own bounds: another pass now would find
+            // nothing.
+            let per_tenant = u64::from(self.limits().per_tenant_per_pass);
+            if count == 0 || (count < batch.max(0) as u64 && count < per_tenant) {
                 break;
             }
         }
