@@ -58,7 +58,7 @@ impl LockedTask {
             .max(1)
     }
 
-    fn event<'a>(
+    pub(super) fn event<'a>(
         &'a self,
         kind: v1::TaskEventKind,
         attempt: i32,
@@ -164,24 +164,13 @@ impl Store {
             add_usage(conn, task, usage).await?;
             return self.repair_plan(conn, task, worker, error, effects).await;
         }
-        sqlx::query(
-            "UPDATE orchestrator.tasks SET state = 'succeeded', finished_at = now(), output = $2, \
-                 error_class = NULL, failure_reason = NULL, lease_expires_at = NULL, \
-                 not_before = NULL WHERE id = $1",
-        )
-        .bind(task.id)
-        .bind(output)
-        .execute(&mut *conn)
-        .await?;
-        end_attempt(conn, task.id, task.attempt, "succeeded").await?;
-        add_usage(conn, task, usage).await?;
-        TaskEvent {
-            usage: Some(usage),
-            ..task.event(v1::TaskEventKind::Succeeded, task.attempt, worker)
-        }
-        .enqueue(conn)
-        .await?;
-        effects.tasks.push("succeeded");
+        let success = super::reports::Success {
+            task,
+            worker,
+            output,
+            usage,
+        };
+        super::reports::record_successes(conn, std::slice::from_ref(&success), effects).await?;
         if let Some(PlannerAnswer::Planned { plan, source }) = &answer {
             self.apply_plan(conn, task, plan, source, effects).await?;
         }

@@ -2,7 +2,8 @@
 //! statement per kind for the whole batch. A plain task is one whose success changes nothing
 //! but itself and its run: not a planner (its answer is judged), no dependents (they may
 //! become ready), not a spawned child (a parked parent may resume). Anything else, and any
-//! report that would be rejected, leaves the batch to the one-by-one path.
+//! report that would be rejected, leaves the batch to the one-by-one path. Both paths mark
+//! successes through [`record_successes`].
 //!
 //! Every join with the batch also names its ids with `= ANY`, which keeps the planner on the
 //! primary keys whatever its statistics say.
@@ -71,22 +72,9 @@ pub(crate) async fn apply_plain_successes(
         tasks.push(task);
     }
 
+    let task_ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     let attempts: Vec<i32> = tasks.iter().map(|t| t.attempt).collect();
     let workers: Vec<&str> = reports.iter().map(|r| r.worker_id.as_str()).collect();
-    let texts: Vec<&str> = outputs.iter().map(|(output, _)| output.as_str()).collect();
-    let usage = |pick: fn(&v1::Usage) -> u64| -> Vec<i64> {
-        outputs
-            .iter()
-            .map(|(_, usage)| i64::try_from(pick(usage)).unwrap_or(i64::MAX))
-            .collect()
-    };
-    let (prompt, completion, cost) = (
-        usage(|u| u.prompt_tokens),
-        usage(|u| u.completion_tokens),
-        usage(|u| u.cost_micros_usd),
-    );
-    let task_ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
-    let run_ids: Vec<Uuid> = tasks.iter().map(|t| t.run_id).collect();
     sqlx::query(
         "INSERT INTO orchestrator.task_reports (task_id, attempt, worker_id, outcome, accepted) \
          SELECT u.id, u.attempt, u.worker, 'succeeded', true \
@@ -97,6 +85,60 @@ pub(crate) async fn apply_plain_successes(
     .bind(&workers)
     .execute(&mut *conn)
     .await?;
+    let successes: Vec<Success<'_>> = tasks
+        .iter()
+        .zip(reports)
+        .zip(&outputs)
+        .map(|((task, report), (output, usage))| Success {
+            task,
+            worker: &report.worker_id,
+            output,
+            usage: *usage,
+        })
+        .collect();
+    record_successes(&mut *conn, &successes, effects).await?;
+    // Each run once, in id order (runs are locked there).
+    let runs: BTreeSet<Uuid> = tasks.iter().map(|t| t.run_id).collect();
+    for run_id in runs {
+        settle_run(&mut *conn, run_id, effects).await?;
+    }
+    Ok(Some(vec![ReportDecision::Accepted; reports.len()]))
+}
+
+/// A current attempt that succeeded, as its report said.
+pub(crate) struct Success<'a> {
+    pub task: &'a LockedTask,
+    pub worker: &'a str,
+    pub output: &'a str,
+    pub usage: v1::Usage,
+}
+
+/// Marks `successes` succeeded with one statement per kind: the tasks (output, usage), their
+/// attempts, their runs' usage, and a `succeeded` event each. What follows a success (a
+/// planner's plan, dependents, parked parents, the run's outcome) is the caller's.
+pub(crate) async fn record_successes(
+    conn: &mut PgConnection,
+    successes: &[Success<'_>],
+    effects: &mut Effects,
+) -> Result<(), Error> {
+    if successes.is_empty() {
+        return Ok(());
+    }
+    let task_ids: Vec<Uuid> = successes.iter().map(|s| s.task.id).collect();
+    let run_ids: Vec<Uuid> = successes.iter().map(|s| s.task.run_id).collect();
+    let attempts: Vec<i32> = successes.iter().map(|s| s.task.attempt).collect();
+    let outputs: Vec<&str> = successes.iter().map(|s| s.output).collect();
+    let usage = |pick: fn(&v1::Usage) -> u64| -> Vec<i64> {
+        successes
+            .iter()
+            .map(|s| i64::try_from(pick(&s.usage)).unwrap_or(i64::MAX))
+            .collect()
+    };
+    let (prompt, completion, cost) = (
+        usage(|u| u.prompt_tokens),
+        usage(|u| u.completion_tokens),
+        usage(|u| u.cost_micros_usd),
+    );
     sqlx::query(
         "UPDATE orchestrator.tasks t SET state = 'succeeded', finished_at = now(), \
              output = u.output, error_class = NULL, failure_reason = NULL, \
@@ -109,7 +151,7 @@ pub(crate) async fn apply_plain_successes(
          WHERE t.id = ANY($1) AND t.id = u.id",
     )
     .bind(&task_ids)
-    .bind(&texts)
+    .bind(&outputs)
     .bind(&prompt)
     .bind(&completion)
     .bind(&cost)
@@ -125,10 +167,7 @@ pub(crate) async fn apply_plain_successes(
     .bind(&attempts)
     .execute(&mut *conn)
     .await?;
-    if outputs
-        .iter()
-        .any(|(_, usage)| *usage != v1::Usage::default())
-    {
+    if successes.iter().any(|s| s.usage != v1::Usage::default()) {
         sqlx::query(
             "UPDATE orchestrator.runs r SET prompt_tokens = r.prompt_tokens + s.prompt, \
                  completion_tokens = r.completion_tokens + s.completion, \
@@ -146,32 +185,18 @@ pub(crate) async fn apply_plain_successes(
         .execute(&mut *conn)
         .await?;
     }
-    let events: Vec<_> = tasks
+    let events: Vec<_> = successes
         .iter()
-        .zip(reports)
-        .zip(&outputs)
-        .map(|((task, report), (_, usage))| {
+        .map(|s| {
             TaskEvent {
-                tenant: &task.tenant,
-                run_id: task.run_id,
-                task_id: task.id,
-                attempt: task.attempt,
-                role: &task.role,
-                kind: v1::TaskEventKind::Succeeded,
-                worker_id: &report.worker_id,
-                error_class: v1::ErrorClass::Unspecified,
-                reason: "",
-                usage: Some(*usage),
+                usage: Some(s.usage),
+                ..s.task
+                    .event(v1::TaskEventKind::Succeeded, s.task.attempt, s.worker)
             }
             .row()
         })
         .collect();
     OUTBOX.enqueue_many(&mut *conn, &events).await?;
-    effects.tasks.extend(tasks.iter().map(|_| "succeeded"));
-    // Each run once, in id order (runs are locked there).
-    let runs: BTreeSet<Uuid> = run_ids.into_iter().collect();
-    for run_id in runs {
-        settle_run(&mut *conn, run_id, effects).await?;
-    }
-    Ok(Some(vec![ReportDecision::Accepted; reports.len()]))
+    effects.tasks.extend(successes.iter().map(|_| "succeeded"));
+    Ok(())
 }
