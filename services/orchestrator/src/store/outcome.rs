@@ -1,6 +1,7 @@
 //! Run-level outcomes, computed from the run's tasks after every task transition, and the
 //! metrics a committed transaction's transitions add up to.
 
+use colony_bus::OutboxRow;
 use colony_proto::{ErrorClass, v1};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -100,6 +101,20 @@ pub(crate) async fn enqueue_run_event(
     reason: &str,
     usage: Option<v1::Usage>,
 ) -> Result<(), Error> {
+    let row = run_event_row(tenant, run_id, revision, kind, reason, usage);
+    OUTBOX.enqueue_many(conn, &[row]).await?;
+    Ok(())
+}
+
+/// A run lifecycle event as an outbox row.
+fn run_event_row(
+    tenant: &str,
+    run_id: Uuid,
+    revision: i32,
+    kind: v1::RunEventKind,
+    reason: &str,
+    usage: Option<v1::Usage>,
+) -> OutboxRow {
     let name = match kind {
         v1::RunEventKind::Created => "created",
         v1::RunEventKind::Succeeded => "succeeded",
@@ -116,120 +131,199 @@ pub(crate) async fn enqueue_run_event(
         usage,
         occurred_at: Some(colony_proto::now()),
     };
-    OUTBOX
-        .enqueue(
-            conn,
-            &colony_bus::subjects::run_event(name),
-            &run_event_msg_id(run_id, name, revision),
-            &event,
-        )
-        .await?;
-    Ok(())
+    OutboxRow::new(
+        &colony_bus::subjects::run_event(name),
+        &run_event_msg_id(run_id, name, revision),
+        &event,
+    )
 }
 
-/// Recomputes the run's status from its tasks (the run row locked after the task rows, the
-/// order every transaction follows) and, if it ends, records and announces how.
+/// Recomputes the run's status from its tasks and, if it ends, records and announces how
+/// ([`settle_runs`] for one run).
 pub(crate) async fn settle_run(
     conn: &mut PgConnection,
     run_id: Uuid,
     effects: &mut Effects,
 ) -> Result<Option<RunOutcome>, Error> {
-    // The run (locked) and its tasks in one round trip: one row per task.
+    let mut outcomes = settle_runs(conn, &[run_id], effects).await?;
+    Ok(outcomes.pop().flatten())
+}
+
+/// A run as [`settle_runs`] reads it.
+struct RunState {
+    id: Uuid,
+    status: String,
+    tenant: String,
+    revision: i32,
+    policy: FailurePolicy,
+    tasks: Vec<TaskSummary>,
+}
+
+/// Recomputes each run's status from its tasks (the run rows locked after the task rows, the
+/// order every transaction follows, and among themselves in id order) and records and
+/// announces how those that end, ended: one read, one update and one outbox statement for
+/// the whole set. Answers each run's outcome in the order of `run_ids`.
+pub(crate) async fn settle_runs(
+    conn: &mut PgConnection,
+    run_ids: &[Uuid],
+    effects: &mut Effects,
+) -> Result<Vec<Option<RunOutcome>>, Error> {
+    let mut ids = run_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    // The runs (locked) and their tasks in one round trip: one row per task. Within a run,
+    // spawned children come before the tasks of its plan, so that the run's output is its
+    // last planned task's, not a child's.
     let rows = sqlx::query(
-        // Spawned children before the tasks of the run's plan, so that the run's output is its
-        // last planned task's, not a child's.
-        "SELECT r.status, r.tenant, r.revision, r.failure_policy, \
+        "SELECT r.id AS run_id, r.status, r.tenant, r.revision, r.failure_policy, \
                 t.id, t.state, t.error_class, t.failure_reason, t.output \
          FROM orchestrator.runs r LEFT JOIN orchestrator.tasks t ON t.run_id = r.id \
-         WHERE r.id = $1 ORDER BY t.spawn_depth DESC, t.created_at, t.id FOR UPDATE OF r",
+         WHERE r.id = ANY($1) \
+         ORDER BY r.id, t.spawn_depth DESC, t.created_at, t.id FOR UPDATE OF r",
     )
-    .bind(run_id)
+    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let Some(run) = rows.first() else {
-        return Err(Error::RunNotFound(run_id.to_string()));
-    };
-    let status: String = run.get("status");
-    let policy = FailurePolicy::parse(run.get("failure_policy")).unwrap_or_default();
-    let tasks: Vec<TaskSummary> = rows
+    let mut runs: Vec<RunState> = Vec::with_capacity(ids.len());
+    for row in &rows {
+        let id: Uuid = row.get("run_id");
+        if runs.last().is_none_or(|run| run.id != id) {
+            runs.push(RunState {
+                id,
+                status: row.get("status"),
+                tenant: row.get("tenant"),
+                revision: row.get("revision"),
+                policy: FailurePolicy::parse(row.get("failure_policy")).unwrap_or_default(),
+                tasks: Vec::new(),
+            });
+        }
+        if let (Some(run), Some(task_id)) = (runs.last_mut(), row.get::<Option<Uuid>, _>("id")) {
+            run.tasks.push(TaskSummary {
+                id: task_id,
+                state: row.get("state"),
+                error_class: row.get("error_class"),
+                failure_reason: row.get("failure_reason"),
+                output: row.get("output"),
+            });
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !runs.iter().any(|run| run.id == **id)) {
+        return Err(Error::RunNotFound(missing.to_string()));
+    }
+    let ended: Vec<(&RunState, RunOutcome)> = runs
         .iter()
-        .filter_map(|t| {
-            Some(TaskSummary {
-                id: t.get::<Option<Uuid>, _>("id")?,
-                state: t.get("state"),
-                error_class: t.get("error_class"),
-                failure_reason: t.get("failure_reason"),
-                output: t.get("output"),
-            })
+        .filter_map(|run| Some((run, run_outcome(&run.status, run.policy, &run.tasks)?)))
+        .collect();
+    if !ended.is_empty() {
+        record_run_outcomes(conn, &ended, effects).await?;
+    }
+    Ok(run_ids
+        .iter()
+        .map(|id| {
+            ended
+                .iter()
+                .find(|(run, _)| run.id == *id)
+                .map(|(_, outcome)| outcome.clone())
+        })
+        .collect())
+}
+
+/// Writes the end of each of `ended` and its event, with one statement per kind; a failed
+/// run's unstarted tasks are then cancelled.
+async fn record_run_outcomes(
+    conn: &mut PgConnection,
+    ended: &[(&RunState, RunOutcome)],
+    effects: &mut Effects,
+) -> Result<(), Error> {
+    let mut ids = Vec::with_capacity(ended.len());
+    let mut statuses = Vec::with_capacity(ended.len());
+    let mut outputs = Vec::with_capacity(ended.len());
+    let mut failed_tasks = Vec::with_capacity(ended.len());
+    let mut reasons = Vec::with_capacity(ended.len());
+    let mut classes = Vec::with_capacity(ended.len());
+    for (run, outcome) in ended {
+        let (status, output, failed_task, class, reason) = match outcome {
+            RunOutcome::Succeeded { output } => ("succeeded", output.as_deref(), None, None, None),
+            RunOutcome::Failed {
+                task_id,
+                error_class,
+                reason,
+            } => (
+                "failed",
+                None,
+                Some(*task_id),
+                error_class.as_deref(),
+                Some(reason.as_str()),
+            ),
+            RunOutcome::Cancelled => ("cancelled", None, None, None, None),
+        };
+        ids.push(run.id);
+        statuses.push(status);
+        outputs.push(output);
+        failed_tasks.push(failed_task);
+        reasons.push(reason);
+        classes.push(class);
+    }
+    let totals: Vec<(Uuid, v1::Usage)> = sqlx::query(
+        "UPDATE orchestrator.runs r SET status = u.status, output = u.output, \
+             finished_at = now(), failed_task_id = u.failed_task, \
+             failure_reason = u.reason, error_class = u.class \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[]) \
+              AS u(id, status, output, failed_task, reason, class) \
+         WHERE r.id = ANY($1) AND r.id = u.id \
+         RETURNING r.id, r.prompt_tokens, r.completion_tokens, r.cost_micros_usd",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&failed_tasks)
+    .bind(&reasons)
+    .bind(&classes)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|row| {
+        let usage = usage_of(
+            row.get("prompt_tokens"),
+            row.get("completion_tokens"),
+            row.get("cost_micros_usd"),
+        );
+        (row.get("id"), usage)
+    })
+    .collect();
+    let events: Vec<OutboxRow> = ended
+        .iter()
+        .zip(&statuses)
+        .zip(&reasons)
+        .map(|(((run, _), status), reason)| {
+            let kind = match *status {
+                "succeeded" => v1::RunEventKind::Succeeded,
+                "failed" => v1::RunEventKind::Failed,
+                _ => v1::RunEventKind::Cancelled,
+            };
+            let usage = totals
+                .iter()
+                .find(|(id, _)| *id == run.id)
+                .map(|(_, usage)| *usage);
+            run_event_row(
+                &run.tenant,
+                run.id,
+                run.revision,
+                kind,
+                reason.unwrap_or(""),
+                usage,
+            )
         })
         .collect();
-    let Some(outcome) = run_outcome(&status, policy, &tasks) else {
-        return Ok(None);
-    };
-    let (status, output, failed_task, class, reason, kind) = match &outcome {
-        RunOutcome::Succeeded { output } => (
-            "succeeded",
-            output.as_deref(),
-            None,
-            None,
-            None,
-            v1::RunEventKind::Succeeded,
-        ),
-        RunOutcome::Failed {
-            task_id,
-            error_class,
-            reason,
-        } => (
-            "failed",
-            None,
-            Some(*task_id),
-            error_class.as_deref(),
-            Some(reason.as_str()),
-            v1::RunEventKind::Failed,
-        ),
-        RunOutcome::Cancelled => (
-            "cancelled",
-            None,
-            None,
-            None,
-            None,
-            v1::RunEventKind::Cancelled,
-        ),
-    };
-    let totals = sqlx::query(
-        "UPDATE orchestrator.runs SET status = $2, output = $3, finished_at = now(), \
-             failed_task_id = $4, failure_reason = $5, error_class = $6 \
-         WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_micros_usd",
-    )
-    .bind(run_id)
-    .bind(status)
-    .bind(output)
-    .bind(failed_task)
-    .bind(reason)
-    .bind(class)
-    .fetch_one(&mut *conn)
-    .await?;
-    let usage = usage_of(
-        totals.get("prompt_tokens"),
-        totals.get("completion_tokens"),
-        totals.get("cost_micros_usd"),
-    );
-    enqueue_run_event(
-        conn,
-        run.get("tenant"),
-        run_id,
-        run.get("revision"),
-        kind,
-        reason.unwrap_or(""),
-        Some(usage),
-    )
-    .await?;
-    effects.runs.push(status);
-    if status == "failed" {
-        // Fail fast: what has not started never will (under `continue` nothing is left).
-        dag::cancel_unstarted(conn, run.get("tenant"), run_id, effects).await?;
+    OUTBOX.enqueue_many(&mut *conn, &events).await?;
+    effects.runs.extend(statuses.iter().copied());
+    for ((run, _), status) in ended.iter().zip(&statuses) {
+        if *status == "failed" {
+            // Fail fast: what has not started never will (under `continue` nothing is left).
+            dag::cancel_unstarted(conn, &run.tenant, run.id, effects).await?;
+        }
     }
-    Ok(Some(outcome))
+    Ok(())
 }
 
 /// Transitions made by one transaction, counted once it has committed.

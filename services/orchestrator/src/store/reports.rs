@@ -8,14 +8,14 @@
 //! Every join with the batch also names its ids with `= ANY`, which keeps the planner on the
 //! primary keys whatever its statistics say.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use colony_proto::v1;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::lifecycle::{LOCKED_COLUMNS, LockedTask};
-use super::outcome::{Effects, settle_run};
+use super::outcome::{Effects, settle_runs};
 use super::{OUTBOX, Report, ReportDecision, ReportOutcome, TaskEvent};
 use crate::Error;
 use crate::roster::PLANNER;
@@ -97,11 +97,8 @@ pub(crate) async fn apply_plain_successes(
         })
         .collect();
     record_successes(&mut *conn, &successes, effects).await?;
-    // Each run once, in id order (runs are locked there).
-    let runs: BTreeSet<Uuid> = tasks.iter().map(|t| t.run_id).collect();
-    for run_id in runs {
-        settle_run(&mut *conn, run_id, effects).await?;
-    }
+    let runs: Vec<Uuid> = tasks.iter().map(|t| t.run_id).collect();
+    settle_runs(&mut *conn, &runs, effects).await?;
     Ok(Some(vec![ReportDecision::Accepted; reports.len()]))
 }
 
