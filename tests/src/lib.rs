@@ -7,10 +7,12 @@
 
 pub mod stub;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use colony_testkit::{Process, TestBus, TestDb, binary, eventually, free_port, wait_http_ok};
+use futures::StreamExt;
 use serde_json::Value;
 
 /// How to start a stack.
@@ -307,6 +309,38 @@ impl Stack {
             .fetch_one(&self.db.pool)
             .await
             .unwrap()
+    }
+
+    /// How often each `Nats-Msg-Id` is on the events stream under the logical `filter`
+    /// (`colony.v1.event.run.>`, say): every message there, read until none arrives for 500 ms.
+    pub async fn event_msg_ids(&self, filter: &str) -> HashMap<String, usize> {
+        let bus = self.bus.connect().await;
+        let stream = bus
+            .jetstream()
+            .get_stream(bus.stream_name(colony_bus::StreamKind::Events))
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: bus.subject(filter),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+        {
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned())
+                .unwrap();
+            *seen.entry(id).or_default() += 1;
+        }
+        seen
     }
 
     pub async fn metrics(&self, base: &str) -> String {

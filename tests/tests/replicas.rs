@@ -3,12 +3,9 @@
 //! nothing is published twice.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use colony_bus::StreamKind;
 use colony_e2e::{Stack, StackOptions, scripted_router};
-use futures::StreamExt;
 
 const RUNS: usize = 200;
 
@@ -80,32 +77,7 @@ async fn a_surviving_replica_finishes_what_a_killed_one_started() {
     );
 
     // Every lifecycle event is on the bus exactly once, whichever replica relayed it.
-    let bus = stack.bus.connect().await;
-    let stream = bus
-        .jetstream()
-        .get_stream(bus.stream_name(StreamKind::Events))
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: bus.subject("colony.v1.event.run.>"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
-    {
-        let id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_owned())
-            .unwrap();
-        *seen.entry(id).or_default() += 1;
-    }
+    let seen = stack.event_msg_ids("colony.v1.event.run.>").await;
     assert_eq!(
         seen.keys().filter(|id| id.ends_with("-succeeded")).count(),
         RUNS,
