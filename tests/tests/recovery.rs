@@ -2,7 +2,6 @@
 //! relayed, so that the outbox holds rows it never sent. A new process on the same database
 //! and bus publishes them, dispatches the queued tasks, and every run finishes with each
 //! event on the bus once.
-#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
 use std::time::{Duration, Instant};
 
