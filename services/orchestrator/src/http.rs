@@ -11,9 +11,8 @@ use uuid::Uuid;
 
 use crate::config::{FailurePolicy, RunsConfig, is_name};
 use crate::plan::PlannedTask;
-use crate::roster::PLANNER;
-use crate::store::{NewDagRun, RunView, Store};
-use crate::topology::{self, Topology};
+use crate::store::{RunView, Store};
+use crate::topology::Topology;
 use crate::{Error, metrics};
 
 /// Header naming the tenant a request acts for.
@@ -164,26 +163,20 @@ async fn create_run_inner(
             },
         ));
     }
-    let mut new = plan_run(
-        state,
-        tenant.clone(),
-        goal,
-        body.topology,
-        body.failure_policy,
-        body.plan,
-    )?;
+    let mut new = state
+        .store
+        .plan_run(
+            tenant.clone(),
+            goal,
+            body.topology,
+            body.failure_policy,
+            body.plan,
+        )
+        .map_err(|error| rejected("invalid_plan", error))?;
     new.priority = priority;
     let (run_id, _) = state.store.create_dag_run(&new).await?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
-    ::metrics::counter!(metrics::RUNS, "status" => "created").increment(1);
-    ::metrics::counter!(
-        metrics::TOPOLOGIES,
-        "topology" => new.decision.topology.as_str(),
-        "overridden" => if new.decision.overridden { "true" } else { "false" }
-    )
-    .increment(1);
-    let queued = new.tasks.iter().filter(|t| t.depends_on.is_empty()).count();
-    ::metrics::counter!(metrics::TASKS, "state" => "queued").increment(queued as u64);
+    crate::store::count_created(&new);
     tracing::info!(
         topology = new.decision.topology.as_str(),
         reason = %new.decision.reason,
@@ -191,72 +184,6 @@ async fn create_run_inner(
         "run created"
     );
     state.store.get_run(&tenant, run_id).await
-}
-
-/// Turns the dial and picks the run's first tasks: the topology's template, or for a swarm
-/// its planner.
-fn plan_run(
-    state: &ApiState,
-    tenant: String,
-    goal: String,
-    requested: Option<Topology>,
-    failure_policy: Option<FailurePolicy>,
-    given: Option<Vec<PlannedTask>>,
-) -> Result<NewDagRun, Error> {
-    let roster = state.store.roster();
-    let default_profile = topology::ModelProfile {
-        context_window: 8192,
-        tokens_per_s: 50.0,
-        input_price_per_mtok: 1.0,
-        output_price_per_mtok: 2.0,
-        quality: 0.7,
-    };
-    // Validation guarantees the default tier's profile; the fallback keeps a bad deploy
-    // serving.
-    let profile = roster.profile(&state.runs.tier).unwrap_or(&default_profile);
-    let mut decision = topology::choose(&goal, profile, &roster.dial, requested);
-    if let Some(given) = given {
-        let count = given.len();
-        let plan = roster.check_given_plan(given).map_err(|error| {
-            rejected(
-                "invalid_plan",
-                Error::InvalidRequest(format!("invalid plan: {error}")),
-            )
-        })?;
-        // The caller decomposed the goal: the dial's inputs are kept for the record.
-        decision.topology = requested.unwrap_or(if count == 1 {
-            Topology::Monolith
-        } else {
-            Topology::Hybrid
-        });
-        decision.overridden = true;
-        decision.reason = format!("the request gave its plan ({count} tasks)");
-        return Ok(NewDagRun {
-            tenant,
-            goal,
-            decision,
-            failure_policy: failure_policy.unwrap_or(state.runs.failure_policy),
-            tasks: plan.tasks,
-            priority: 0,
-        });
-    }
-    let tasks = match roster.template(decision.topology, &goal) {
-        Some(plan) => plan.tasks,
-        None => vec![PlannedTask {
-            id: "plan".into(),
-            role: PLANNER.into(),
-            instructions: goal.clone(),
-            depends_on: Vec::new(),
-        }],
-    };
-    Ok(NewDagRun {
-        tenant,
-        goal,
-        decision,
-        failure_policy: failure_policy.unwrap_or(state.runs.failure_policy),
-        tasks,
-        priority: 0,
-    })
 }
 
 async fn get_run(

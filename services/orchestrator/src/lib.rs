@@ -82,7 +82,11 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             default_tier: config.runs.tier.clone(),
         })
         .with_spawn(config.spawn)
-        .with_limits(config.limits.clone());
+        .with_limits(config.limits.clone())
+        .with_run_defaults(store::RunDefaults {
+            tier: config.runs.tier.clone(),
+            failure_policy: config.runs.failure_policy,
+        });
     if config.leases.max_attempts.is_some() {
         tracing::warn!(
             "leases.max_attempts is deprecated and ignored: an expired lease counts as a \
@@ -145,12 +149,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let schedules = cron::Schedules::new(&store);
     let clock: std::sync::Arc<dyn cron::Clock> = std::sync::Arc::new(cron::SystemClock);
     if config.cron.enabled {
-        let scheduler = cron::Scheduler::new(
-            schedules.clone(),
-            config.cron.clone(),
-            config.runs.role().to_owned(),
-            clock.clone(),
-        );
+        let scheduler = cron::Scheduler::new(schedules.clone(), config.cron.clone(), clock.clone());
         runtime.spawn(scheduler.run(runtime.shutdown.clone()));
     }
 

@@ -94,7 +94,8 @@ pub fn describe() {
         SCHEDULE_FIRINGS,
         "Cron schedule firings by outcome: fired (on time), manual (run-now), caught_up (one run for \
          missed firings), missed (late firings dropped or folded into a catch-up), duplicate \
-         (already made by another replica), invalid, failed."
+         (already made by another replica), refused (the tenant's queue was full), invalid, \
+         failed."
     );
     metrics::describe_gauge!(
         SCHEDULE_LEADER,

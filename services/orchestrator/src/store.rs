@@ -25,7 +25,10 @@ mod dag;
 mod flow;
 mod lifecycle;
 mod outcome;
+mod planning;
 mod reports;
+pub use planning::RunDefaults;
+pub(crate) use planning::count_created;
 mod spawn;
 
 use crate::retry::Next;
@@ -40,8 +43,8 @@ pub use spawn::{Spawn, Spawned};
 
 pub const OUTBOX: Outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
 
-/// A single-task run: one task of `role` with the goal as its instructions (cron schedules,
-/// and callers that bypass the dial). Recorded as a monolith.
+/// A single-task run: one task of `role` with the goal as its instructions, for callers that
+/// bypass the dial and the approval gate (tests and tools). Recorded as a monolith.
 #[derive(Debug, Clone)]
 pub struct NewRun {
     pub tenant: String,
@@ -225,6 +228,8 @@ pub struct Store {
     wake: std::sync::Arc<tokio::sync::Notify>,
     /// Recent queue depth per tenant, for admission without a count per run.
     depths: std::sync::Arc<flow::DepthCache>,
+    /// What runs get when their request does not say.
+    run_defaults: std::sync::Arc<RunDefaults>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -353,6 +358,7 @@ impl Store {
             limits: crate::flow::LimitsConfig::default(),
             wake: std::sync::Arc::new(tokio::sync::Notify::new()),
             depths: std::sync::Arc::default(),
+            run_defaults: std::sync::Arc::default(),
         }
     }
 
@@ -398,15 +404,6 @@ impl Store {
 
     /// Creates a run with its single task and queues the dispatch, all in one transaction.
     pub async fn create_run(&self, new: &NewRun) -> Result<(Uuid, Uuid), Error> {
-        let mut tx = self.pool.begin().await?;
-        let ids = Self::create_run_in(&mut tx, new).await?;
-        tx.commit().await?;
-        Ok(ids)
-    }
-
-    /// [`Store::create_run`] in the caller's transaction, so that what the caller records with
-    /// the run (a schedule's firing) commits or rolls back together with it.
-    pub async fn create_run_in(tx: &mut PgConnection, new: &NewRun) -> Result<(Uuid, Uuid), Error> {
         let run = NewDagRun {
             tenant: new.tenant.clone(),
             goal: new.goal.clone(),
@@ -431,7 +428,9 @@ impl Store {
                 depends_on: Vec::new(),
             }],
         };
-        let (run_id, tasks) = Self::create_dag_run_in(tx, &run).await?;
+        let mut tx = self.pool.begin().await?;
+        let (run_id, tasks) = Self::create_dag_run_gated_in(&mut tx, &run, None).await?;
+        tx.commit().await?;
         let task_id = tasks
             .first()
             .copied()
@@ -443,7 +442,7 @@ impl Store {
     /// dependencies; tasks without dependencies are dispatched. One transaction.
     pub async fn create_dag_run(&self, new: &NewDagRun) -> Result<(Uuid, Vec<Uuid>), Error> {
         let mut tx = self.pool.begin().await?;
-        let ids = Self::create_dag_run_gated_in(&mut tx, new, Some(&self.gate())).await?;
+        let ids = self.create_dag_run_in(&mut tx, new).await?;
         tx.commit().await?;
         // Tasks held back by flow control wait for the dispatcher.
         self.wake_dispatcher();
@@ -452,12 +451,13 @@ impl Store {
 
     /// [`Store::create_dag_run`] in the caller's transaction. Returns the run id and its
     /// tasks' ids in `new.tasks` order.
-    /// No approval gate applies here (cron's runs); [`Store::create_dag_run`] applies it.
+    /// The approval gate applies; the caller wakes the dispatcher once it has committed.
     pub async fn create_dag_run_in(
+        &self,
         tx: &mut PgConnection,
         new: &NewDagRun,
     ) -> Result<(Uuid, Vec<Uuid>), Error> {
-        Self::create_dag_run_gated_in(tx, new, None).await
+        Self::create_dag_run_gated_in(tx, new, Some(&self.gate())).await
     }
 
     async fn create_dag_run_gated_in(

@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const GRACE: Duration = Duration::from_secs(60);
-const ROLE: &str = "generalist";
 const ONE_MINUTE: TimeDelta = TimeDelta::minutes(1);
 const FIVE_MINUTES: TimeDelta = TimeDelta::minutes(5);
 
@@ -80,7 +79,7 @@ async fn tick_through(
 ) {
     let mut now = from;
     while now <= to {
-        let report = schedules.fire_due(now, GRACE, ROLE, 100).await;
+        let report = schedules.fire_due(now, GRACE, 100).await;
         assert!(report.error.is_none(), "{:?}", report.error);
         assert_eq!(report.duplicates, 0);
         now += step;
@@ -228,19 +227,14 @@ async fn after_an_outage_skip_resumes_and_catch_up_runs_once() {
 
     // 08:00:10: on time, both fire.
     let report = schedules
-        .fire_due(
-            utc(2025, 6, 1, 8, 0) + TimeDelta::seconds(10),
-            GRACE,
-            ROLE,
-            100,
-        )
+        .fire_due(utc(2025, 6, 1, 8, 0) + TimeDelta::seconds(10), GRACE, 100)
         .await;
     assert_eq!(report.fired.len(), 2);
     assert!(report.fired.iter().all(|f| f.kind == FireKind::Scheduled));
 
     // Every orchestrator is down from 08:01 to 13:20: 09:00 … 13:00 are missed.
     let back = utc(2025, 6, 1, 13, 20);
-    let report = schedules.fire_due(back, GRACE, ROLE, 100).await;
+    let report = schedules.fire_due(back, GRACE, 100).await;
     assert!(report.error.is_none());
     assert_eq!(report.missed, 10, "five missed firings per schedule");
     assert_eq!(report.fired.len(), 1, "only the catch_up schedule fires");
@@ -249,7 +243,7 @@ async fn after_an_outage_skip_resumes_and_catch_up_runs_once() {
     assert_eq!(report.fired[0].fire_at, utc(2025, 6, 1, 13, 0));
     // A second tick right after does nothing: the catch-up happened once.
     let again = schedules
-        .fire_due(back + TimeDelta::seconds(1), GRACE, ROLE, 100)
+        .fire_due(back + TimeDelta::seconds(1), GRACE, 100)
         .await;
     assert!(again.fired.is_empty() && again.missed == 0);
     for id in [skip.id, catch_up.id] {
@@ -318,14 +312,14 @@ async fn after_an_outage_skip_resumes_and_catch_up_runs_once() {
         .unwrap();
     assert_eq!(on.next_fire_at, Some(utc(2025, 6, 2, 17, 0)));
     let report = schedules
-        .fire_due(utc(2025, 6, 2, 16, 31), GRACE, ROLE, 100)
+        .fire_due(utc(2025, 6, 2, 16, 31), GRACE, 100)
         .await;
     assert!(report.fired.iter().all(|f| f.schedule_id != catch_up.id));
     assert_eq!(firings(&db, catch_up.id).await.len(), 4);
 
     // Run now: one manual firing; the next fire time does not move.
     let (row, firing) = schedules
-        .run_now("acme", catch_up.id, utc(2025, 6, 2, 16, 40), ROLE)
+        .run_now("acme", catch_up.id, utc(2025, 6, 2, 16, 40))
         .await
         .unwrap();
     assert_eq!(firing.kind, FireKind::Manual);
@@ -333,7 +327,7 @@ async fn after_an_outage_skip_resumes_and_catch_up_runs_once() {
     assert_eq!(row.last_run_id, Some(firing.run_id));
     assert!(
         schedules
-            .run_now("other-tenant", catch_up.id, utc(2025, 6, 2, 16, 41), ROLE)
+            .run_now("other-tenant", catch_up.id, utc(2025, 6, 2, 16, 41))
             .await
             .is_err()
     );
@@ -356,8 +350,7 @@ async fn concurrent_ticks_never_fire_twice() {
     for minute in [5, 10, 15] {
         let now = start + TimeDelta::minutes(minute);
         let reports =
-            futures::future::join_all((0..4).map(|_| schedules.fire_due(now, GRACE, ROLE, 100)))
-                .await;
+            futures::future::join_all((0..4).map(|_| schedules.fire_due(now, GRACE, 100))).await;
         let fired: usize = reports.iter().map(|r| r.fired.len()).sum();
         assert_eq!(fired, 20, "each of 20 schedules fired once at +{minute}m");
         assert!(reports.iter().all(|r| r.error.is_none()));
@@ -385,7 +378,7 @@ async fn concurrent_ticks_never_fire_twice() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let report = schedules.fire_due(due, GRACE, ROLE, 100).await;
+    let report = schedules.fire_due(due, GRACE, 100).await;
     assert_eq!(report.duplicates, 1);
     assert_eq!(report.fired.len(), 19);
     assert!(report.fired.iter().all(|f| f.schedule_id != first.id));
@@ -410,7 +403,6 @@ fn start_loop(db: &TestDb, clock: &ManualClock) -> Loop {
             tick: Duration::from_millis(20),
             ..CronConfig::default()
         },
-        ROLE.into(),
         Arc::new(clock.clone()),
     );
     let leading = scheduler.leader_flag();
@@ -720,4 +712,77 @@ async fn the_schedules_api_validates_and_manages_schedules() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
+}
+
+#[tokio::test]
+async fn a_firing_is_planned_by_the_dial_gated_by_approval_and_bounded_by_the_queue() {
+    let db = TestDb::new().await;
+    let mut roster = colony_orchestrator::roster::RosterConfig::default();
+    roster
+        .roles
+        .get_mut("generalist")
+        .unwrap()
+        .requires_approval = true;
+    let store = Store::new(db.pool.clone()).with_roster(roster).with_limits(
+        colony_orchestrator::flow::LimitsConfig {
+            max_queued_per_tenant: 1,
+            ..Default::default()
+        },
+    );
+    let schedules = Schedules::new(&store);
+    let start = utc(2025, 6, 2, 9, 0);
+    let schedule = create(
+        &schedules,
+        start,
+        new_schedule("acme", "daily", "1 9 * * *", "UTC", Missed::Skip),
+    )
+    .await;
+
+    // The first firing: the dial chose (not overridden), its record is on the run, and the
+    // role that requires approval waits for it.
+    let report = schedules.fire_due(start + ONE_MINUTE, GRACE, 100).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.fired.len(), 1);
+    let (topology, overridden, reason): (String, bool, String) = sqlx::query_as(
+        "SELECT topology, topology_overridden, topology_reason FROM orchestrator.runs \
+         WHERE id = $1",
+    )
+    .bind(report.fired[0].run_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(topology, "monolith");
+    assert!(!overridden, "the dial chose: {reason}");
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM orchestrator.tasks WHERE run_id = $1")
+            .bind(report.fired[0].run_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(states, ["awaiting_approval"]);
+
+    // A task is queued for the tenant, its bound: the next day's firing is refused, the
+    // schedule moves on, and run-now answers that the queue is full.
+    sqlx::query("UPDATE orchestrator.tasks SET state = 'queued'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let next_day = start + TimeDelta::days(1) + ONE_MINUTE;
+    let report = schedules.fire_due(next_day, GRACE, 100).await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert!(report.fired.is_empty());
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM orchestrator.runs").await,
+        1
+    );
+    let moved = schedules.get("acme", schedule.id).await.unwrap();
+    assert_eq!(
+        moved.next_fire_at,
+        Some(start + TimeDelta::days(2) + ONE_MINUTE)
+    );
+    let refused = schedules.run_now("acme", schedule.id, next_day).await;
+    assert!(
+        matches!(&refused, Err(error) if error.to_string().contains("queue")),
+        "{refused:?}"
+    );
 }

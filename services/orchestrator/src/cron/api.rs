@@ -319,7 +319,7 @@ async fn run_now(
         let id = schedule_id(&id)?;
         let (row, firing) = state
             .schedules
-            .run_now(&tenant, id, state.clock.now(), state.runs.role())
+            .run_now(&tenant, id, state.clock.now())
             .await?;
         tracing::info!(schedule_id = %id, run_id = %firing.run_id, "schedule run now");
         Ok((

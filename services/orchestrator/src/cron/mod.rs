@@ -141,6 +141,7 @@ impl Error {
             Error::InvalidRequest { reason, .. } => Some(reason),
             Error::Spec(spec) => Some(spec.reason()),
             Error::TooLarge { .. } => Some("too_large"),
+            Error::Store(crate::Error::Overloaded { reason, .. }) => Some(reason),
             Error::NotFound(_) | Error::Conflict(_) | Error::Store(_) => None,
         }
     }
@@ -175,22 +176,15 @@ pub struct Scheduler {
     schedules: Schedules,
     leadership: Leadership,
     config: CronConfig,
-    role: String,
     clock: Arc<dyn Clock>,
 }
 
 impl Scheduler {
-    pub fn new(
-        schedules: Schedules,
-        config: CronConfig,
-        role: String,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    pub fn new(schedules: Schedules, config: CronConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             leadership: Leadership::new(schedules.pool()),
             schedules,
             config,
-            role,
             clock,
         }
     }
@@ -231,12 +225,7 @@ impl Scheduler {
         let now = self.clock.now();
         let report = self
             .schedules
-            .fire_due(
-                now,
-                self.config.misfire_grace,
-                &self.role,
-                self.config.batch,
-            )
+            .fire_due(now, self.config.misfire_grace, self.config.batch)
             .await;
         if let Some(error) = &report.error {
             tracing::warn!(%error, "cron tick failed; retrying at the next tick");

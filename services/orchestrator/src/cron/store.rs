@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::schedule::{self, CronSpec, FireKind, Missed};
 use super::{Error, SpecError};
 use crate::metrics;
-use crate::store::{NewRun, Store};
+use crate::store::{Refusal, Store};
 
 const COLUMNS: &str = "id, tenant, name, cron, timezone, goal, missed, enabled, next_fire_at, \
                        last_fire_at, last_fired_at, last_kind, last_run_id, created_at, updated_at";
@@ -97,6 +97,8 @@ pub struct TickReport {
 #[derive(Clone)]
 pub struct Schedules {
     pool: PgPool,
+    /// Runs are planned, gated and admitted as the API's are.
+    store: Store,
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -125,6 +127,7 @@ impl Schedules {
     pub fn new(store: &Store) -> Self {
         Self {
             pool: store.pool().clone(),
+            store: store.clone(),
         }
     }
 
@@ -270,33 +273,37 @@ impl Schedules {
         tenant: &str,
         id: Uuid,
         now: DateTime<Utc>,
-        role: &str,
     ) -> Result<(ScheduleRow, Firing), Error> {
+        if let Err(Refusal::QueueFull) = self.store.admit(tenant, 0).await {
+            return Err(Error::Store(crate::Error::Overloaded {
+                reason: "queue_full",
+                message: format!(
+                    "tenant {tenant} has {} or more queued tasks; retry later",
+                    self.store.limits().max_queued_per_tenant
+                ),
+                retry_after: std::time::Duration::from_secs(1),
+            }));
+        }
         let mut tx = self.pool.begin().await?;
         let row = Self::lock(&mut tx, tenant, id).await?;
-        let Some(firing) = Self::fire(&mut tx, &row, now, FireKind::Manual, 0, role).await? else {
+        let Some(firing) = self.fire(&mut tx, &row, now, FireKind::Manual, 0).await? else {
             return Err(Error::Conflict(format!(
                 "schedule {id} already fired at {now}; try again"
             )));
         };
         let row = Self::record_last(&mut tx, &row, &firing, row.next_fire_at).await?;
         tx.commit().await?;
+        self.store.wake_dispatcher();
         count("manual", 1);
         Ok((row, firing))
     }
 
     /// Makes the firings due at `now`, at most `batch` of them, one transaction each. Safe to
     /// run on several replicas at once.
-    pub async fn fire_due(
-        &self,
-        now: DateTime<Utc>,
-        grace: Duration,
-        role: &str,
-        batch: u32,
-    ) -> TickReport {
+    pub async fn fire_due(&self, now: DateTime<Utc>, grace: Duration, batch: u32) -> TickReport {
         let mut report = TickReport::default();
         for _ in 0..batch {
-            match self.fire_next_due(now, grace, role).await {
+            match self.fire_next_due(now, grace).await {
                 Ok(Step::Idle) => break,
                 Ok(Step::Done {
                     fired,
@@ -319,12 +326,7 @@ impl Schedules {
         report
     }
 
-    async fn fire_next_due(
-        &self,
-        now: DateTime<Utc>,
-        grace: Duration,
-        role: &str,
-    ) -> Result<Step, Error> {
+    async fn fire_next_due(&self, now: DateTime<Utc>, grace: Duration) -> Result<Step, Error> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query_as::<_, ScheduleRow>(&format!(
             "SELECT {COLUMNS} FROM orchestrator.schedules \
@@ -361,8 +363,18 @@ impl Schedules {
         let plan = schedule::plan(&spec, row.missed_policy(), due, now, grace);
         let mut fired = None;
         let mut duplicate = false;
-        if let Some((fire_at, kind)) = plan.fire {
-            match Self::fire(&mut tx, &row, fire_at, kind, plan.missed, role).await? {
+        let mut refused = false;
+        // The tenant's queue bound holds for scheduled runs too: a firing it refuses is
+        // skipped like a missed one, and the schedule moves on.
+        let admitted = match plan.fire {
+            Some(_) => !matches!(
+                self.store.admit(&row.tenant, 0).await,
+                Err(Refusal::QueueFull)
+            ),
+            None => false,
+        };
+        if let Some((fire_at, kind)) = plan.fire.filter(|_| admitted) {
+            match self.fire(&mut tx, &row, fire_at, kind, plan.missed).await? {
                 Some(firing) => fired = Some(firing),
                 None => duplicate = true,
             }
@@ -372,6 +384,7 @@ impl Schedules {
                 Self::record_last(&mut tx, &row, firing, plan.next).await?;
             }
             None => {
+                refused = plan.fire.is_some() && !admitted;
                 sqlx::query(
                     "UPDATE orchestrator.schedules SET next_fire_at = $2, updated_at = now() \
                      WHERE id = $1",
@@ -383,9 +396,17 @@ impl Schedules {
             }
         }
         tx.commit().await?;
+        if fired.is_some() {
+            self.store.wake_dispatcher();
+        }
 
         count("missed", u64::from(plan.missed));
         count("duplicate", u64::from(duplicate));
+        count("refused", u64::from(refused));
+        if refused {
+            tracing::warn!(schedule_id = %row.id, tenant = %row.tenant,
+                "schedule firing refused: the tenant's queue is full");
+        }
         if plan.missed > 0 {
             tracing::warn!(schedule_id = %row.id, missed = plan.missed, policy = %row.missed,
                 "schedule missed firings");
@@ -415,12 +436,12 @@ impl Schedules {
     /// Records the firing `(schedule, fire_at)` and creates its run, in the caller's
     /// transaction. `None` if that firing was already made: nothing is created.
     async fn fire(
+        &self,
         conn: &mut PgConnection,
         row: &ScheduleRow,
         fire_at: DateTime<Utc>,
         kind: FireKind,
         missed: u32,
-        role: &str,
     ) -> Result<Option<Firing>, Error> {
         let claimed = sqlx::query(
             "INSERT INTO orchestrator.schedule_firings (schedule_id, fire_at, kind, missed) \
@@ -437,15 +458,12 @@ impl Schedules {
             tracing::info!(schedule_id = %row.id, %fire_at, "firing already made elsewhere");
             return Ok(None);
         }
-        let (run_id, _) = Store::create_run_in(
-            &mut *conn,
-            &NewRun {
-                tenant: row.tenant.clone(),
-                goal: row.goal.clone(),
-                role: role.to_owned(),
-            },
-        )
-        .await?;
+        // Planned like an API run with no options: the dial, the roster's template, the
+        // approval gate.
+        let new = self
+            .store
+            .plan_run(row.tenant.clone(), row.goal.clone(), None, None, None)?;
+        let (run_id, _) = self.store.create_dag_run_in(&mut *conn, &new).await?;
         sqlx::query(
             "UPDATE orchestrator.schedule_firings SET run_id = $3 \
              WHERE schedule_id = $1 AND fire_at = $2",
@@ -455,8 +473,7 @@ impl Schedules {
         .bind(run_id)
         .execute(&mut *conn)
         .await?;
-        ::metrics::counter!(metrics::RUNS, "status" => "created").increment(1);
-        ::metrics::counter!(metrics::TASKS, "state" => "queued").increment(1);
+        crate::store::count_created(&new);
         Ok(Some(Firing {
             schedule_id: row.id,
             fire_at,
