@@ -140,7 +140,7 @@ async fn create_run_inner(
             Error::InvalidRequest(format!("priority is {priority}; it must be -10..10")),
         ));
     }
-    if let Err(wait) = state.rate.acquire(&tenant, std::time::Instant::now()) {
+    if let Err(wait) = state.rate.acquire(&tenant).await {
         return Err(rejected(
             "rate_limited",
             Error::Overloaded {

@@ -153,7 +153,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         runtime.spawn(scheduler.run(runtime.shutdown.clone()));
     }
 
-    let rate = std::sync::Arc::new(flow::RateLimiter::new(&config.limits));
+    let rate = std::sync::Arc::new(flow::RateLimiter::new(&config.limits, pool.clone()));
     let api = http::routes(http::ApiState {
         store: store.clone(),
         runs: config.runs.clone(),

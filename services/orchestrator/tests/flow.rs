@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use colony_orchestrator::Config;
 use colony_orchestrator::config::FailurePolicy;
-use colony_orchestrator::flow::{LimitsConfig, Overflow};
+use colony_orchestrator::flow::{LimitsConfig, Overflow, RateLimiter};
 use colony_orchestrator::plan::PlannedTask;
 use colony_orchestrator::store::{
     Claim, NewDagRun, NewRun, Report, ReportDecision, ReportOutcome, Store,
@@ -316,6 +316,56 @@ async fn creating_runs_too_fast_gets_429_with_retry_after() {
     assert_eq!(api.post("other", monolith(0)).await.0, 201);
     // A priority out of range is a bad request.
     assert_eq!(api.post("other", monolith(11)).await.0, 400);
+}
+
+#[tokio::test]
+async fn replicas_share_one_run_rate_bucket_per_tenant() {
+    let db = TestDb::new().await;
+    let limits = LimitsConfig {
+        runs_per_second_per_tenant: 1.0,
+        run_burst_per_tenant: 3,
+        ..LimitsConfig::default()
+    };
+    // Two replicas' limiters on one database: together they allow the burst, not twice it.
+    let (a, b) = (
+        RateLimiter::new(&limits, db.pool.clone()),
+        RateLimiter::new(&limits, db.pool.clone()),
+    );
+    assert!(a.acquire("acme").await.is_ok());
+    assert!(b.acquire("acme").await.is_ok());
+    assert!(a.acquire("acme").await.is_ok());
+    let wait = b.acquire("acme").await.unwrap_err();
+    assert!(wait <= Duration::from_secs(1), "{wait:?}");
+    assert!(a.acquire("acme").await.is_err());
+    // Another tenant has its own bucket.
+    assert!(b.acquire("other").await.is_ok());
+    // A second later (the bucket's clock moved back a second) one more token is there.
+    sqlx::query(
+        "UPDATE orchestrator.run_tokens SET at = at - interval '1 second' WHERE tenant = 'acme'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(b.acquire("acme").await.is_ok());
+    assert!(a.acquire("acme").await.is_err());
+
+    // Rate 0: no limit, and nothing written.
+    let unlimited = RateLimiter::new(
+        &LimitsConfig {
+            runs_per_second_per_tenant: 0.0,
+            ..LimitsConfig::default()
+        },
+        db.pool.clone(),
+    );
+    for _ in 0..100 {
+        assert!(unlimited.acquire("free").await.is_ok());
+    }
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orchestrator.run_tokens WHERE tenant = 'free'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
 }
 
 #[tokio::test]
