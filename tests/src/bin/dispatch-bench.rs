@@ -11,7 +11,9 @@
 //!    open loop → `dispatch_p99_loaded_ms`, plus the rate actually submitted and completed. If
 //!    the stack cannot keep up, the bench says so and reports what it achieved;
 //! 3. drain: `--drain-runs` runs (default 10,000) submitted while maintenance mode pauses
-//!    dispatch, then resumed → `throughput_tasks_per_s` = runs / (resume → last run finished).
+//!    dispatch, then resumed → `throughput_tasks_per_s` = runs / (resume → last run finished),
+//!    and where the CPU went: `drain_cpu_us_per_task_<process>` (PostgreSQL, NATS, each
+//!    service, the bench) and `drain_cpu_us_per_task_total`, from `/proc` before and after.
 //!
 //! Figures are merged into `target/bench/results.json`.
 //!
@@ -179,6 +181,53 @@ async fn submit(
     let status = response.status();
     anyhow::ensure!(status.as_u16() == 201, "submitting a run: HTTP {status}");
     Ok(())
+}
+
+/// Processes whose CPU time the drain accounts, by the start of their name in
+/// `/proc/<pid>/stat` (which keeps 15 bytes), with the figure each one's time goes to.
+const CPU_ACCOUNTS: [(&str, &str); 8] = [
+    ("postgres", "drain_cpu_us_per_task_postgres"),
+    ("nats-server", "drain_cpu_us_per_task_nats"),
+    ("colony-orchestr", "drain_cpu_us_per_task_orchestrator"),
+    ("colony-agent-wo", "drain_cpu_us_per_task_agent_worker"),
+    ("colony-monitor", "drain_cpu_us_per_task_monitor"),
+    ("colony-router", "drain_cpu_us_per_task_router"),
+    ("colony-memory", "drain_cpu_us_per_task_memory"),
+    ("dispatch-bench", "drain_cpu_us_per_task_bench"),
+];
+
+/// CPU seconds (user + system) used so far by every process of each [`CPU_ACCOUNTS`] kind on
+/// this machine: the stack's services, PostgreSQL's and NATS's processes, and the bench. It
+/// counts whatever else runs under those names too, so the bench should run alone. Linux
+/// only; elsewhere the map is empty.
+fn cpu_seconds() -> BTreeMap<&'static str, f64> {
+    // /proc reports CPU time in USER_HZ ticks, 100 a second on Linux.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let mut used = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return used;
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: comm may hold spaces, so split around the parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let Some((_, figure)) = CPU_ACCOUNTS.iter().find(|(name, _)| comm.starts_with(name)) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the comm: state is field 0, utime field 11, stime field 12.
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+            .sum();
+        *used.entry(*figure).or_insert(0.0) += ticks / TICKS_PER_SECOND;
+    }
+    used
 }
 
 /// Turns maintenance mode on or off.
@@ -405,8 +454,10 @@ async fn main() -> anyhow::Result<()> {
         );
         eprintln!("drain: {total} runs queued; maintenance off, draining");
         let resumed = Instant::now();
+        let cpu_before = cpu_seconds();
         set_paused(&stack, false).await?;
         wait_finished(&stack, "drain", total).await?;
+        let cpu_after = cpu_seconds();
         let observed = resumed.elapsed().as_secs_f64();
         // Resume (the maintenance row's change time, stamped in the resuming transaction) →
         // last drain run finished, both by PostgreSQL's clock.
@@ -421,6 +472,20 @@ async fn main() -> anyhow::Result<()> {
         let span = span.context("drain: no maintenance row or no finished runs")?;
         anyhow::ensure!(span > 0.0, "drain: no time between resume and last finish");
         figures.insert("throughput_tasks_per_s", total as f64 / span);
+        let mut cpu_total = 0.0;
+        for (name, after) in &cpu_after {
+            let used = after - cpu_before.get(name).copied().unwrap_or(0.0);
+            cpu_total += used;
+            figures.insert(name, used * 1e6 / total as f64);
+        }
+        figures.insert(
+            "drain_cpu_us_per_task_total",
+            cpu_total * 1e6 / total as f64,
+        );
+        notes.push(format!(
+            "drain: CPU {cpu_total:.1} s over {observed:.1} s ({:.0} % of one core)",
+            cpu_total / observed * 100.0
+        ));
         notes.push(format!(
             "drain: {total} runs in {span:.2} s from resume to last finish \
              (bench clock, polled every {} ms: {observed:.2} s)",
