@@ -55,7 +55,7 @@ bench: deps ## Dispatch bench (Colony) and peer-queue bench (apalis-postgres) on
 	@python3 -c 'import json,sys; r=json.load(open("target/bench/results.json")); \
 	f=lambda k: ("%.2f" % r[k]) if k in r else "-"; \
 	print("\nsummary (target/bench/results.json)"); \
-	[print("  %-34s %s" % (k, f(k))) for k in ("dispatch_p50_ms","dispatch_p99_ms","dispatch_p99_loaded_ms","dispatch_loaded_completed_per_s","throughput_tasks_per_s","model_throughput_tasks_per_s","peer_queue_tasks_per_s")]; \
+	[print("  %-34s %s" % (k, f(k))) for k in ("dispatch_p50_ms","dispatch_p99_ms","dispatch_p99_loaded_ms","dispatch_loaded_completed_per_s","throughput_tasks_per_s","drain_cpu_us_per_task_total","drain_cpu_us_per_task_postgres","drain_cpu_us_per_task_nats","model_throughput_tasks_per_s","peer_queue_tasks_per_s")]; \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
 

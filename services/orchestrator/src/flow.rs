@@ -2,7 +2,7 @@
 //! and what happens when a tenant's queue is full.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -88,6 +88,10 @@ pub struct RateLimiter {
     burst: f64,
     pool: PgPool,
     chunks: Mutex<HashMap<String, Chunk>>,
+    /// One fetch from the shared bucket per tenant at a time: requests that find no local
+    /// token while a fetch is under way wait for it rather than each taking a chunk (which
+    /// would take far more than the rate, and waste what expires unused).
+    fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Tokens this replica took from a tenant's shared bucket.
@@ -107,6 +111,7 @@ impl RateLimiter {
             burst: f64::from(limits.run_burst_per_tenant.max(1)),
             pool,
             chunks: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,6 +126,12 @@ impl RateLimiter {
     /// failure logged.
     pub async fn acquire(&self, tenant: &str) -> Result<(), Duration> {
         if self.rate <= 0.0 || self.take_local(tenant) {
+            return Ok(());
+        }
+        let fetch = self.fetch_lock(tenant);
+        let _fetching = fetch.lock().await;
+        // The fetch this one waited for may have left a token.
+        if self.take_local(tenant) {
             return Ok(());
         }
         match self.take_shared(tenant).await {
@@ -141,6 +152,18 @@ impl RateLimiter {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    fn fetch_lock(&self, tenant: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut fetches = match self.fetches.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if fetches.len() > 10_000 {
+            // Locks nobody holds or waits for.
+            fetches.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        fetches.entry(tenant.to_owned()).or_default().clone()
     }
 
     fn take_local(&self, tenant: &str) -> bool {

@@ -349,6 +349,23 @@ async fn replicas_share_one_run_rate_bucket_per_tenant() {
     assert!(b.acquire("acme").await.is_ok());
     assert!(a.acquire("acme").await.is_err());
 
+    // Many requests at once on one replica wait for one fetch instead of each taking a
+    // chunk: the burst serves them all.
+    let herd = std::sync::Arc::new(RateLimiter::new(
+        &LimitsConfig {
+            runs_per_second_per_tenant: 200.0,
+            run_burst_per_tenant: 100,
+            ..LimitsConfig::default()
+        },
+        db.pool.clone(),
+    ));
+    let granted = futures::future::join_all((0..100).map(|_| {
+        let herd = herd.clone();
+        async move { herd.acquire("herd").await.is_ok() }
+    }))
+    .await;
+    assert!(granted.iter().all(|ok| *ok), "{granted:?}");
+
     // Rate 0: no limit, and nothing written.
     let unlimited = RateLimiter::new(
         &LimitsConfig {
