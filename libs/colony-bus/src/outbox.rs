@@ -1,12 +1,17 @@
 //! The transactional outbox: a service writes the event into its outbox table in the same
-//! transaction as the state change; the relay publishes unsent rows and marks them sent.
+//! transaction as the state change; the relay publishes the rows and deletes them once
+//! JetStream has acknowledged them.
 //!
-//! Nothing is lost on a crash between commit and publish (the row stays unsent and the next
-//! relay pass, on any replica, publishes it), and nothing is published twice in a way that
-//! matters: `FOR UPDATE SKIP LOCKED` keeps two relays off the same row, and the row's `msg_id`
-//! travels as `Nats-Msg-Id`, so JetStream drops a repeat after a crash between publish and
-//! marking the row sent.
+//! Nothing is lost on a crash between commit and publish (the row stays and the next relay
+//! pass, on any replica, publishes it), and nothing is published twice in a way that matters:
+//! `FOR UPDATE SKIP LOCKED` keeps two relays off the same row, and the row's `msg_id` travels
+//! as `Nats-Msg-Id`, so JetStream drops a repeat after a crash between publish and delete
+//! (within the stream's duplicate window). Sent rows are deleted rather than marked: marking
+//! wrote a new version of every row and of its index entries, which under load cost
+//! PostgreSQL more than the rest of a task's work (see docs/benchmarks.md).
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -48,8 +53,6 @@ pub struct RelayOptions {
     pub batch: i64,
     /// Pass interval when no notification arrives (notifications make it near-instant).
     pub poll_interval: Duration,
-    /// Sent rows are deleted after this long.
-    pub retention: Duration,
 }
 
 impl Default for RelayOptions {
@@ -57,10 +60,13 @@ impl Default for RelayOptions {
         Self {
             batch: 256,
             poll_interval: Duration::from_secs(1),
-            retention: Duration::from_secs(3600),
         }
     }
 }
+
+/// The in-process wake-up of each table's relay (see [`Outbox::quiet`]).
+static WAKERS: LazyLock<Mutex<HashMap<&'static str, Arc<tokio::sync::Notify>>>> =
+    LazyLock::new(Mutex::default);
 
 impl Outbox {
     /// `table` as `schema.outbox`; `channel` is the `LISTEN` channel that wakes the relay.
@@ -70,6 +76,32 @@ impl Outbox {
 
     pub fn table(&self) -> &'static str {
         self.table
+    }
+
+    /// Makes the rows the caller's transaction enqueues from now on wake no relay through
+    /// PostgreSQL: the caller calls [`Outbox::wake`] once it has committed, which wakes this
+    /// process's relay. For busy paths: every transaction that calls `pg_notify` takes
+    /// PostgreSQL's notification-queue lock at commit and holds it across its WAL flush, so
+    /// notifying transactions commit one at a time. Other replicas' relays still find the rows
+    /// at their next poll.
+    pub async fn quiet(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        sqlx::query("SELECT set_config('colony.outbox_quiet', 'on', true)")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Wakes this process's relay (after a [`Outbox::quiet`] transaction committed).
+    pub fn wake(&self) {
+        self.waker().notify_one();
+    }
+
+    fn waker(&self) -> Arc<tokio::sync::Notify> {
+        let mut wakers = match WAKERS.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        wakers.entry(self.table).or_default().clone()
     }
 
     /// Adds `message` for the logical `subject` inside the caller's transaction.
@@ -86,7 +118,7 @@ impl Outbox {
 
     /// Adds `rows` inside the caller's transaction, in one statement. The current span's trace
     /// context is stored with them so the trace continues across the relay; a row whose
-    /// `msg_id` is already there is skipped.
+    /// `msg_id` is still waiting to be sent is skipped.
     pub async fn enqueue_many(
         &self,
         conn: &mut PgConnection,
@@ -100,11 +132,15 @@ impl Outbox {
         let subjects: Vec<&str> = rows.iter().map(|row| row.subject.as_str()).collect();
         let payloads: Vec<&[u8]> = rows.iter().map(|row| row.payload.as_slice()).collect();
         // The notification is delivered at commit, so the relay wakes only for committed rows.
+        // A quiet transaction (see `quiet`) sends none; the count keeps exactly one row to
+        // join either way.
         sqlx::query(&format!(
             "INSERT INTO {} (msg_id, subject, payload, traceparent) \
              SELECT u.msg_id, u.subject, u.payload, $4 \
              FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(msg_id, subject, payload), \
-                  (SELECT pg_notify($5, '')) AS notified \
+                  (SELECT count(*) FROM (SELECT pg_notify($5, '') \
+                       WHERE current_setting('colony.outbox_quiet', true) \
+                             IS DISTINCT FROM 'on') n) AS notified \
              ON CONFLICT (msg_id) DO NOTHING",
             self.table
         ))
@@ -118,13 +154,14 @@ impl Outbox {
         Ok(())
     }
 
-    /// Publishes up to `batch` unsent rows and marks them sent. Returns how many were sent.
+    /// Publishes up to `batch` rows and deletes those JetStream acknowledged. Returns how many
+    /// were sent.
     pub async fn relay_once(&self, pool: &PgPool, bus: &Bus, batch: i64) -> Result<usize, Error> {
         let mut tx = pool.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT id, msg_id, subject, payload, traceparent, \
                     EXTRACT(EPOCH FROM (now() - created_at))::float8 AS age \
-             FROM {} WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM {} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
             self.table
         ))
         .bind(batch)
@@ -166,33 +203,18 @@ impl Outbox {
         }))
         .await;
         let sent: Vec<i64> = acks.into_iter().flatten().collect();
-        sqlx::query(&format!(
-            "UPDATE {} SET sent_at = now() WHERE id = ANY($1)",
-            self.table
-        ))
-        .bind(&sent)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&format!("DELETE FROM {} WHERE id = ANY($1)", self.table))
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         ::metrics::counter!(metrics::OUTBOX_RELAYED, "table" => self.table)
             .increment(sent.len() as u64);
         Ok(sent.len())
     }
 
-    /// Deletes rows sent longer ago than `retention`.
-    pub async fn prune(&self, pool: &PgPool, retention: Duration) -> Result<u64, Error> {
-        let seconds = retention.as_secs_f64();
-        let result = sqlx::query(&format!(
-            "DELETE FROM {} WHERE sent_at < now() - make_interval(secs => $1)",
-            self.table
-        ))
-        .bind(seconds)
-        .execute(pool)
-        .await?;
-        Ok(result.rows_affected())
-    }
-
-    /// Relays until `shutdown`: woken by `NOTIFY` on commit, and by a poll as a safety net.
+    /// Relays until `shutdown`: woken by `NOTIFY` on commit, by [`Outbox::wake`] in this
+    /// process, and by a poll as a safety net.
     /// On start it publishes whatever an earlier process left unsent.
     pub async fn run_relay(
         self,
@@ -202,7 +224,7 @@ impl Outbox {
         shutdown: CancellationToken,
     ) {
         let mut listener = None;
-        let mut last_prune = tokio::time::Instant::now();
+        let waker = self.waker();
         let mut failures = 0u32;
         loop {
             if listener.is_none() {
@@ -236,12 +258,6 @@ impl Outbox {
                     }
                 }
             };
-            if last_prune.elapsed() > Duration::from_secs(60) {
-                last_prune = tokio::time::Instant::now();
-                if let Err(error) = self.prune(&pool, options.retention).await {
-                    tracing::warn!(%error, table = self.table, "outbox prune failed");
-                }
-            }
             if sent as i64 >= options.batch {
                 continue;
             }
@@ -260,6 +276,7 @@ impl Outbox {
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = waker.notified() => {}
                 healthy = wait => if !healthy { listener = None },
             }
         }

@@ -165,11 +165,27 @@ async fn outbox_rows_are_published_once_after_commit() {
     assert_eq!(outbox.relay_once(&db.pool, &bus, 100).await.unwrap(), 0);
     assert_eq!(stream_messages(&bus, StreamKind::Dispatch).await, 5);
 
-    // Simulate a crash after publish but before marking sent: the repeat is deduplicated.
-    sqlx::query("UPDATE orchestrator.outbox SET sent_at = NULL")
-        .execute(&db.pool)
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM orchestrator.outbox")
+        .fetch_one(&db.pool)
         .await
         .unwrap();
+    assert_eq!(left, 0, "sent rows are deleted");
+
+    // Simulate a crash after publish but before the delete (the rows are back as they were):
+    // the repeat is deduplicated.
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..5 {
+        outbox
+            .enqueue(
+                &mut tx,
+                &subject,
+                &format!("d{i}"),
+                &dispatch(&format!("t{i}"), 1),
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
     assert_eq!(outbox.relay_once(&db.pool, &bus, 100).await.unwrap(), 5);
     assert_eq!(stream_messages(&bus, StreamKind::Dispatch).await, 5);
 }
@@ -239,6 +255,116 @@ async fn relay_wakes_on_commit_and_traceparent_travels() {
     let headers = message.headers.unwrap();
     assert_eq!(headers.get("Nats-Msg-Id").unwrap().as_str(), "w1");
     assert_eq!(headers.get("traceparent").unwrap().as_str(), expected);
+    shutdown.cancel();
+    relay.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_quiet_transaction_notifies_nobody_and_wake_brings_its_rows_out() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let bus = test_bus.connect().await;
+    let outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen("orchestrator_outbox").await.unwrap();
+    let mut sub = bus
+        .client()
+        .subscribe(bus.subject("colony.v1.task.dispatch.>"))
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox.quiet(&mut tx).await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &subjects::dispatch("generalist"),
+            "q1",
+            &dispatch("q", 1),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "a quiet transaction sent a notification"
+    );
+    // The same connection notifies again once its transaction is over.
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &subjects::dispatch("generalist"),
+            "q2",
+            &dispatch("q", 2),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a plain transaction notifies")
+        .unwrap();
+
+    // A relay that polls every 30 s publishes both at once when woken in process.
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(outbox.run_relay(
+        db.pool.clone(),
+        bus.clone(),
+        RelayOptions {
+            poll_interval: Duration::from_secs(30),
+            ..RelayOptions::default()
+        },
+        shutdown.clone(),
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("the relay's first pass publishes what is unsent")
+            .unwrap();
+        ids.push(
+            message
+                .headers
+                .unwrap()
+                .get("Nats-Msg-Id")
+                .unwrap()
+                .as_str()
+                .to_owned(),
+        );
+    }
+    assert_eq!(ids, ["q1", "q2"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox.quiet(&mut tx).await.unwrap();
+    outbox
+        .enqueue(
+            &mut tx,
+            &subjects::dispatch("generalist"),
+            "q3",
+            &dispatch("q", 3),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    outbox.wake();
+    let message = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("the relay woke in process")
+        .unwrap();
+    assert_eq!(
+        message
+            .headers
+            .unwrap()
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .as_str(),
+        "q3"
+    );
     shutdown.cancel();
     relay.await.unwrap();
 }

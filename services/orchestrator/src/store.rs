@@ -442,8 +442,10 @@ impl Store {
     /// dependencies; tasks without dependencies are dispatched. One transaction.
     pub async fn create_dag_run(&self, new: &NewDagRun) -> Result<(Uuid, Vec<Uuid>), Error> {
         let mut tx = self.pool.begin().await?;
+        OUTBOX.quiet(&mut tx).await?;
         let ids = self.create_dag_run_in(&mut tx, new).await?;
         tx.commit().await?;
+        OUTBOX.wake();
         // Tasks held back by flow control wait for the dispatcher.
         self.wake_dispatcher();
         Ok(ids)
@@ -705,6 +707,7 @@ impl Store {
     /// orchestrator keep up; if the transaction fails, none of them is applied.
     pub async fn apply_reports(&self, reports: &[Report]) -> Result<Vec<ReportDecision>, Error> {
         let mut tx = self.pool.begin().await?;
+        OUTBOX.quiet(&mut tx).await?;
         let mut effects = Effects::default();
         let decisions = match reports::apply_plain_successes(&mut tx, reports, &mut effects).await?
         {
@@ -718,6 +721,7 @@ impl Store {
             }
         };
         tx.commit().await?;
+        OUTBOX.wake();
         effects.record();
         // Finished attempts free in-flight slots of their tenants.
         self.wake_dispatcher();

@@ -13,6 +13,7 @@ use colony_proto::v1;
 use colony_proto::v1::orchestrator_client::OrchestratorClient;
 use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb, eventually};
+use futures::TryStreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -215,14 +216,18 @@ async fn a_transient_failure_is_retried_after_its_backoff_and_a_permanent_one_de
     report(&bus, &task_id, 1, failed(v1::ErrorClass::Transient)).await;
     // The scheduler pass dispatches attempt 2 through the outbox once 200 ms have passed.
     eventually(WAIT, "attempt 2 dispatched", || async {
-        let sent: Option<bool> = sqlx::query_scalar(
-            "SELECT sent_at IS NOT NULL FROM orchestrator.outbox WHERE msg_id = $1",
+        // Dispatched (attempt 2 stamped) and relayed (its outbox row is gone once sent).
+        let sent: bool = sqlx::query_scalar(
+            "SELECT t.attempt = 2 AND t.dispatched_at IS NOT NULL \
+                    AND NOT EXISTS (SELECT 1 FROM orchestrator.outbox WHERE msg_id = $2) \
+             FROM orchestrator.tasks t WHERE t.id = $1::uuid",
         )
+        .bind(&task_id)
         .bind(format!("dispatch-{task_id}-2-1"))
-        .fetch_optional(&db.pool)
+        .fetch_one(&db.pool)
         .await
         .unwrap();
-        (sent == Some(true)).then_some(())
+        sent.then_some(())
     })
     .await;
     let (_, run) = service.get(&format!("/v1/runs/{run_id}")).await;
@@ -343,12 +348,23 @@ async fn cancellation_reaches_a_running_worker_within_a_heartbeat() {
     let (_, run) = service.get(&format!("/v1/runs/{run_id}")).await;
     assert_eq!(run["status"], "cancelled");
     assert_eq!(run["output"], Value::Null);
-    let cancelled: i64 = scalar(
-        &db,
-        "SELECT count(*) FROM orchestrator.outbox WHERE subject = 'colony.v1.event.run.cancelled'",
-    )
+    // Both cancelled runs announced on the bus.
+    let bus_client = bus.connect().await;
+    let events = bus_client
+        .jetstream()
+        .get_stream(bus_client.stream_name(StreamKind::Events))
+        .await
+        .unwrap();
+    let cancelled_subject = bus_client.subject("colony.v1.event.run.cancelled");
+    eventually(WAIT, "two run.cancelled events", || async {
+        let mut info = events.info_with_subjects(&cancelled_subject).await.unwrap();
+        let mut count = 0;
+        while let Some((_, n)) = info.try_next().await.unwrap() {
+            count += n;
+        }
+        (count == 2).then_some(())
+    })
     .await;
-    assert_eq!(cancelled, 2);
 
     // Finished, unknown and other tenants' runs.
     let (done_run, done_task) = service.submit().await;
@@ -402,11 +418,7 @@ async fn maintenance_mode_pauses_claims_until_resumed() {
     let claim = service.claim(&paused_task, 1).await;
     assert!(!claim.granted);
     assert_eq!(claim.reason, "maintenance");
-    let dispatches: i64 = scalar(
-        &db,
-        "SELECT count(*) FROM orchestrator.outbox WHERE subject LIKE '%dispatch%'",
-    )
-    .await;
+    let dispatches: i64 = scalar(&db, "SELECT sum(dispatches)::int8 FROM orchestrator.tasks").await;
     assert_eq!(dispatches, 1, "only the first run was dispatched");
     // In-flight work finishes.
     assert!(service.heartbeat(&running_task, 1).await.keep_going);
@@ -427,11 +439,7 @@ async fn maintenance_mode_pauses_claims_until_resumed() {
         .post("/v1/admin/maintenance", json!({"paused": false}))
         .await;
     assert_eq!((status, state["paused"].as_bool()), (200, Some(false)));
-    let sent: bool = scalar(
-        &db,
-        "SELECT count(*) = 2 FROM orchestrator.outbox WHERE subject LIKE '%dispatch%'",
-    )
-    .await;
+    let sent: bool = scalar(&db, "SELECT sum(dispatches) = 2 FROM orchestrator.tasks").await;
     assert!(sent, "the paused run was dispatched on resume");
     assert!(service.claim(&paused_task, 1).await.granted);
     let text = service
@@ -475,11 +483,7 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
         })
         .await
         .unwrap();
-    let unsent: i64 = scalar(
-        &db,
-        "SELECT count(*) FROM orchestrator.outbox WHERE sent_at IS NULL",
-    )
-    .await;
+    let unsent: i64 = scalar(&db, "SELECT count(*) FROM orchestrator.outbox").await;
     // The new run's three rows, and perhaps the claim's `started` event if the first
     // orchestrator stopped before relaying it.
     assert!(unsent >= 3, "{unsent}");
@@ -507,15 +511,16 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
 
     // Everything relayed: the unsent rows and attempt 2's dispatch after its backoff.
     eventually(WAIT, "every outbox row sent", || async {
-        let (unsent, dispatches): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE sent_at IS NULL), \
-                    count(*) FILTER (WHERE msg_id = $1) FROM orchestrator.outbox",
+        let (unsent, dispatched): (i64, bool) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM orchestrator.outbox), \
+                    (SELECT attempt = 2 AND dispatched_at IS NOT NULL \
+                     FROM orchestrator.tasks WHERE id = $1)",
         )
-        .bind(format!("dispatch-{orphan_task}-2-1"))
+        .bind(orphan_task)
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        (unsent == 0 && dispatches == 1).then_some(())
+        (unsent == 0 && dispatched).then_some(())
     })
     .await;
     let bus_client = bus.connect().await;

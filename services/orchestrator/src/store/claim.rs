@@ -66,6 +66,7 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         let mut tx = self.pool.begin().await?;
+        OUTBOX.quiet(&mut tx).await?;
         // Locked in id order, so two batches never wait on each other in a cycle.
         let rows = sqlx::query(&format!(
             "SELECT id, tenant, state, attempt, \
@@ -185,6 +186,7 @@ impl Store {
             OUTBOX.enqueue_many(&mut tx, &events).await?;
         }
         tx.commit().await?;
+        OUTBOX.wake();
         Ok(requests
             .iter()
             .zip(verdicts)

@@ -214,6 +214,7 @@ impl Store {
     /// maintenance mode. Safe on several replicas at once (`SKIP LOCKED`).
     pub async fn dispatch_due(&self, batch: i64) -> Result<u64, Error> {
         let mut tx = self.pool.begin().await?;
+        OUTBOX.quiet(&mut tx).await?;
         let unclaimed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM orchestrator.tasks \
              WHERE state = 'queued' AND dispatched_at IS NOT NULL",
@@ -292,6 +293,7 @@ impl Store {
             .collect();
         OUTBOX.enqueue_many(&mut tx, &rows).await?;
         tx.commit().await?;
+        OUTBOX.wake();
         Ok(due.len() as u64)
     }
 
