@@ -124,6 +124,23 @@ async fn outcomes_map_to_ack_retry_and_term() {
     consumer_task.await.unwrap();
 }
 
+/// Dispatches `d0`..`d4` in one committed transaction.
+async fn enqueue_five(db: &TestDb, outbox: &Outbox, subject: &str) {
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..5 {
+        outbox
+            .enqueue(
+                &mut tx,
+                subject,
+                &format!("d{i}"),
+                &dispatch(&format!("t{i}"), 1),
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn outbox_rows_are_published_once_after_commit() {
     let db = TestDb::new().await;
@@ -140,19 +157,7 @@ async fn outbox_rows_are_published_once_after_commit() {
         .unwrap();
     tx.rollback().await.unwrap();
 
-    let mut tx = db.pool.begin().await.unwrap();
-    for i in 0..5 {
-        outbox
-            .enqueue(
-                &mut tx,
-                &subject,
-                &format!("d{i}"),
-                &dispatch(&format!("t{i}"), 1),
-            )
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    enqueue_five(&db, &outbox, &subject).await;
 
     // Two relays race over the same rows; each row is published by exactly one of them.
     let (a, b) = tokio::join!(
@@ -173,19 +178,7 @@ async fn outbox_rows_are_published_once_after_commit() {
 
     // Simulate a crash after publish but before the delete (the rows are back as they were):
     // the repeat is deduplicated.
-    let mut tx = db.pool.begin().await.unwrap();
-    for i in 0..5 {
-        outbox
-            .enqueue(
-                &mut tx,
-                &subject,
-                &format!("d{i}"),
-                &dispatch(&format!("t{i}"), 1),
-            )
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    enqueue_five(&db, &outbox, &subject).await;
     assert_eq!(outbox.relay_once(&db.pool, &bus, 100).await.unwrap(), 5);
     assert_eq!(stream_messages(&bus, StreamKind::Dispatch).await, 5);
 }
