@@ -252,6 +252,24 @@ async fn relay_wakes_on_commit_and_traceparent_travels() {
     relay.await.unwrap();
 }
 
+/// Dispatch `msg_id` in one committed transaction, quiet or not.
+async fn enqueue_one(db: &TestDb, outbox: &Outbox, msg_id: &str, quiet: bool) {
+    let mut tx = db.pool.begin().await.unwrap();
+    if quiet {
+        outbox.quiet(&mut tx).await.unwrap();
+    }
+    outbox
+        .enqueue(
+            &mut tx,
+            &subjects::dispatch("generalist"),
+            msg_id,
+            &dispatch(msg_id, 1),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_quiet_transaction_notifies_nobody_and_wake_brings_its_rows_out() {
     let db = TestDb::new().await;
@@ -268,18 +286,7 @@ async fn a_quiet_transaction_notifies_nobody_and_wake_brings_its_rows_out() {
         .await
         .unwrap();
 
-    let mut tx = db.pool.begin().await.unwrap();
-    outbox.quiet(&mut tx).await.unwrap();
-    outbox
-        .enqueue(
-            &mut tx,
-            &subjects::dispatch("generalist"),
-            "q1",
-            &dispatch("q", 1),
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_one(&db, &outbox, "q1", true).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(300), listener.recv())
             .await
@@ -287,17 +294,7 @@ async fn a_quiet_transaction_notifies_nobody_and_wake_brings_its_rows_out() {
         "a quiet transaction sent a notification"
     );
     // The same connection notifies again once its transaction is over.
-    let mut tx = db.pool.begin().await.unwrap();
-    outbox
-        .enqueue(
-            &mut tx,
-            &subjects::dispatch("generalist"),
-            "q2",
-            &dispatch("q", 2),
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_one(&db, &outbox, "q2", false).await;
     tokio::time::timeout(Duration::from_secs(5), listener.recv())
         .await
         .expect("a plain transaction notifies")
@@ -332,18 +329,7 @@ async fn a_quiet_transaction_notifies_nobody_and_wake_brings_its_rows_out() {
     }
     assert_eq!(ids, ["q1", "q2"]);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut tx = db.pool.begin().await.unwrap();
-    outbox.quiet(&mut tx).await.unwrap();
-    outbox
-        .enqueue(
-            &mut tx,
-            &subjects::dispatch("generalist"),
-            "q3",
-            &dispatch("q", 3),
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    enqueue_one(&db, &outbox, "q3", true).await;
     outbox.wake();
     let message = tokio::time::timeout(Duration::from_secs(5), sub.next())
         .await
