@@ -11,22 +11,14 @@ use crate::{Error, metrics};
 
 use super::{NewDagRun, Store};
 
-/// What a run gets when its request does not say.
-#[derive(Debug, Clone)]
+/// What a run gets when its request does not say; the default is `runs.*`'s default.
+#[derive(Debug, Clone, Default)]
 pub struct RunDefaults {
-    /// The model tier whose capability profile the dial reads (`runs.tier`).
+    /// The model tier whose capability profile the dial reads (`runs.tier`; empty: the
+    /// roster's default tier).
     pub tier: String,
     /// `runs.failure_policy`.
     pub failure_policy: FailurePolicy,
-}
-
-impl Default for RunDefaults {
-    fn default() -> Self {
-        Self {
-            tier: "mid".into(),
-            failure_policy: FailurePolicy::default(),
-        }
-    }
 }
 
 /// The profile the dial reads when the roster has none for the default tier. Validation
