@@ -161,6 +161,16 @@ impl StreamKind {
     }
 }
 
+/// One message for [`Bus::publish_all`]: the logical subject, the `Nats-Msg-Id` that makes a
+/// repeat harmless, the trace context, and the encoded protobuf.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub subject: &'a str,
+    pub msg_id: &'a str,
+    pub traceparent: Option<&'a str>,
+    pub payload: Bytes,
+}
+
 /// A connection to NATS with JetStream, scoped to one subject prefix.
 #[derive(Clone)]
 pub struct Bus {
@@ -372,6 +382,32 @@ impl Bus {
             })?;
         ::metrics::counter!(metrics::PUBLISHED, "kind" => subjects::kind_of(subject)).increment(1);
         Ok(future)
+    }
+
+    /// Sends every message, then waits for all their acknowledgements together: one round trip
+    /// for the batch. Answers, in order, whether JetStream acknowledged each one.
+    pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), Error>> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            pending.push(
+                self.start_publish(
+                    message.subject,
+                    message.msg_id,
+                    message.traceparent,
+                    message.payload.clone(),
+                )
+                .await,
+            );
+        }
+        futures::future::join_all(pending.into_iter().zip(messages).map(
+            |(started, message)| async move {
+                started?.await.map(|_| ()).map_err(|e| Error::Publish {
+                    subject: message.subject.to_owned(),
+                    message: e.to_string(),
+                })
+            },
+        ))
+        .await
     }
 
     /// Waits until everything sent so far has reached the server (used at shutdown).

@@ -14,11 +14,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use futures::future::join_all;
+use bytes::Bytes;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Bus, Error, metrics};
+use crate::{Bus, Error, Outgoing, metrics};
 
 /// One service's outbox table. `table` and `channel` are compile-time constants of the owning
 /// service (they are formatted into SQL, never taken from input).
@@ -176,33 +176,39 @@ impl Outbox {
             tx.commit().await?;
             return Ok(0);
         }
-        // Send every publish first, then wait for the acks: one round trip per batch.
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: i64 = row.get("id");
-            let subject: String = row.get("subject");
-            let msg_id: String = row.get("msg_id");
-            let payload: Vec<u8> = row.get("payload");
-            let traceparent: Option<String> = row.get("traceparent");
-            match bus
-                .start_publish(&subject, &msg_id, traceparent.as_deref(), payload.into())
-                .await
-            {
-                Ok(ack) => pending.push((id, subject, ack)),
-                Err(error) => tracing::warn!(%error, table = self.table, "outbox publish failed"),
-            }
-        }
-        let acks = join_all(pending.into_iter().map(|(id, subject, ack)| async move {
-            match ack.await {
-                Ok(_) => Some(id),
+        let stored: Vec<(i64, String, String, Bytes, Option<String>)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get("id"),
+                    row.get("subject"),
+                    row.get("msg_id"),
+                    Bytes::from(row.get::<Vec<u8>, _>("payload")),
+                    row.get("traceparent"),
+                )
+            })
+            .collect();
+        let messages: Vec<Outgoing<'_>> = stored
+            .iter()
+            .map(|(_, subject, msg_id, payload, traceparent)| Outgoing {
+                subject,
+                msg_id,
+                traceparent: traceparent.as_deref(),
+                payload: payload.clone(),
+            })
+            .collect();
+        let acks = bus.publish_all(&messages).await;
+        let sent: Vec<i64> = stored
+            .iter()
+            .zip(acks)
+            .filter_map(|((id, ..), ack)| match ack {
+                Ok(()) => Some(*id),
                 Err(error) => {
-                    tracing::warn!(%error, %subject, "outbox publish not acknowledged");
+                    tracing::warn!(%error, table = self.table, "outbox publish failed");
                     None
                 }
-            }
-        }))
-        .await;
-        let sent: Vec<i64> = acks.into_iter().flatten().collect();
+            })
+            .collect();
         sqlx::query(&format!("DELETE FROM {} WHERE id = ANY($1)", self.table))
             .bind(&sent)
             .execute(&mut *tx)

@@ -74,6 +74,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let bus = Bus::connect(&config.bus, "colony-orchestrator").await?;
     bus.ensure_streams().await?;
     let store = Store::new(pool.clone())
+        .with_dispatch_bus(bus.clone())
         .with_retries(config.retries.clone())
         .with_roster(config.roster.clone())
         .with_approvals(approval::ApprovalPolicy {
@@ -99,6 +100,16 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let grpc = colony_runtime::bind(&config.grpc.addr).await?;
     let grpc_addr = grpc.local_addr().context("grpc listener address")?;
 
+    // Dispatcher passes publish after they commit, not through the outbox: a dispatch that a
+    // crash cut off would otherwise wait for `leases.redispatch_after`. Before the relay
+    // starts, so that the dispatches still in the outbox are told apart.
+    let undispatched = store
+        .undispatch_unclaimed()
+        .await
+        .context("returning unclaimed dispatches to the queue")?;
+    if undispatched > 0 {
+        tracing::info!(undispatched, "unclaimed dispatches returned to the queue");
+    }
     runtime.spawn(store::OUTBOX.run_relay(
         pool.clone(),
         bus.clone(),

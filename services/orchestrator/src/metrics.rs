@@ -10,6 +10,7 @@ pub const CLAIM_SECONDS: &str = "colony_orchestrator_claim_duration_seconds";
 pub const REPORT_BATCH: &str = "colony_orchestrator_report_batch_size";
 pub const LEASES_EXPIRED: &str = "colony_orchestrator_leases_expired_total";
 pub const REDISPATCHED: &str = "colony_orchestrator_redispatched_total";
+pub const DISPATCHES_UNPUBLISHED: &str = "colony_orchestrator_dispatches_unpublished_total";
 pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds";
 pub const HTTP_REQUESTS: &str = "colony_orchestrator_http_requests_total";
 pub const REJECTED_REQUESTS: &str = "colony_orchestrator_rejected_requests_total";
@@ -78,6 +79,11 @@ pub fn describe() {
     describe_counter!(
         REDISPATCHED,
         "Attempts dispatched again because nobody claimed them within leases.redispatch_after."
+    );
+    describe_counter!(
+        DISPATCHES_UNPUBLISHED,
+        "Dispatches of a dispatcher pass that JetStream did not acknowledge (sent again after \
+         leases.redispatch_after)."
     );
     describe_histogram!(
         DISPATCH_LATENCY,

@@ -230,6 +230,9 @@ pub struct Store {
     depths: std::sync::Arc<flow::DepthCache>,
     /// What runs get when their request does not say.
     run_defaults: std::sync::Arc<RunDefaults>,
+    /// Where dispatcher passes publish their dispatches once committed (see
+    /// [`Store::with_dispatch_bus`]); without it they go through the outbox.
+    dispatch_bus: Option<colony_bus::Bus>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -323,6 +326,7 @@ async fn enqueue_dispatch(
 
 /// The dispatch of `attempt` as an outbox row; `dispatches` keeps a re-dispatch's message id
 /// apart from the first.
+/// [`Store::undispatch_unclaimed`] builds the same message id in SQL.
 fn dispatch_row(
     tenant: &str,
     run_id: Uuid,
@@ -359,7 +363,19 @@ impl Store {
             wake: std::sync::Arc::new(tokio::sync::Notify::new()),
             depths: std::sync::Arc::default(),
             run_defaults: std::sync::Arc::default(),
+            dispatch_bus: None,
         }
+    }
+
+    /// Dispatcher passes publish their dispatches on `bus` right after they commit, instead of
+    /// writing each to the outbox for the relay to publish and delete: a dispatch need not be
+    /// durable, because an attempt that stays unclaimed is dispatched again (by
+    /// [`Store::redispatch_unclaimed`], and at start by [`Store::undispatch_unclaimed`]). That
+    /// saves every task two outbox writes and a relay pass. Dispatches written in other
+    /// transactions (run creation, dependents, retries) still go through the outbox.
+    pub fn with_dispatch_bus(mut self, bus: colony_bus::Bus) -> Self {
+        self.dispatch_bus = Some(bus);
+        self
     }
 
     /// Which tasks wait for a human's approval (besides roles with `requires_approval`).

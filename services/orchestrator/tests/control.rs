@@ -483,10 +483,25 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
         })
         .await
         .unwrap();
+    // A dispatcher pass publishes after its commit: this one's message was lost in a crash
+    // between the two (its outbox row is removed to model that).
+    let (lost_run, lost_task) = store
+        .create_run(&NewRun {
+            tenant: "default".into(),
+            goal: "dispatched just before the crash".into(),
+            role: "generalist".into(),
+        })
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM orchestrator.outbox WHERE msg_id LIKE 'dispatch-' || $1 || '-%'")
+        .bind(lost_task.to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let unsent: i64 = scalar(&db, "SELECT count(*) FROM orchestrator.outbox").await;
-    // The new run's three rows, and perhaps the claim's `started` event if the first
+    // The two new runs' five rows, and perhaps the claim's `started` event if the first
     // orchestrator stopped before relaying it.
-    assert!(unsent >= 3, "{unsent}");
+    assert!(unsent >= 5, "{unsent}");
 
     // Its reaper loop first runs 2 s after start: whatever is done before that is recovery.
     let mut second_config = config(&db, &bus);
@@ -531,13 +546,14 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
         .unwrap();
     assert_eq!(
         stream.info().await.unwrap().state.messages,
-        3,
-        "orphan attempts 1 and 2, and the unsent run's dispatch"
+        4,
+        "orphan attempts 1 and 2, the unsent run's dispatch and the lost one sent again at start"
     );
 
     // Both runs go on: claims work on the new orchestrator.
     assert!(second.claim(&orphan_task.to_string(), 2).await.granted);
     assert!(second.claim(&unsent_task.to_string(), 1).await.granted);
+    assert!(second.claim(&lost_task.to_string(), 1).await.granted);
     assert!(matches!(
         store
             .claim("default", orphan_task, 1, "w", Duration::from_secs(5))
@@ -547,4 +563,5 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
     ));
     assert_eq!(second.run_status(&orphan_run).await, "running");
     assert_eq!(second.run_status(&unsent_run.to_string()).await, "running");
+    assert_eq!(second.run_status(&lost_run.to_string()).await, "running");
 }

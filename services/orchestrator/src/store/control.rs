@@ -244,6 +244,25 @@ impl Store {
         })
     }
 
+    /// Returns every dispatched, unclaimed attempt whose dispatch is not waiting in the outbox
+    /// to the dispatcher's queue (at start: a dispatch cut off by a crash between its pass's
+    /// commit and its publish is sent again at once). A dispatch that was in fact delivered
+    /// gets a second message; the claim decides, so the second is refused. Returns how many
+    /// were returned.
+    pub async fn undispatch_unclaimed(&self) -> Result<u64, Error> {
+        // A dispatch still waiting in the outbox will be relayed: that one stays.
+        Ok(sqlx::query(
+            "UPDATE orchestrator.tasks t SET dispatched_at = NULL \
+             WHERE t.state = 'queued' AND t.dispatched_at IS NOT NULL \
+               AND NOT EXISTS (SELECT 1 FROM orchestrator.outbox o \
+                               WHERE o.msg_id = 'dispatch-' || t.id || '-' || t.attempt \
+                                                || '-' || t.dispatches)",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Pauses or resumes dispatch for every replica. Resuming dispatches every queued task
     /// again (claims made while paused were refused, so their dispatches were dropped).
     /// Setting the state it already has changes nothing.

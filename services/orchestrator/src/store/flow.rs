@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use colony_bus::{OutboxRow, Outgoing};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::control::NOT_PAUSED;
 use super::{OUTBOX, Store, dispatch_row};
-use crate::Error;
 use crate::flow::{LimitsConfig, Overflow};
+use crate::{Error, metrics};
 
 /// SQL: a tenant's in-flight attempts (dispatched, not finished).
 const IN_FLIGHT: &str =
@@ -214,7 +215,9 @@ impl Store {
     /// maintenance mode. Safe on several replicas at once (`SKIP LOCKED`).
     pub async fn dispatch_due(&self, batch: i64) -> Result<u64, Error> {
         let mut tx = self.pool.begin().await?;
-        OUTBOX.quiet(&mut tx).await?;
+        if self.dispatch_bus.is_none() {
+            OUTBOX.quiet(&mut tx).await?;
+        }
         let unclaimed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM orchestrator.tasks \
              WHERE state = 'queued' AND dispatched_at IS NOT NULL",
@@ -291,9 +294,17 @@ impl Store {
                 )
             })
             .collect();
-        OUTBOX.enqueue_many(&mut tx, &rows).await?;
-        tx.commit().await?;
-        OUTBOX.wake();
+        match &self.dispatch_bus {
+            Some(bus) => {
+                tx.commit().await?;
+                publish_dispatches(bus, &rows).await;
+            }
+            None => {
+                OUTBOX.enqueue_many(&mut tx, &rows).await?;
+                tx.commit().await?;
+                OUTBOX.wake();
+            }
+        }
         Ok(due.len() as u64)
     }
 
@@ -327,6 +338,27 @@ impl Store {
                 .await?;
         }
         Ok(stale)
+    }
+}
+
+/// Publishes committed dispatches; one that JetStream does not acknowledge is counted and left
+/// to [`Store::redispatch_unclaimed`].
+async fn publish_dispatches(bus: &colony_bus::Bus, rows: &[OutboxRow]) {
+    let traceparent = colony_telemetry::current_traceparent();
+    let messages: Vec<Outgoing<'_>> = rows
+        .iter()
+        .map(|row| Outgoing {
+            subject: &row.subject,
+            msg_id: &row.msg_id,
+            traceparent: traceparent.as_deref(),
+            payload: row.payload.clone().into(),
+        })
+        .collect();
+    for ack in bus.publish_all(&messages).await {
+        if let Err(error) = ack {
+            ::metrics::counter!(metrics::DISPATCHES_UNPUBLISHED).increment(1);
+            tracing::warn!(%error, "dispatch not published; it is dispatched again once leases.redispatch_after passes");
+        }
     }
 }
 
