@@ -15,6 +15,10 @@
 //!    and where the CPU went: `drain_cpu_us_per_task_<process>` (PostgreSQL, NATS, each
 //!    service, the bench) and `drain_cpu_us_per_task_total`, from `/proc` before and after.
 //!
+//! Before each phase the bench asks PostgreSQL for a checkpoint, so that the writes of the
+//! set-up or of the phase before (a new database, thousands of runs) are flushed before the
+//! clock starts rather than by a checkpoint in the middle of a measurement.
+//!
 //! Figures are merged into `target/bench/results.json`.
 //!
 //! Usage: `dispatch-bench [--phases idle,loaded,drain] [--paced-runs N] [--rate R]
@@ -78,6 +82,10 @@ struct Args {
     concurrency: usize,
 }
 
+const USAGE: &str = "usage: dispatch-bench [--phases idle,loaded,drain] [--paced-runs N] \
+[--rate R] [--load-rate R] [--load-secs S] [--drain-runs N] [--workers W] [--slots S] \
+[--concurrency C] [--work noop|model]";
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         work: Work::Noop,
@@ -95,6 +103,10 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--phases" => {
@@ -124,7 +136,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     other => anyhow::bail!("unknown work {other} (noop, model)"),
                 }
             }
-            other => anyhow::bail!("unknown flag {other}"),
+            other => anyhow::bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     anyhow::ensure!(
@@ -349,6 +361,15 @@ async fn offer(
     Ok(offered)
 }
 
+/// Flushes what earlier work left in PostgreSQL's buffers (see the module docs).
+async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
+    sqlx::query("CHECKPOINT")
+        .execute(&stack.db.pool)
+        .await
+        .context("CHECKPOINT before a phase (the bench's database user must be a superuser)")?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -368,6 +389,7 @@ async fn main() -> anyhow::Result<()> {
     let mut notes = Vec::new();
 
     if args.idle {
+        checkpoint(&stack).await?;
         eprintln!("idle: {} runs at {} runs/s", args.paced_runs, args.rate);
         offer(&stack, "idle", args.paced_runs, args.rate, args.work).await?;
         wait_finished(&stack, "idle", args.paced_runs).await?;
@@ -381,6 +403,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.loaded {
+        checkpoint(&stack).await?;
         let total = (args.load_rate * args.load_secs).round() as usize;
         eprintln!(
             "loaded: {total} runs offered at {} runs/s for {} s",
@@ -420,6 +443,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.drain {
+        checkpoint(&stack).await?;
         let total = args.drain_runs;
         eprintln!("drain: maintenance on, queueing {total} runs");
         set_paused(&stack, true).await?;
