@@ -475,24 +475,30 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
     .await
     .unwrap();
     let store = Store::new(db.pool.clone());
-    let (unsent_run, unsent_task) = store
-        .create_run(&NewRun {
-            tenant: "default".into(),
-            goal: "written just before the crash".into(),
-            role: "generalist".into(),
-        })
-        .await
-        .unwrap();
-    // A dispatcher pass publishes after its commit: this one's message was lost in a crash
-    // between the two (its outbox row is removed to model that).
-    let (lost_run, lost_task) = store
-        .create_run(&NewRun {
-            tenant: "default".into(),
-            goal: "dispatched just before the crash".into(),
-            role: "generalist".into(),
-        })
-        .await
-        .unwrap();
+    let runs: Vec<(Uuid, Uuid)> = futures::future::try_join_all(
+        [
+            "written just before the crash",
+            "dispatched just before the crash",
+        ]
+        .map(|goal| {
+            let store = &store;
+            async move {
+                let run = NewRun {
+                    tenant: "default".into(),
+                    goal: goal.into(),
+                    role: "generalist".into(),
+                };
+                store.create_run(&run).await
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let [(unsent_run, unsent_task), (lost_run, lost_task)] = runs[..] else {
+        panic!("two runs")
+    };
+    // A dispatcher pass publishes after its commit: the second run's dispatch was lost in a
+    // crash between the two (its outbox row is removed to model that).
     sqlx::query("DELETE FROM orchestrator.outbox WHERE msg_id LIKE 'dispatch-' || $1 || '-%'")
         .bind(lost_task.to_string())
         .execute(&db.pool)
