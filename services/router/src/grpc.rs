@@ -25,11 +25,11 @@ pub fn request_span(request: &http::Request<()>) -> tracing::Span {
 
 /// The gRPC face of [`Service`].
 pub struct Router {
-    service: Service,
+    service: std::sync::Arc<Service>,
 }
 
 impl Router {
-    pub fn new(service: Service) -> Self {
+    pub fn new(service: std::sync::Arc<Service>) -> Self {
         Self { service }
     }
 }
@@ -67,8 +67,8 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidRequest(message.into())
 }
 
-/// Validates a request and converts it to the domain.
-fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
+/// Validates a request and converts it to the domain (the HTTP edge's requests too).
+pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
     if request.tenant.trim().is_empty() {
         return Err(invalid("tenant must not be empty"));
     }

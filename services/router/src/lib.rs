@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod ledger;
 pub mod metrics;
+pub mod openai_http;
 pub mod provider;
 pub mod routing;
 pub mod service;
@@ -77,12 +78,14 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
 
+    let service = std::sync::Arc::new(service::Service::new(deployments, pool.clone()));
     colony_runtime::serve_http(
         runtime,
         http,
-        colony_runtime::health_routes(runtime, colony_telemetry::prometheus()),
+        colony_runtime::health_routes(runtime, colony_telemetry::prometheus())
+            .merge(openai_http::routes(service.clone())),
     );
-    let router = grpc::Router::new(service::Service::new(deployments, pool.clone()));
+    let router = grpc::Router::new(service);
     let grpc = colony_runtime::serve_grpc(
         runtime,
         grpc,

@@ -1,5 +1,6 @@
 //! The router in-process on port 0 with a fresh database and bus prefix: a Complete call over
-//! gRPC, its ledger row, and its UsageRecord on the bus.
+//! gRPC, its ledger row, and its UsageRecord on the bus; the same calls over the
+//! OpenAI-compatible HTTP API, and its errors in OpenAI's shape.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
 use std::time::Duration;
@@ -65,18 +66,9 @@ fn complete(deployment: &str, tier: &str, text: &str) -> tonic::Request<v1::Comp
     request
 }
 
-// Multi-threaded: `TestDb`'s drop closes its pool from a side thread, which needs this runtime
-// to keep driving the pool's sockets.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_answers_records_the_ledger_and_publishes_usage() {
-    let db = TestDb::new().await;
-    let test_bus = TestBus::new();
-    let bus = test_bus.connect().await;
-    let mut usage_records = bus
-        .client()
-        .subscribe(bus.subject(USAGE_RECORDED))
-        .await
-        .unwrap();
+/// The router on port 0 with two scripted deployments: `canned` (mid, the default; a message
+/// containing "fail" fails as external_degrading) and `thrifty` (budget).
+async fn start(db: &TestDb, test_bus: &TestBus) -> (Runtime, colony_router::Handle) {
     let config = Config {
         database: db.config(),
         bus: test_bus.config(),
@@ -107,6 +99,29 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         Duration::from_secs(5),
     )
     .await;
+    (runtime, handle)
+}
+
+async fn ledger_rows(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+// Multi-threaded: `TestDb`'s drop closes its pool from a side thread, which needs this runtime
+// to keep driving the pool's sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_answers_records_the_ledger_and_publishes_usage() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let bus = test_bus.connect().await;
+    let mut usage_records = bus
+        .client()
+        .subscribe(bus.subject(USAGE_RECORDED))
+        .await
+        .unwrap();
+    let (runtime, handle) = start(&db, &test_bus).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", handle.grpc_addr))
         .unwrap()
         .connect()
@@ -240,11 +255,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         status.metadata().get(ERROR_CLASS_METADATA).unwrap(),
         "permanent"
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(rows, 3);
+    assert_eq!(ledger_rows(&db).await, 3);
 
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
@@ -253,4 +264,137 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         .await
         .unwrap();
     assert_eq!(unsent, 0, "every usage record was relayed by shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_speak_openai_and_record_the_ledger() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let (runtime, handle) = start(&db, &test_bus).await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        http.post(&url)
+            .header("x-colony-tenant", "acme")
+            .header("x-colony-run-id", "run-h")
+            .json(&body)
+            .send()
+    };
+
+    // A deployment by name, content as text parts.
+    let response = post(serde_json::json!({
+        "model": "canned",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "say hi"}]}
+        ],
+        "max_tokens": 16,
+        "top_p": 0.9
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-colony-deployment"], "canned");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "canned-model");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "hello from the script"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["usage"]["total_tokens"],
+        body["usage"]["prompt_tokens"].as_u64().unwrap() + 4
+    );
+    let (tenant, run_id, deployment): (String, String, String) = sqlx::query_as(
+        "SELECT tenant, run_id, deployment FROM router.usage_ledger ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (tenant.as_str(), run_id.as_str(), deployment.as_str()),
+        ("acme", "run-h", "canned")
+    );
+
+    // A tier as the model routes by tier.
+    let response = post(serde_json::json!({
+        "model": "budget", "messages": [{"role": "user", "content": "hi"}]
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        response.headers()["x-colony-route-reason"],
+        "first deployment of tier budget"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "cheap");
+
+    // Errors come back in OpenAI's shape, with a status a client can act on.
+    let user_hi = serde_json::json!([{"role": "user", "content": "hi"}]);
+    for (status, body, field, expected) in [
+        (
+            400,
+            serde_json::json!({"model": "canned", "stream": true, "messages": user_hi}),
+            "param",
+            "stream",
+        ),
+        (
+            400,
+            serde_json::json!({"model": "gpt-9", "messages": user_hi}),
+            "message",
+            "unknown deployment \"gpt-9\"",
+        ),
+        (
+            400,
+            serde_json::json!({"model": "canned", "messages": [{"role": "bot", "content": "hi"}]}),
+            "message",
+            "messages[0].role",
+        ),
+        (
+            503,
+            serde_json::json!({"model": "canned", "messages": [{"role": "user", "content": "fail"}]}),
+            "type",
+            "upstream_error",
+        ),
+    ] {
+        let response = post(body).await.unwrap();
+        assert_eq!(response.status(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let got = body["error"][field].as_str().unwrap_or_default().to_owned();
+        assert!(got.contains(expected), "error.{field} = {got:?}");
+    }
+    // Bodies that are not JSON, or too large, too.
+    for (status, raw, expected) in [
+        (
+            400,
+            b"{\"model\": ".to_vec(),
+            "not a valid chat completion request",
+        ),
+        (
+            413,
+            vec![b' '; colony_router::openai_http::MAX_BODY_BYTES + 1],
+            "could not be read",
+        ),
+    ] {
+        let response = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{message}");
+    }
+
+    // Two answered calls and the failed one are in the ledger; refused requests are not.
+    assert_eq!(ledger_rows(&db).await, 3);
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
 }
