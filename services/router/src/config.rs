@@ -82,6 +82,8 @@ impl Default for GrpcConfig {
 pub enum ProviderKind {
     /// Any server speaking OpenAI's `/chat/completions`.
     OpenAi,
+    /// Anthropic's Messages API (`/messages`).
+    Anthropic,
     /// Canned replies from the deployment's `script`, for tests and demos.
     Scripted,
 }
@@ -90,6 +92,7 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
             ProviderKind::Scripted => "scripted",
         }
     }
@@ -127,10 +130,11 @@ pub struct DeploymentConfig {
     pub name: String,
     pub provider: ProviderKind,
     pub model: String,
-    /// OpenAI-compatible endpoint root, for example `https://host/v1` (openai only).
+    /// Endpoint root: for openai `https://host/v1` (any OpenAI-compatible server), for
+    /// anthropic `https://api.anthropic.com/v1`.
     #[serde(default)]
     pub base_url: Option<String>,
-    /// Name of the environment variable holding the API key (openai only; none for servers
+    /// Name of the environment variable holding the API key (HTTP providers; none for servers
     /// without authentication).
     #[serde(default)]
     pub api_key_env: Option<String>,
@@ -262,7 +266,7 @@ impl DeploymentConfig {
             problems.push(format!("{label}.timeout: must be more than 0s"));
         }
         match self.provider {
-            ProviderKind::OpenAi => match &self.base_url {
+            ProviderKind::OpenAi | ProviderKind::Anthropic => match &self.base_url {
                 Some(url) => colony_config::check_url(
                     problems,
                     &format!("{label}.base_url"),
@@ -270,7 +274,12 @@ impl DeploymentConfig {
                     &["http", "https"],
                 ),
                 None => problems.push(format!(
-                    "{label}.base_url: required for provider \"openai\" (for example https://host/v1)"
+                    "{label}.base_url: required for provider \"{}\" (for example {})",
+                    self.provider.as_str(),
+                    match self.provider {
+                        ProviderKind::Anthropic => "https://api.anthropic.com/v1",
+                        _ => "https://host/v1",
+                    }
                 )),
             },
             ProviderKind::Scripted => {
@@ -281,7 +290,7 @@ impl DeploymentConfig {
                 }
                 if self.base_url.is_some() || self.api_key_env.is_some() {
                     problems.push(format!(
-                        "{label}: base_url and api_key_env apply only to provider \"openai\""
+                        "{label}: base_url and api_key_env apply only to HTTP providers (openai, anthropic)"
                     ));
                 }
             }
@@ -436,10 +445,7 @@ timeout = "5s"
         );
         let error = load_toml("norules", &scripted, &[]).unwrap_err();
         assert!(error.contains("needs at least one rule"), "{error}");
-        assert!(
-            error.contains("apply only to provider \"openai\""),
-            "{error}"
-        );
+        assert!(error.contains("apply only to HTTP providers"), "{error}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Model providers behind one trait. Providers work on the domain types here, never on prost
 //! types; the gRPC adapter converts at the edge.
 
+pub mod anthropic;
 pub mod openai;
 pub mod scripted;
+mod upstream;
 
 use std::sync::Arc;
 
@@ -110,6 +112,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 pub fn build(config: &DeploymentConfig) -> anyhow::Result<Arc<dyn Provider>> {
     Ok(match config.provider {
         ProviderKind::OpenAi => Arc::new(openai::OpenAi::new(config)?),
+        ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(config)?),
         ProviderKind::Scripted => Arc::new(scripted::Scripted::new(config.script.clone())),
     })
 }
