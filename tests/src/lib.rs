@@ -303,6 +303,23 @@ impl Stack {
         .await
     }
 
+    /// Waits (up to 10 s) until the orchestrator's outbox is empty: the events of the last
+    /// transactions are relayed just after they commit, not with them.
+    pub async fn wait_outbox_relayed(&self) {
+        colony_testkit::eventually(
+            Duration::from_secs(10),
+            "every orchestrator outbox row relayed",
+            || async {
+                (self
+                    .scalar("SELECT count(*) FROM orchestrator.outbox")
+                    .await
+                    == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// One integer from a query on the stack's database (a count, usually).
     pub async fn scalar(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql)

@@ -109,11 +109,7 @@ async fn a_goal_flows_through_all_five_services() {
         .await,
         1
     );
-    assert_eq!(
-        count(&stack, "SELECT count(*) FROM orchestrator.outbox").await,
-        0,
-        "every outbox row was relayed"
-    );
+    stack.wait_outbox_relayed().await;
     assert!(count(&stack, "SELECT count(*) FROM memory.messages").await >= 3);
     assert_eq!(
         count(

@@ -92,13 +92,7 @@ async fn a_restarted_orchestrator_publishes_what_a_killed_one_left_unsent() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        stack
-            .scalar("SELECT count(*) FROM orchestrator.outbox")
-            .await,
-        0,
-        "everything relayed"
-    );
+    stack.wait_outbox_relayed().await;
     let seen = stack.event_msg_ids("colony.v1.event.run.>").await;
     let count = |suffix: &str| seen.keys().filter(|id| id.ends_with(suffix)).count() as i64;
     assert_eq!(count("-created"), runs, "one run.created per run");
