@@ -139,6 +139,7 @@ fn to_proto_message(message: &ChatMessage) -> v1::ChatMessage {
     v1::ChatMessage {
         role: message.role.clone(),
         content: message.content.clone(),
+        ..Default::default()
     }
 }
 
@@ -297,7 +298,7 @@ impl Peers for GrpcPeers {
             tier: task.tier.clone(),
             messages: messages.iter().map(to_proto_message).collect(),
             max_tokens: task.max_tokens,
-            temperature: None,
+            ..Default::default()
         };
         let mut client = self.router.clone();
         let response = call(
@@ -423,6 +424,7 @@ mod tests {
             context: vec![v1::ChatMessage {
                 role: "system".into(),
                 content: "be brief".into(),
+                ..Default::default()
             }],
             ..Default::default()
         };

@@ -86,6 +86,7 @@ fn spec(request: &v1::ClaimTaskRequest) -> v1::TaskSpec {
         context: vec![v1::ChatMessage {
             role: "system".into(),
             content: "You are terse.".into(),
+            ..Default::default()
         }],
         kind: v1::TaskKind::Agent as i32,
     }
@@ -195,6 +196,7 @@ impl FakeRouter {
                 model: "small".into(),
                 finish_reason: "stop".into(),
                 route_reason: "tier budget".into(),
+                tool_calls: Vec::new(),
             }),
             delay: Duration::ZERO,
             requests: Mutex::default(),
@@ -230,6 +232,15 @@ fn usage() -> v1::Usage {
 
 #[tonic::async_trait]
 impl Router for FakeRouter {
+    type CompleteStreamStream = futures::stream::Empty<Result<v1::CompleteChunk, Status>>;
+
+    async fn complete_stream(
+        &self,
+        _: Request<v1::CompleteRequest>,
+    ) -> Result<Response<Self::CompleteStreamStream>, Status> {
+        Err(Status::unimplemented("the worker does not stream yet"))
+    }
+
     async fn complete(
         &self,
         request: Request<v1::CompleteRequest>,

@@ -76,6 +76,7 @@ fn to_proto(message: StoredMessage) -> v1::StoredMessage {
         message: Some(v1::ChatMessage {
             role: message.role.as_str().to_owned(),
             content: message.content,
+            ..Default::default()
         }),
         token_count: u64::from(message.token_count),
         created_at: Some(colony_proto::timestamp(message.created_at.into())),

@@ -69,6 +69,7 @@ impl Service {
                     .map(|(role, content)| v1::ChatMessage {
                         role: (*role).into(),
                         content: (*content).into(),
+                        ..Default::default()
                     })
                     .collect(),
             })
@@ -278,10 +279,12 @@ async fn concurrent_appends_get_gap_free_sequences() {
                         v1::ChatMessage {
                             role: "user".into(),
                             content: format!("{i}-a"),
+                            ..Default::default()
                         },
                         v1::ChatMessage {
                             role: "assistant".into(),
                             content: format!("{i}-b"),
+                            ..Default::default()
                         },
                     ],
                     ..Default::default()

@@ -140,11 +140,13 @@ impl OrchestratorService {
             context.push(v1::ChatMessage {
                 role: "system".into(),
                 content: prompt,
+                ..Default::default()
             });
         }
         context.extend(task.dependencies.iter().map(|dependency| v1::ChatMessage {
             role: "user".into(),
             content: dependency.message(),
+            ..Default::default()
         }));
         context
     }

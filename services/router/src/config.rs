@@ -84,6 +84,8 @@ pub enum ProviderKind {
     OpenAi,
     /// Anthropic's Messages API (`/messages`).
     Anthropic,
+    /// Google's Gemini API (`/models/{model}:generateContent`).
+    Gemini,
     /// Canned replies from the deployment's `script`, for tests and demos.
     Scripted,
 }
@@ -93,6 +95,7 @@ impl ProviderKind {
         match self {
             ProviderKind::OpenAi => "openai",
             ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
             ProviderKind::Scripted => "scripted",
         }
     }
@@ -153,9 +156,108 @@ pub struct DeploymentConfig {
     /// Bound on one call, connection included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Prompt plus completion tokens the model accepts.
+    #[serde(default = "default_context_window")]
+    pub context_window: u32,
+    /// Completion tokens reserved (and asked for) when a request sets no `max_tokens`.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+    /// What the deployment can do beyond plain chat; requests that need a capability are
+    /// routed only to deployments that list it.
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    #[serde(default)]
+    pub limits: RateLimits,
+    /// Where the data goes; `local_only` requests go only to `local` deployments. Unset:
+    /// `local` for scripted deployments, `external` for everything else.
+    #[serde(default)]
+    pub privacy: Option<Privacy>,
+    /// Deployments tried, in order, when this one fails with a retryable error.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
     /// Rules of a scripted deployment, tried in order.
     #[serde(default)]
     pub script: Vec<ScriptRule>,
+}
+
+fn default_context_window() -> u32 {
+    8192
+}
+
+fn default_max_output_tokens() -> u32 {
+    1024
+}
+
+/// A capability beyond plain chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    /// Function calling.
+    Tools,
+    /// A JSON object as the answer.
+    Json,
+    /// Token streaming (others stream their whole answer at once).
+    Streaming,
+}
+
+/// Requests and tokens per minute a deployment may take; unset is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens; a call takes its prompt and maximum output up front.
+    pub tokens_per_minute: Option<u32>,
+}
+
+/// Whether a deployment keeps the data inside this installation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Privacy {
+    Local,
+    External,
+}
+
+impl Privacy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Privacy::Local => "local",
+            Privacy::External => "external",
+        }
+    }
+}
+
+impl DeploymentConfig {
+    /// A deployment with every optional key at its default, free of charge: for tests and
+    /// tools that build configs in code.
+    pub fn new(name: &str, provider: ProviderKind, model: &str) -> Self {
+        Self {
+            name: name.into(),
+            provider,
+            model: model.into(),
+            base_url: None,
+            api_key_env: None,
+            api_key: None,
+            tier: Tier::default(),
+            input_price_per_mtok: 0.0,
+            output_price_per_mtok: 0.0,
+            timeout: default_timeout(),
+            context_window: default_context_window(),
+            max_output_tokens: default_max_output_tokens(),
+            capabilities: Vec::new(),
+            limits: RateLimits::default(),
+            privacy: None,
+            fallbacks: Vec::new(),
+            script: Vec::new(),
+        }
+    }
+
+    /// The declared privacy class, or the provider's default.
+    pub fn privacy_class(&self) -> Privacy {
+        self.privacy.unwrap_or(match self.provider {
+            ProviderKind::Scripted => Privacy::Local,
+            _ => Privacy::External,
+        })
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -232,6 +334,16 @@ impl Validate for Config {
             }
             deployment.validate(&label(index, deployment), problems);
         }
+        for (index, deployment) in self.deployments.iter().enumerate() {
+            for fallback in &deployment.fallbacks {
+                if fallback == &deployment.name || !seen.contains(fallback.as_str()) {
+                    problems.push(format!(
+                        "{}.fallbacks: {fallback:?} is not another configured deployment",
+                        label(index, deployment)
+                    ));
+                }
+            }
+        }
         if !seen.contains(self.default_deployment.as_str()) {
             problems.push(format!(
                 "default_deployment: {:?} is not a configured deployment (configured: {})",
@@ -265,8 +377,29 @@ impl DeploymentConfig {
         if self.timeout.is_zero() {
             problems.push(format!("{label}.timeout: must be more than 0s"));
         }
+        if self.context_window == 0 {
+            problems.push(format!("{label}.context_window: must be more than 0"));
+        }
+        if self.max_output_tokens == 0 || self.max_output_tokens >= self.context_window {
+            problems.push(format!(
+                "{label}.max_output_tokens: must be more than 0 and less than context_window ({})",
+                self.context_window
+            ));
+        }
+        for (key, limit) in [
+            ("requests_per_minute", self.limits.requests_per_minute),
+            ("tokens_per_minute", self.limits.tokens_per_minute),
+        ] {
+            if limit == Some(0) {
+                problems.push(format!(
+                    "{label}.limits.{key}: must be more than 0 (leave it out for no limit)"
+                ));
+            }
+        }
         match self.provider {
-            ProviderKind::OpenAi | ProviderKind::Anthropic => match &self.base_url {
+            ProviderKind::OpenAi | ProviderKind::Anthropic | ProviderKind::Gemini => match &self
+                .base_url
+            {
                 Some(url) => colony_config::check_url(
                     problems,
                     &format!("{label}.base_url"),
@@ -278,6 +411,7 @@ impl DeploymentConfig {
                     self.provider.as_str(),
                     match self.provider {
                         ProviderKind::Anthropic => "https://api.anthropic.com/v1",
+                        ProviderKind::Gemini => "https://generativelanguage.googleapis.com/v1beta",
                         _ => "https://host/v1",
                     }
                 )),

@@ -34,8 +34,34 @@ impl Router {
     }
 }
 
+/// The chunks of a streamed completion.
+pub type ChunkStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<v1::CompleteChunk, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl router_server::Router for Router {
+    type CompleteStreamStream = ChunkStream;
+
+    /// For now the whole answer is produced first and then sent as chunks.
+    #[tracing::instrument(skip_all, fields(tenant, run_id, task_id, attempt, deployment))]
+    async fn complete_stream(
+        &self,
+        request: Request<v1::CompleteRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let response = self.complete(request).await?.into_inner();
+        let mut chunks: Vec<Result<v1::CompleteChunk, Status>> = Vec::new();
+        if !response.content.is_empty() {
+            chunks.push(Ok(v1::CompleteChunk {
+                chunk: Some(v1::complete_chunk::Chunk::Delta(response.content.clone())),
+            }));
+        }
+        chunks.push(Ok(v1::CompleteChunk {
+            chunk: Some(v1::complete_chunk::Chunk::Done(response)),
+        }));
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
     #[tracing::instrument(skip_all, fields(tenant, run_id, task_id, attempt, deployment))]
     async fn complete(
         &self,
@@ -117,6 +143,7 @@ pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
             messages,
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
             temperature: request.temperature,
+            ..ChatRequest::default()
         },
     })
 }
@@ -135,6 +162,7 @@ impl From<Completion> for v1::CompleteResponse {
             model: completion.model,
             finish_reason: completion.response.finish_reason,
             route_reason: completion.route_reason,
+            tool_calls: Vec::new(),
         }
     }
 }
@@ -151,6 +179,7 @@ mod tests {
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             ..Default::default()
         }

@@ -284,6 +284,7 @@ fn complete_request(
                         Some("messages"),
                     )
                 })?,
+                ..Default::default()
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -304,6 +305,7 @@ fn complete_request(
             .or(request.max_tokens)
             .unwrap_or(0),
         temperature: request.temperature,
+        ..Default::default()
     })
 }
 

@@ -139,22 +139,16 @@ mod tests {
 
     fn config(name: &str, tier: Tier) -> DeploymentConfig {
         DeploymentConfig {
-            name: name.into(),
-            provider: ProviderKind::Scripted,
-            model: "m".into(),
-            base_url: None,
-            api_key_env: None,
-            api_key: None,
             tier,
             input_price_per_mtok: 0.15,
             output_price_per_mtok: 0.6,
-            timeout: Duration::from_secs(60),
             script: vec![ScriptRule {
                 contains: None,
                 reply: "ok".into(),
                 delay: Duration::ZERO,
                 fail: None,
             }],
+            ..DeploymentConfig::new(name, ProviderKind::Scripted, "m")
         }
     }
 
@@ -232,11 +226,7 @@ mod tests {
         config.timeout = Duration::from_secs(1);
         config.script[0].delay = Duration::from_secs(5);
         let deployment = Deployment::new(&config, provider::build(&config).unwrap());
-        let request = ChatRequest {
-            messages: vec![],
-            max_tokens: None,
-            temperature: None,
-        };
+        let request = ChatRequest::default();
         let error = deployment.complete(&request).await.unwrap_err();
         assert_eq!(error, ProviderError::Timeout(Duration::from_secs(1)));
     }

@@ -19,17 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 fn scripted(name: &str, tier: Tier, script: Vec<ScriptRule>) -> DeploymentConfig {
     DeploymentConfig {
-        name: name.into(),
-        provider: ProviderKind::Scripted,
-        model: format!("{name}-model"),
-        base_url: None,
-        api_key_env: None,
-        api_key: None,
         tier,
         input_price_per_mtok: 1.0,
         output_price_per_mtok: 2.0,
         timeout: Duration::from_secs(5),
         script,
+        ..DeploymentConfig::new(name, ProviderKind::Scripted, &format!("{name}-model"))
     }
 }
 
@@ -53,9 +48,9 @@ fn complete(deployment: &str, tier: &str, text: &str) -> tonic::Request<v1::Comp
         messages: vec![v1::ChatMessage {
             role: "user".into(),
             content: text.into(),
+            ..Default::default()
         }],
-        max_tokens: 0,
-        temperature: None,
+        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",
@@ -149,6 +144,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
             model: "canned-model".into(),
             finish_reason: "stop".into(),
             route_reason: "default deployment".into(),
+            tool_calls: Vec::new(),
         }
     );
 

@@ -80,9 +80,6 @@ fn deployment(base_url: &str, timeout: Duration) -> Deployment {
 
 fn deployment_of(provider: ProviderKind, base_url: &str, timeout: Duration) -> Deployment {
     let config = DeploymentConfig {
-        name: "gpt".into(),
-        provider,
-        model: "model-test".into(),
         base_url: Some(base_url.into()),
         api_key_env: Some("UNUSED".into()),
         api_key: Some(SecretString::from(KEY)),
@@ -90,7 +87,7 @@ fn deployment_of(provider: ProviderKind, base_url: &str, timeout: Duration) -> D
         input_price_per_mtok: 1.0,
         output_price_per_mtok: 2.0,
         timeout,
-        script: Vec::new(),
+        ..DeploymentConfig::new("gpt", provider, "model-test")
     };
     Deployment::new(&config, provider::build(&config).unwrap())
 }
@@ -102,7 +99,7 @@ fn request() -> ChatRequest {
             ChatMessage::new(Role::User, "hello"),
         ],
         max_tokens: Some(64),
-        temperature: None,
+        ..ChatRequest::default()
     }
 }
 

@@ -147,6 +147,7 @@ impl Provider for Anthropic {
             .collect();
         Ok(ChatResponse {
             content,
+            tool_calls: Vec::new(),
             finish_reason: finish_reason(answer.stop_reason.as_deref()),
             usage: TokenUsage {
                 prompt: answer.usage.input_tokens,
@@ -171,8 +172,7 @@ mod tests {
                 ChatMessage::new(Role::Tool, "exit 0"),
                 ChatMessage::new(Role::User, "and now?"),
             ],
-            max_tokens: None,
-            temperature: None,
+            ..ChatRequest::default()
         };
         let turn = |role, content: &str| Message {
             role,

@@ -26,11 +26,17 @@ impl OpenAi {
 #[derive(Serialize)]
 struct Body<'a> {
     model: &'a str,
-    messages: &'a [ChatMessage],
+    messages: Vec<WireMessage<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: super::Role,
+    content: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -61,7 +67,14 @@ impl Provider for OpenAi {
     async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let body = Body {
             model: &self.model,
-            messages: &request.messages,
+            messages: request
+                .messages
+                .iter()
+                .map(|m: &ChatMessage| WireMessage {
+                    role: m.role,
+                    content: &m.content,
+                })
+                .collect(),
             max_tokens: request.max_tokens,
             temperature: request.temperature,
         };
@@ -89,6 +102,7 @@ impl Provider for OpenAi {
         };
         Ok(ChatResponse {
             content,
+            tool_calls: Vec::new(),
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage,
         })

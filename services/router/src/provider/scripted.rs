@@ -39,6 +39,7 @@ impl Provider for Scripted {
             return Err(ProviderError::Scripted(class));
         }
         Ok(ChatResponse {
+            tool_calls: Vec::new(),
             content: rule.reply.clone(),
             finish_reason: "stop".into(),
             usage: TokenUsage::estimate(request, &rule.reply),
@@ -70,8 +71,7 @@ mod tests {
                 ChatMessage::new(Role::Assistant, "which city?"),
                 ChatMessage::new(Role::User, text),
             ],
-            max_tokens: None,
-            temperature: None,
+            ..ChatRequest::default()
         }
     }
 
