@@ -29,6 +29,36 @@ pub struct Config {
     /// The deployment used when a request names neither a deployment nor a served tier.
     pub default_deployment: String,
     pub deployments: Vec<DeploymentConfig>,
+    /// Who may use the OpenAI-compatible API, each with its own key and budget. With none
+    /// configured the API is open and the tenant comes from the `x-colony-tenant` header
+    /// (for a single-user install behind its own network boundary).
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// A tenant of the HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Name of the environment variable holding the tenant's API key.
+    pub api_key_env: String,
+    /// Resolved from `api_key_env` by [`load`]; never read from a file and never logged.
+    #[serde(
+        skip_deserializing,
+        serialize_with = "colony_config::secret::serialize_opt"
+    )]
+    pub api_key: Option<SecretString>,
+    /// Hard limit on the tenant's total spend in USD; unset is unlimited.
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+}
+
+impl TenantConfig {
+    /// The budget in micro-USD.
+    pub fn budget_micros(&self) -> Option<u64> {
+        // `as` saturates; validated finite and non-negative.
+        self.budget_usd.map(|usd| (usd * 1e6).round() as u64)
+    }
 }
 
 impl Default for Config {
@@ -42,6 +72,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             default_deployment: String::new(),
             deployments: Vec::new(),
+            tenants: Vec::new(),
         }
     }
 }
@@ -299,6 +330,19 @@ pub fn load(sources: &Sources) -> Result<Config, colony_config::Error> {
             )),
         }
     }
+    for (index, tenant) in config.tenants.iter_mut().enumerate() {
+        match sources
+            .env
+            .get(&tenant.api_key_env)
+            .filter(|key| !key.is_empty())
+        {
+            Some(key) => tenant.api_key = Some(SecretString::from(key.as_str())),
+            None => problems.push(format!(
+                "tenants[{index}] ({:?}).api_key_env: environment variable {} is not set",
+                tenant.name, tenant.api_key_env
+            )),
+        }
+    }
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -342,6 +386,23 @@ impl Validate for Config {
                         label(index, deployment)
                     ));
                 }
+            }
+        }
+        let mut tenants = HashSet::new();
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            let label = format!("tenants[{index}] ({:?})", tenant.name);
+            if tenant.name.trim().is_empty() {
+                problems.push(format!("{label}.name: must not be empty"));
+            }
+            if !tenants.insert(tenant.name.as_str()) {
+                problems.push(format!("{label}: the name is used by another tenant"));
+            }
+            if let Some(budget) = tenant.budget_usd
+                && !(budget.is_finite() && budget >= 0.0)
+            {
+                problems.push(format!(
+                    "{label}.budget_usd: must be a number >= 0, not {budget}"
+                ));
             }
         }
         if !seen.contains(self.default_deployment.as_str()) {

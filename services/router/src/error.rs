@@ -86,6 +86,9 @@ fn mentions_context_length(message: &str) -> bool {
 pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// No deployment can take the request (privacy, capabilities, window).
+    #[error("{0}")]
+    Unroutable(String),
     #[error("deployment {deployment}: {source}")]
     Provider {
         deployment: String,
@@ -101,6 +104,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::InvalidRequest(_) => ErrorClass::Permanent,
+            Error::Unroutable(_) => ErrorClass::UserFixable,
             Error::Provider { source, .. } => source.class(),
             Error::Ledger(_) => ErrorClass::Transient,
         }
@@ -112,7 +116,7 @@ impl Error {
 
     pub fn code(&self) -> tonic::Code {
         match self {
-            Error::InvalidRequest(_) => tonic::Code::InvalidArgument,
+            Error::InvalidRequest(_) | Error::Unroutable(_) => tonic::Code::InvalidArgument,
             Error::Provider {
                 source: ProviderError::Unauthorized { .. },
                 ..

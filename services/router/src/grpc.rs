@@ -9,8 +9,10 @@ use crate::config::Tier;
 use crate::error::Error;
 use crate::ledger::Caller;
 use crate::metrics;
-use crate::provider::{ChatMessage, ChatRequest, Role};
-use crate::service::{Call, Completion, Service};
+use crate::provider::StreamEvent;
+use crate::provider::{ChatMessage, ChatRequest, Role, ToolCall, ToolChoice, ToolSpec};
+use crate::service::{Call, Completion, Service, Streamed};
+use futures::StreamExt as _;
 
 /// The span of one gRPC request, child of the caller's `traceparent` when it sent one.
 pub fn request_span(request: &http::Request<()>) -> tracing::Span {
@@ -43,23 +45,47 @@ pub type ChunkStream = std::pin::Pin<
 impl router_server::Router for Router {
     type CompleteStreamStream = ChunkStream;
 
-    /// For now the whole answer is produced first and then sent as chunks.
+    /// Chunks as the model writes them, then one `done` chunk with the whole response; a
+    /// failure after the first chunk ends the stream with the classified status.
     #[tracing::instrument(skip_all, fields(tenant, run_id, task_id, attempt, deployment))]
     async fn complete_stream(
         &self,
         request: Request<v1::CompleteRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let response = self.complete(request).await?.into_inner();
-        let mut chunks: Vec<Result<v1::CompleteChunk, Status>> = Vec::new();
-        if !response.content.is_empty() {
-            chunks.push(Ok(v1::CompleteChunk {
-                chunk: Some(v1::complete_chunk::Chunk::Delta(response.content.clone())),
-            }));
-        }
-        chunks.push(Ok(v1::CompleteChunk {
-            chunk: Some(v1::complete_chunk::Chunk::Done(response)),
-        }));
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let result = async {
+            let call = parse(request.into_inner())?;
+            record_caller(&call);
+            self.service.stream(call).await
+        };
+        let start = match result.await {
+            Ok(start) => start,
+            Err(error) => return Err(refuse(error)),
+        };
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(start.items).map(|item| {
+            use v1::complete_chunk::Chunk;
+            let chunk = match item {
+                Streamed::Event(StreamEvent::Text(text)) => Chunk::Delta(text),
+                Streamed::Event(StreamEvent::ToolCall {
+                    index,
+                    id,
+                    name,
+                    arguments,
+                }) => Chunk::ToolCall(v1::ToolCallDelta {
+                    index,
+                    id: id.unwrap_or_default(),
+                    name: name.unwrap_or_default(),
+                    arguments_json: arguments,
+                }),
+                // The service never forwards `Done`; its end comes as `End`.
+                Streamed::Event(StreamEvent::Done { .. }) => {
+                    return Err(Status::internal("unexpected end event"));
+                }
+                Streamed::End(Ok(completion)) => Chunk::Done(completion.into()),
+                Streamed::End(Err(error)) => return Err(error.into()),
+            };
+            Ok(v1::CompleteChunk { chunk: Some(chunk) })
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     #[tracing::instrument(skip_all, fields(tenant, run_id, task_id, attempt, deployment))]
@@ -69,24 +95,31 @@ impl router_server::Router for Router {
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let result = async {
             let call = parse(request.into_inner())?;
-            let span = tracing::Span::current();
-            span.record("tenant", call.caller.tenant.as_str());
-            span.record("run_id", call.caller.run_id.as_str());
-            span.record("task_id", call.caller.task_id.as_str());
-            span.record("attempt", call.caller.attempt);
+            record_caller(&call);
             self.service.complete(call).await
         };
         match result.await {
             Ok(completion) => Ok(Response::new(completion.into())),
-            Err(error) => {
-                if matches!(error, Error::InvalidRequest(_)) {
-                    metrics::rejected();
-                }
-                tracing::warn!(%error, class = %error.class(), "complete failed");
-                Err(error.into())
-            }
+            Err(error) => Err(refuse(error)),
         }
     }
+}
+
+fn record_caller(call: &Call) {
+    let span = tracing::Span::current();
+    span.record("tenant", call.caller.tenant.as_str());
+    span.record("run_id", call.caller.run_id.as_str());
+    span.record("task_id", call.caller.task_id.as_str());
+    span.record("attempt", call.caller.attempt);
+}
+
+/// Counts and logs a failed call, and makes its status.
+fn refuse(error: Error) -> Status {
+    if matches!(error, Error::InvalidRequest(_)) {
+        metrics::rejected();
+    }
+    tracing::warn!(%error, class = %error.class(), "complete failed");
+    error.into()
 }
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -120,16 +153,28 @@ pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
         .messages
         .into_iter()
         .enumerate()
-        .map(|(index, message)| {
-            let role = Role::from_name(&message.role).ok_or_else(|| {
-                invalid(format!(
-                    "messages[{index}].role: {:?} is not system, user, assistant or tool",
-                    message.role
-                ))
-            })?;
-            Ok(ChatMessage::new(role, message.content))
-        })
+        .map(|(index, message)| parse_message(index, message))
         .collect::<Result<_, Error>>()?;
+    let tools = request
+        .tools
+        .into_iter()
+        .enumerate()
+        .map(|(index, tool)| parse_tool(index, tool))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let tool_choice = match request.tool_choice.as_str() {
+        "" => None,
+        "auto" => Some(ToolChoice::Auto),
+        "none" => Some(ToolChoice::None),
+        "required" => Some(ToolChoice::Required),
+        name => {
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(invalid(format!(
+                    "tool_choice: {name:?} is not auto, none, required or the name of a given tool"
+                )));
+            }
+            Some(ToolChoice::Tool(name.to_owned()))
+        }
+    };
     Ok(Call {
         caller: Caller {
             tenant: request.tenant,
@@ -143,9 +188,101 @@ pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
             messages,
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
             temperature: request.temperature,
-            ..ChatRequest::default()
+            tools,
+            tool_choice,
+            json_mode: request.json_mode,
         },
+        local_only: request.local_only,
+        task_budget_micros: (request.task_budget_micros_usd > 0)
+            .then_some(request.task_budget_micros_usd),
+        run_budget_micros: (request.run_budget_micros_usd > 0)
+            .then_some(request.run_budget_micros_usd),
     })
+}
+
+fn parse_message(index: usize, message: v1::ChatMessage) -> Result<ChatMessage, Error> {
+    let role = Role::from_name(&message.role).ok_or_else(|| {
+        invalid(format!(
+            "messages[{index}].role: {:?} is not system, user, assistant or tool",
+            message.role
+        ))
+    })?;
+    if !message.tool_calls.is_empty() && role != Role::Assistant {
+        return Err(invalid(format!(
+            "messages[{index}].tool_calls: only assistant messages call tools"
+        )));
+    }
+    if role == Role::Tool && message.tool_call_id.is_empty() {
+        return Err(invalid(format!(
+            "messages[{index}].tool_call_id: a tool message must say which call it answers"
+        )));
+    }
+    let tool_calls = message
+        .tool_calls
+        .into_iter()
+        .enumerate()
+        .map(|(call_index, call)| {
+            if call.name.is_empty() {
+                return Err(invalid(format!(
+                    "messages[{index}].tool_calls[{call_index}].name: must not be empty"
+                )));
+            }
+            Ok(ToolCall {
+                id: call.id,
+                name: call.name,
+                arguments: call.arguments_json,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(ChatMessage {
+        role,
+        content: message.content,
+        tool_calls,
+        tool_call_id: Some(message.tool_call_id).filter(|id| !id.is_empty()),
+    })
+}
+
+fn parse_tool(index: usize, tool: v1::Tool) -> Result<ToolSpec, Error> {
+    let valid_name = !tool.name.is_empty()
+        && tool.name.len() <= 64
+        && tool
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid_name {
+        return Err(invalid(format!(
+            "tools[{index}].name: {:?} must be 1-64 letters, digits, _ or -",
+            tool.name
+        )));
+    }
+    let parameters = if tool.parameters_json.trim().is_empty() {
+        serde_json::json!({"type": "object", "properties": {}})
+    } else {
+        let value: serde_json::Value = serde_json::from_str(&tool.parameters_json)
+            .map_err(|e| invalid(format!("tools[{index}].parameters: not JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(invalid(format!(
+                "tools[{index}].parameters: must be a JSON Schema object"
+            )));
+        }
+        value
+    };
+    Ok(ToolSpec {
+        name: tool.name,
+        description: tool.description,
+        parameters,
+    })
+}
+
+fn proto_tool_calls(calls: &[ToolCall]) -> Vec<v1::ToolCall> {
+    calls
+        .iter()
+        .map(|call| v1::ToolCall {
+            id: call.id.clone(),
+            name: call.name.clone(),
+            arguments_json: call.arguments.clone(),
+        })
+        .collect()
 }
 
 impl From<Completion> for v1::CompleteResponse {
@@ -161,8 +298,8 @@ impl From<Completion> for v1::CompleteResponse {
             provider: completion.provider.as_str().to_owned(),
             model: completion.model,
             finish_reason: completion.response.finish_reason,
+            tool_calls: proto_tool_calls(&completion.response.tool_calls),
             route_reason: completion.route_reason,
-            tool_calls: Vec::new(),
         }
     }
 }

@@ -78,12 +78,20 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
 
-    let service = std::sync::Arc::new(service::Service::new(deployments, pool.clone()));
+    let service = std::sync::Arc::new(service::Service::new(
+        deployments,
+        pool.clone(),
+        runtime.clone(),
+    ));
     colony_runtime::serve_http(
         runtime,
         http,
-        colony_runtime::health_routes(runtime, colony_telemetry::prometheus())
-            .merge(openai_http::routes(service.clone())),
+        colony_runtime::health_routes(runtime, colony_telemetry::prometheus()).merge(
+            openai_http::routes(
+                service.clone(),
+                openai_http::Tenants::from_config(&config.tenants),
+            ),
+        ),
     );
     let router = grpc::Router::new(service);
     let grpc = colony_runtime::serve_grpc(

@@ -1,12 +1,17 @@
-//! The OpenAI-compatible HTTP edge: `POST /v1/chat/completions` (non-streaming) in OpenAI's
-//! wire format, so that any OpenAI client can use the router. A request is turned into the
-//! same `CompleteRequest` the gRPC edge takes and validated by the same code; errors come back
-//! in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`).
+//! The OpenAI-compatible HTTP edge: `POST /v1/chat/completions` (streamed as server-sent
+//! events or not, with function calling), `GET /v1/models` and `POST /v1/embeddings`, in
+//! OpenAI's wire format, so that OpenAI's client libraries work against the router with only
+//! the base URL and key changed. A request is turned into the same `CompleteRequest` the gRPC
+//! edge takes and validated by the same code; errors come back in OpenAI's error shape
+//! (`{"error": {"message", "type", "param", "code"}}`).
 //!
-//! `model` names a deployment, or a tier (`budget`, `mid`, `frontier`) to route by tier. The
-//! tenant comes from `x-colony-tenant` (default `default`); `x-colony-run-id` and
-//! `x-colony-task-id` attribute the call in the ledger. The response names the deployment
-//! that served it and why in `x-colony-deployment` and `x-colony-route-reason`.
+//! `model` names a deployment, or a tier (`budget`, `mid`, `frontier`) to route by tier. With
+//! tenants configured, `Authorization: Bearer <tenant key>` says who calls; without, the API is
+//! open and the tenant comes from `x-colony-tenant` (default `default`). `x-colony-run-id` and
+//! `x-colony-task-id` attribute the call in the ledger, `x-colony-local-only: true` keeps the
+//! data on local deployments, `x-colony-task-budget-micros` / `x-colony-run-budget-micros`
+//! name hard budgets. The response names the deployment that served it and why in
+//! `x-colony-deployment` and `x-colony-route-reason`.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,29 +22,107 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use colony_proto::v1;
+use futures::StreamExt as _;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::Tier;
+use crate::config::{TenantConfig, Tier};
 use crate::error::{Error, ErrorClass, ProviderError};
 use crate::metrics;
-use crate::service::{Completion, Service};
+use crate::provider::{StreamEvent, TokenUsage, ToolCall};
+use crate::service::{Completion, Service, StreamStart, Streamed};
 
 const TENANT_HEADER: &str = "x-colony-tenant";
 const RUN_HEADER: &str = "x-colony-run-id";
 const TASK_HEADER: &str = "x-colony-task-id";
+const LOCAL_ONLY_HEADER: &str = "x-colony-local-only";
+const TASK_BUDGET_HEADER: &str = "x-colony-task-budget-micros";
+const RUN_BUDGET_HEADER: &str = "x-colony-run-budget-micros";
 const DEFAULT_TENANT: &str = "default";
 /// Request bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
+/// Who may call: tenants and their keys, or nobody configured (open).
+#[derive(Debug, Default)]
+pub struct Tenants {
+    keys: Vec<(String, SecretString)>,
+}
+
+impl Tenants {
+    pub fn from_config(tenants: &[TenantConfig]) -> Self {
+        Self {
+            keys: tenants
+                .iter()
+                .filter_map(|t| Some((t.name.clone(), t.api_key.clone()?)))
+                .collect(),
+        }
+    }
+
+    /// The tenant a request is for: the owner of its bearer key, or with no tenants configured
+    /// the `x-colony-tenant` header.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        if self.keys.is_empty() {
+            let tenant = header(headers, TENANT_HEADER)?;
+            return Ok(Some(tenant)
+                .filter(|tenant| !tenant.is_empty())
+                .unwrap_or_else(|| DEFAULT_TENANT.to_owned()));
+        }
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default();
+        // Every key is compared, in time independent of where they differ.
+        let mut tenant = None;
+        for (name, key) in &self.keys {
+            if constant_time_eq(presented.as_bytes(), key.expose_secret().as_bytes()) {
+                tenant = Some(name.clone());
+            }
+        }
+        tenant.ok_or_else(|| {
+            metrics::rejected();
+            ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                kind: "invalid_request_error",
+                code: Some("invalid_api_key"),
+                param: None,
+                message: if presented.is_empty() {
+                    "no API key: send Authorization: Bearer <your tenant key>".into()
+                } else {
+                    "the API key is not one of this router's tenant keys".into()
+                },
+                retry_after_secs: None,
+            }
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug)]
+struct Edge {
+    service: Arc<Service>,
+    tenants: Tenants,
+}
+
 /// The routes of this edge, for the router's HTTP listener.
-pub fn routes(service: Arc<Service>) -> Router {
+pub fn routes(service: Arc<Service>, tenants: Tenants) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(service)
+        .with_state(Arc::new(Edge { service, tenants }))
 }
 
 /// An OpenAI chat completion request: the fields the router acts on. Other fields OpenAI
@@ -57,9 +140,27 @@ struct ChatCompletionRequest {
     #[serde(default)]
     stream: bool,
     #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
     n: Option<u32>,
     #[serde(default)]
-    tools: Option<Value>,
+    tools: Vec<RequestTool>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +169,39 @@ struct RequestMessage {
     /// A string, or an array of content parts of which only `text` parts are supported.
     #[serde(default)]
     content: Value,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: FunctionSpec,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionSpec {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    parameters: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireToolCall {
+    id: String,
+    function: WireFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
 }
 
 /// An error in OpenAI's shape.
@@ -95,17 +229,22 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({
+impl ApiError {
+    fn body(&self) -> Value {
+        json!({
             "error": {
                 "message": self.message,
                 "type": self.kind,
                 "param": self.param,
                 "code": self.code,
             }
-        });
-        let mut response = (self.status, axum::Json(body)).into_response();
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after_secs {
             response
                 .headers_mut()
@@ -125,6 +264,14 @@ impl From<Error> for ApiError {
             Error::InvalidRequest(_) => {
                 metrics::rejected();
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
+            Error::Unroutable(_) => {
+                metrics::rejected();
+                (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("no_capable_deployment"),
+                )
             }
             Error::Provider {
                 source: ProviderError::ContextTooLong(_),
@@ -177,11 +324,11 @@ impl From<Error> for ApiError {
 }
 
 async fn chat_completions(
-    State(service): State<Arc<Service>>,
+    State(edge): State<Arc<Edge>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match answer(&service, &headers, body).await {
+    match answer(&edge, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(status = %error.status, message = %error.message, "chat completion failed");
@@ -191,10 +338,11 @@ async fn chat_completions(
 }
 
 async fn answer(
-    service: &Service,
+    edge: &Edge,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let tenant = edge.tenants.authenticate(headers)?;
     let body = body.map_err(|rejection| ApiError {
         status: rejection.status(),
         ..ApiError::invalid(
@@ -211,12 +359,30 @@ async fn answer(
             None,
         )
     })?;
-    let call = crate::grpc::parse(complete_request(headers, request)?)?;
-    let completion = service.complete(call).await?;
+    let stream = request.stream;
+    let include_usage = request
+        .stream_options
+        .as_ref()
+        .is_some_and(|options| options.include_usage);
+    let call = crate::grpc::parse(complete_request(tenant, headers, request)?)?;
+    if stream {
+        let start = edge.service.stream(call).await?;
+        return Ok(stream_response(start, include_usage));
+    }
+    let completion = edge.service.complete(call).await?;
     let mut response = axum::Json(completion_body(&completion)).into_response();
+    route_headers(
+        &mut response,
+        &completion.deployment,
+        &completion.route_reason,
+    );
+    Ok(response)
+}
+
+fn route_headers(response: &mut Response, deployment: &str, reason: &str) {
     for (name, value) in [
-        ("x-colony-deployment", completion.deployment.as_str()),
-        ("x-colony-route-reason", completion.route_reason.as_str()),
+        ("x-colony-deployment", deployment),
+        ("x-colony-route-reason", reason),
     ] {
         if let Ok(value) = HeaderValue::from_str(value) {
             response
@@ -224,31 +390,41 @@ async fn answer(
                 .insert(HeaderName::from_static(name), value);
         }
     }
-    Ok(response)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Result<String, ApiError> {
+    headers.get(name).map_or(Ok(String::new()), |value| {
+        value
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::invalid(format!("header {name} is not visible ASCII"), None))
+    })
+}
+
+fn micros_header(headers: &HeaderMap, name: &str) -> Result<u64, ApiError> {
+    let text = header(headers, name)?;
+    if text.is_empty() {
+        return Ok(0);
+    }
+    text.trim().parse().map_err(|_| {
+        ApiError::invalid(
+            format!("header {name}: {text:?} is not a whole number of micro-USD"),
+            None,
+        )
+    })
 }
 
 /// The gRPC request this HTTP request stands for; what only HTTP can get wrong is checked
 /// here, the rest by the gRPC edge's validation.
 fn complete_request(
+    tenant: String,
     headers: &HeaderMap,
     request: ChatCompletionRequest,
 ) -> Result<v1::CompleteRequest, ApiError> {
-    if request.stream {
-        return Err(ApiError::invalid(
-            "stream: streaming is not supported by this router yet; send \"stream\": false",
-            Some("stream"),
-        ));
-    }
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             "n: only one choice (n = 1) is supported",
             Some("n"),
-        ));
-    }
-    if request.tools.is_some() {
-        return Err(ApiError::invalid(
-            "tools: function calling is not supported by this router yet",
-            Some("tools"),
         ));
     }
     if request.model.trim().is_empty() {
@@ -257,17 +433,16 @@ fn complete_request(
             Some("model"),
         ));
     }
-    let header = |name: &str| -> Result<String, ApiError> {
-        headers.get(name).map_or(Ok(String::new()), |value| {
-            value
-                .to_str()
-                .map(str::to_owned)
-                .map_err(|_| ApiError::invalid(format!("header {name} is not visible ASCII"), None))
-        })
+    let json_mode = match request.response_format.as_ref().map(|f| f.kind.as_str()) {
+        None | Some("text") => false,
+        Some("json_object") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("response_format: {other:?} is not supported; use text or json_object"),
+                Some("response_format"),
+            ));
+        }
     };
-    let tenant = Some(header(TENANT_HEADER)?)
-        .filter(|tenant| !tenant.is_empty())
-        .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
     let messages = request
         .messages
         .into_iter()
@@ -284,18 +459,80 @@ fn complete_request(
                         Some("messages"),
                     )
                 })?,
-                ..Default::default()
+                tool_calls: message
+                    .tool_calls
+                    .into_iter()
+                    .map(|call| v1::ToolCall {
+                        id: call.id,
+                        name: call.function.name,
+                        arguments_json: call.function.arguments,
+                    })
+                    .collect(),
+                tool_call_id: message.tool_call_id.unwrap_or_default(),
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let tools = request
+        .tools
+        .into_iter()
+        .enumerate()
+        .map(|(index, tool)| {
+            if tool.kind != "function" {
+                return Err(ApiError::invalid(
+                    format!(
+                        "tools[{index}].type: {:?} is not supported; use function",
+                        tool.kind
+                    ),
+                    Some("tools"),
+                ));
+            }
+            Ok(v1::Tool {
+                name: tool.function.name,
+                description: tool.function.description,
+                parameters_json: tool
+                    .function
+                    .parameters
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let tool_choice = match &request.tool_choice {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(choice)) if ["auto", "none", "required"].contains(&choice.as_str()) => {
+            choice.clone()
+        }
+        Some(choice) => match choice.pointer("/function/name") {
+            Some(Value::String(name)) if choice.get("type") == Some(&json!("function")) => {
+                name.clone()
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice: expected \"auto\", \"none\", \"required\" or \
+                     {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    Some("tool_choice"),
+                ));
+            }
+        },
+    };
+    let local_only = match header(headers, LOCAL_ONLY_HEADER)?.as_str() {
+        "" | "false" | "0" => false,
+        "true" | "1" => true,
+        other => {
+            return Err(ApiError::invalid(
+                format!("header {LOCAL_ONLY_HEADER}: {other:?} is not true or false"),
+                None,
+            ));
+        }
+    };
     let (deployment, tier) = match Tier::from_name(&request.model) {
         Some(tier) => (String::new(), tier.as_str().to_owned()),
         None => (request.model, String::new()),
     };
     Ok(v1::CompleteRequest {
         tenant,
-        run_id: header(RUN_HEADER)?,
-        task_id: header(TASK_HEADER)?,
+        run_id: header(headers, RUN_HEADER)?,
+        task_id: header(headers, TASK_HEADER)?,
         attempt: 0,
         deployment,
         tier,
@@ -305,8 +542,192 @@ fn complete_request(
             .or(request.max_tokens)
             .unwrap_or(0),
         temperature: request.temperature,
-        ..Default::default()
+        tools,
+        tool_choice,
+        json_mode,
+        local_only,
+        task_budget_micros_usd: micros_header(headers, TASK_BUDGET_HEADER)?,
+        run_budget_micros_usd: micros_header(headers, RUN_BUDGET_HEADER)?,
     })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn usage_body(usage: TokenUsage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt,
+        "completion_tokens": usage.completion,
+        "total_tokens": usage.prompt + usage.completion,
+    })
+}
+
+fn tool_calls_body(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|call| {
+            json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            })
+        })
+        .collect()
+}
+
+/// A `text/event-stream` of `chat.completion.chunk` objects, ended by `data: [DONE]`, as
+/// OpenAI streams: the first chunk carries the role, the last one the finish reason, then
+/// (when the client asked with `stream_options.include_usage`) one chunk with the usage and
+/// no choices. A failure after the first chunk is sent as an `{"error": …}` event.
+fn stream_response(start: StreamStart, include_usage: bool) -> Response {
+    let id = completion_id();
+    let created = unix_now();
+    let model = start.model.clone();
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut body = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            body["usage"] = usage;
+        }
+        sse_data(&body.to_string())
+    };
+    let mut first = true;
+    let events = ReceiverStream::new(start.items).flat_map(move |item| {
+        let mut out: Vec<Bytes> = Vec::new();
+        let role = if std::mem::take(&mut first) {
+            json!({"role": "assistant"})
+        } else {
+            json!({})
+        };
+        let delta = |mut delta: Value, extra: Value| {
+            if let (Some(delta), Some(extra)) = (delta.as_object_mut(), extra.as_object()) {
+                delta.extend(extra.clone());
+            }
+            json!([{"index": 0, "delta": delta, "finish_reason": null}])
+        };
+        match item {
+            Streamed::Event(StreamEvent::Text(text)) => {
+                out.push(chunk(delta(role, json!({"content": text})), None));
+            }
+            Streamed::Event(StreamEvent::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            }) => {
+                let mut call = json!({"index": index, "function": {"arguments": arguments}});
+                if let Some(id) = id {
+                    call["id"] = json!(id);
+                    call["type"] = json!("function");
+                }
+                if let Some(name) = name {
+                    call["function"]["name"] = json!(name);
+                }
+                out.push(chunk(delta(role, json!({"tool_calls": [call]})), None));
+            }
+            Streamed::Event(StreamEvent::Done { .. }) => {}
+            Streamed::End(Ok(completion)) => {
+                let finish = json!([{
+                    "index": 0,
+                    "delta": role,
+                    "finish_reason": completion.response.finish_reason,
+                }]);
+                out.push(chunk(finish, None));
+                if include_usage {
+                    out.push(chunk(
+                        json!([]),
+                        Some(usage_body(completion.response.usage)),
+                    ));
+                }
+                out.push(sse_data("[DONE]"));
+            }
+            Streamed::End(Err(error)) => {
+                let error = ApiError::from(error);
+                out.push(sse_data(&error.body().to_string()));
+            }
+        }
+        futures::stream::iter(out.into_iter().map(Ok::<_, std::convert::Infallible>))
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(events));
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    route_headers(&mut response, &start.deployment, &start.route_reason);
+    response
+}
+
+fn sse_data(data: &str) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// `GET /v1/models`: every deployment as an OpenAI model object, with what routing knows of it
+/// under `colony`.
+async fn models(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    if let Err(error) = edge.tenants.authenticate(&headers) {
+        return error.into_response();
+    }
+    let data: Vec<Value> = edge
+        .service
+        .deployments()
+        .iter()
+        .map(|d| {
+            let mut capabilities: Vec<Value> = d
+                .capabilities
+                .iter()
+                .filter_map(|c| serde_json::to_value(c).ok())
+                .collect();
+            capabilities.sort_by_key(|c| c.to_string());
+            json!({
+                "id": d.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": d.provider_kind.as_str(),
+                "colony": {
+                    "model": d.model,
+                    "tier": d.tier.as_str(),
+                    "context_window": d.context_window,
+                    "capabilities": capabilities,
+                    "privacy": d.privacy.as_str(),
+                },
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `POST /v1/embeddings`: no embedding deployment exists yet (the local embedding model
+/// arrives with the embedded-inference work), so every request gets a clear 404.
+async fn embeddings(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    if let Err(error) = edge.tenants.authenticate(&headers) {
+        return error.into_response();
+    }
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: Some("model_not_found"),
+        param: Some("model"),
+        message: "no embedding deployment is configured on this router".into(),
+        retry_after_secs: None,
+    }
+    .into_response()
 }
 
 /// A message's text: a string, or the concatenated `text` parts of an array (`null` is
@@ -331,25 +752,25 @@ fn text_of(content: &Value) -> Option<String> {
 
 /// The OpenAI `chat.completion` object for `completion`.
 fn completion_body(completion: &Completion) -> Value {
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    let usage = completion.response.usage;
+    let response = &completion.response;
+    let mut message = json!({"role": "assistant", "content": response.content});
+    if !response.tool_calls.is_empty() {
+        message["tool_calls"] = tool_calls_body(&response.tool_calls);
+        if response.content.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
     json!({
-        "id": format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()),
+        "id": completion_id(),
         "object": "chat.completion",
-        "created": created,
+        "created": unix_now(),
         "model": completion.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": completion.response.content},
-            "finish_reason": completion.response.finish_reason,
+            "message": message,
+            "finish_reason": response.finish_reason,
         }],
-        "usage": {
-            "prompt_tokens": usage.prompt,
-            "completion_tokens": usage.completion,
-            "total_tokens": usage.prompt + usage.completion,
-        },
+        "usage": usage_body(response.usage),
     })
 }
 

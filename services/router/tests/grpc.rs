@@ -209,7 +209,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         .into_inner();
     assert_eq!(
         (response.deployment.as_str(), response.route_reason.as_str()),
-        ("thrifty", "first deployment of tier budget")
+        ("thrifty", "cheapest capable deployment of tier budget")
     );
 
     // A provider failure comes back classified, and is recorded too.
@@ -323,7 +323,7 @@ async fn chat_completions_speak_openai_and_record_the_ledger() {
     .unwrap();
     assert_eq!(
         response.headers()["x-colony-route-reason"],
-        "first deployment of tier budget"
+        "cheapest capable deployment of tier budget"
     );
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "cheap");
@@ -333,9 +333,9 @@ async fn chat_completions_speak_openai_and_record_the_ledger() {
     for (status, body, field, expected) in [
         (
             400,
-            serde_json::json!({"model": "canned", "stream": true, "messages": user_hi}),
+            serde_json::json!({"model": "canned", "n": 2, "messages": user_hi}),
             "param",
-            "stream",
+            "n",
         ),
         (
             400,

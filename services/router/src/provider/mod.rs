@@ -212,6 +212,11 @@ impl StreamAccumulator {
         }
     }
 
+    /// What has arrived so far, whether or not the stream finished.
+    pub fn partial(&self) -> ChatResponse {
+        self.response.clone()
+    }
+
     /// The response once `Done` has passed; `None` for a stream that ended early.
     pub fn finish(self) -> Option<ChatResponse> {
         self.done.then_some(self.response)
