@@ -3,39 +3,21 @@
 //! OpenAI-compatible HTTP API, and its errors in OpenAI's shape.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
+mod common;
+
 use std::time::Duration;
+
+use common::{ledger_rows, rule, scripted};
 
 use colony_bus::subjects::USAGE_RECORDED;
 use colony_proto::prost::Message as _;
 use colony_proto::v1::{self, router_client::RouterClient};
-use colony_router::Config;
-use colony_router::config::{DeploymentConfig, ProviderKind, ScriptRule, Tier};
+use colony_router::config::Tier;
 use colony_router::error::{ERROR_CLASS_METADATA, ErrorClass};
 use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb};
 use futures::StreamExt;
 use sqlx::Row;
-use tokio_util::sync::CancellationToken;
-
-fn scripted(name: &str, tier: Tier, script: Vec<ScriptRule>) -> DeploymentConfig {
-    DeploymentConfig {
-        tier,
-        input_price_per_mtok: 1.0,
-        output_price_per_mtok: 2.0,
-        timeout: Duration::from_secs(5),
-        script,
-        ..DeploymentConfig::new(name, ProviderKind::Scripted, &format!("{name}-model"))
-    }
-}
-
-fn rule(contains: Option<&str>, reply: &str, fail: Option<ErrorClass>) -> ScriptRule {
-    ScriptRule {
-        contains: contains.map(str::to_owned),
-        reply: reply.into(),
-        delay: Duration::ZERO,
-        fail,
-    }
-}
 
 fn complete(deployment: &str, tier: &str, text: &str) -> tonic::Request<v1::CompleteRequest> {
     let mut request = tonic::Request::new(v1::CompleteRequest {
@@ -64,17 +46,9 @@ fn complete(deployment: &str, tier: &str, text: &str) -> tonic::Request<v1::Comp
 /// The router on port 0 with two scripted deployments: `canned` (mid, the default; a message
 /// containing "fail" fails as external_degrading) and `thrifty` (budget).
 async fn start(db: &TestDb, test_bus: &TestBus) -> (Runtime, colony_router::Handle) {
-    let config = Config {
-        database: db.config(),
-        bus: test_bus.config(),
-        http: colony_router::config::HttpConfig {
-            addr: "127.0.0.1:0".into(),
-        },
-        grpc: colony_router::config::GrpcConfig {
-            addr: "127.0.0.1:0".into(),
-        },
-        default_deployment: "canned".into(),
-        deployments: vec![
+    common::start_with(db, test_bus, |config| {
+        config.default_deployment = "canned".into();
+        config.deployments = vec![
             scripted(
                 "canned",
                 Tier::Mid,
@@ -84,24 +58,9 @@ async fn start(db: &TestDb, test_bus: &TestBus) -> (Runtime, colony_router::Hand
                 ],
             ),
             scripted("thrifty", Tier::Budget, vec![rule(None, "cheap", None)]),
-        ],
-        ..Config::default()
-    };
-    let runtime = Runtime::new(CancellationToken::new());
-    let handle = colony_router::spawn(config, &runtime).await.unwrap();
-    colony_testkit::wait_http_ok(
-        &format!("http://{}/readyz", handle.http_addr),
-        Duration::from_secs(5),
-    )
-    .await;
-    (runtime, handle)
-}
-
-async fn ledger_rows(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+        ];
+    })
+    .await
 }
 
 // Multi-threaded: `TestDb`'s drop closes its pool from a side thread, which needs this runtime
