@@ -4,6 +4,7 @@
 //! chain them (typically: breaker → limiter → provider call → report to both → maybe retry).
 
 pub mod backoff;
+pub mod breaker;
 
 use std::time::Duration;
 
