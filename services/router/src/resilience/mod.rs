@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod limits;
 
 use std::time::Duration;
 
