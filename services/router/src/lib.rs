@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod openai_http;
 pub mod provider;
+pub mod resilience;
 pub mod routing;
 pub mod service;
 
