@@ -33,6 +33,8 @@ pub struct Config {
     /// configured the API is open and the tenant comes from the `x-colony-tenant` header
     /// (for a single-user install behind its own network boundary).
     pub tenants: Vec<TenantConfig>,
+    /// Rate-limit queues, retries and circuit breakers, for every deployment.
+    pub resilience: crate::resilience::ResilienceConfig,
 }
 
 /// A tenant of the HTTP API.
@@ -73,6 +75,7 @@ impl Default for Config {
             default_deployment: String::new(),
             deployments: Vec::new(),
             tenants: Vec::new(),
+            resilience: crate::resilience::ResilienceConfig::default(),
         }
     }
 }
@@ -361,6 +364,7 @@ impl Validate for Config {
         self.database.validate(problems);
         self.bus.validate(problems);
         self.telemetry.validate(problems);
+        self.resilience.validate(problems);
         if self.deployments.is_empty() {
             problems.push(
                 "no deployments configured: add a [[deployments]] entry to the router config"

@@ -34,6 +34,12 @@ pub enum ProviderError {
     Scripted(ErrorClass),
     #[error("no script rule matches the last user message")]
     NoScriptRule,
+    /// The router's own rate limits for the deployment refused the call (it was not made).
+    #[error("{0}")]
+    Queue(crate::resilience::limits::Refused),
+    /// The deployment's circuit breaker is open (the call was not made).
+    #[error("{0}")]
+    CircuitOpen(crate::resilience::breaker::Open),
 }
 
 impl ProviderError {
@@ -65,7 +71,30 @@ impl ProviderError {
             }
             ProviderError::Rejected { .. } | ProviderError::NoScriptRule => ErrorClass::Permanent,
             ProviderError::Scripted(class) => *class,
+            ProviderError::Queue(crate::resilience::limits::Refused::TooLarge { .. }) => {
+                ErrorClass::UserFixable
+            }
+            ProviderError::Queue(_) => ErrorClass::ExternalRateLimit,
+            ProviderError::CircuitOpen(_) => ErrorClass::ExternalDegrading,
         }
+    }
+
+    /// When trying again may succeed, if the failure says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::RateLimited { retry_after } => *retry_after,
+            ProviderError::Queue(refused) => refused.retry_after(),
+            ProviderError::CircuitOpen(open) => open.retry_in,
+            _ => None,
+        }
+    }
+
+    /// Whether the provider was actually called (and the call belongs in the ledger).
+    pub fn reached_provider(&self) -> bool {
+        !matches!(
+            self,
+            ProviderError::Queue(_) | ProviderError::CircuitOpen(_)
+        )
     }
 }
 
@@ -130,12 +159,9 @@ impl Error {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Provider {
-                source: ProviderError::RateLimited { retry_after },
-                ..
-            } => *retry_after,
+            Error::Provider { source, .. } => source.retry_after(),
             _ => None,
         }
     }

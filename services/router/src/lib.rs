@@ -61,6 +61,7 @@ pub struct Handle {
 /// relay, and marks the runtime ready.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     metrics::describe();
+    resilience::describe();
     let deployments = Deployments::from_config(&config)?;
     for deployment in deployments
         .iter()
@@ -83,6 +84,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         deployments,
         pool.clone(),
         runtime.clone(),
+        config.resilience.clone(),
     ));
     colony_runtime::serve_http(
         runtime,

@@ -13,6 +13,10 @@ pub const REQUEST_SECONDS: &str = "colony_router_request_duration_seconds";
 pub const TOKENS: &str = "colony_router_tokens_total";
 pub const COST_MICRO_USD: &str = "colony_router_cost_micro_usd_total";
 pub const ERRORS: &str = "colony_router_errors_total";
+pub const RETRIES: &str = "colony_router_retries_total";
+pub const FALLBACKS: &str = "colony_router_fallbacks_total";
+pub const FIRST_TOKEN_SECONDS: &str = "colony_router_time_to_first_token_seconds";
+pub const OVERHEAD_SECONDS: &str = "colony_router_overhead_seconds";
 
 /// The `deployment` label of requests refused before a deployment was chosen.
 const UNROUTED: &str = "none";
@@ -39,7 +43,47 @@ pub fn describe() {
         ERRORS,
         "Failed provider calls, by deployment and error class."
     );
+    describe_counter!(
+        RETRIES,
+        "Provider calls retried on the same deployment after a transient failure or a rate \
+         limit, by deployment."
+    );
+    describe_counter!(
+        FALLBACKS,
+        "Calls moved on to the next deployment of their plan after this one failed, by \
+         deployment."
+    );
+    describe_histogram!(
+        FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from opening a stream to its first event, by deployment."
+    );
+    describe_histogram!(
+        OVERHEAD_SECONDS,
+        Unit::Seconds,
+        "The router's own time on a non-streamed call: its whole time in the service minus \
+         the time spent waiting on providers (queueing for rate limits and retry backoff \
+         included), by deployment."
+    );
     colony_bus::metrics::describe();
+}
+
+pub fn retried(deployment: &str) {
+    counter!(RETRIES, "deployment" => deployment.to_owned()).increment(1);
+}
+
+pub fn fell_back(deployment: &str) {
+    counter!(FALLBACKS, "deployment" => deployment.to_owned()).increment(1);
+}
+
+pub fn first_token(deployment: &str, elapsed: Duration) {
+    histogram!(FIRST_TOKEN_SECONDS, "deployment" => deployment.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn overhead(deployment: &str, elapsed: Duration) {
+    histogram!(OVERHEAD_SECONDS, "deployment" => deployment.to_owned())
+        .record(elapsed.as_secs_f64());
 }
 
 /// Records one provider call.

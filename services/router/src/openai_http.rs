@@ -34,6 +34,7 @@ use crate::config::{TenantConfig, Tier};
 use crate::error::{Error, ErrorClass, ProviderError};
 use crate::metrics;
 use crate::provider::{StreamEvent, TokenUsage, ToolCall};
+use crate::resilience::limits::Refused;
 use crate::service::{Completion, Service, StreamStart, Streamed};
 
 const TENANT_HEADER: &str = "x-colony-tenant";
@@ -282,7 +283,15 @@ impl From<Error> for ApiError {
                 Some("context_length_exceeded"),
             ),
             Error::Provider {
-                source: ProviderError::RateLimited { .. },
+                source: ProviderError::Queue(Refused::TooLarge { .. }),
+                ..
+            } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("rate_limit_too_small"),
+            ),
+            Error::Provider {
+                source: ProviderError::RateLimited { .. } | ProviderError::Queue(_),
                 ..
             } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -302,16 +311,9 @@ impl From<Error> for ApiError {
                 ),
             },
         };
-        let retry_after_secs = match &error {
-            Error::Provider {
-                source:
-                    ProviderError::RateLimited {
-                        retry_after: Some(after),
-                    },
-                ..
-            } => Some(after.as_secs_f64().ceil() as u64),
-            _ => None,
-        };
+        let retry_after_secs = error
+            .retry_after()
+            .map(|after| after.as_secs_f64().ceil() as u64);
         Self {
             status,
             kind,

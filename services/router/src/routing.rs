@@ -11,6 +11,9 @@ use anyhow::Context as _;
 use crate::config::{Capability, Config, DeploymentConfig, Privacy, ProviderKind, Tier};
 use crate::error::{Error, ProviderError};
 use crate::provider::{self, ChatRequest, ChatResponse, ChatStream, Provider, TokenUsage};
+use crate::resilience::ResilienceConfig;
+use crate::resilience::breaker::Breaker;
+use crate::resilience::limits::Limiter;
 
 /// A named model on a provider, with its price, window, capabilities and time bound.
 #[derive(Debug)]
@@ -29,6 +32,9 @@ pub struct Deployment {
     output_price_per_mtok: f64,
     provider: Arc<dyn Provider>,
     stats: Stats,
+    /// The deployment's rate limits and their wait queue.
+    pub limiter: Limiter,
+    pub breaker: Arc<Breaker>,
 }
 
 /// What latency-aware balancing reads: an exponentially weighted mean of successful call
@@ -43,8 +49,19 @@ struct Stats {
 const EWMA_WEIGHT: f64 = 0.2;
 
 impl Deployment {
+    /// A deployment with the default queue and breaker settings.
     pub fn new(config: &DeploymentConfig, provider: Arc<dyn Provider>) -> Self {
+        Self::with_resilience(config, provider, &ResilienceConfig::default())
+    }
+
+    pub fn with_resilience(
+        config: &DeploymentConfig,
+        provider: Arc<dyn Provider>,
+        resilience: &ResilienceConfig,
+    ) -> Self {
         Self {
+            limiter: Limiter::new(&config.name, &config.limits, &resilience.queue),
+            breaker: Arc::new(Breaker::new(&config.name, &resilience.breaker)),
             name: config.name.clone(),
             provider_kind: config.provider,
             model: config.model.clone(),
@@ -276,7 +293,13 @@ impl Deployments {
         let all = config
             .deployments
             .iter()
-            .map(|d| Ok(Deployment::new(d, provider::build(d)?)))
+            .map(|d| {
+                Ok(Deployment::with_resilience(
+                    d,
+                    provider::build(d)?,
+                    &config.resilience,
+                ))
+            })
             .collect::<anyhow::Result<_>>()?;
         Self::new(all, &config.default_deployment)
     }

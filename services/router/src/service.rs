@@ -2,6 +2,9 @@
 //! answers (falling back on failures that another deployment may not have), account for every
 //! provider call.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use colony_runtime::Runtime;
@@ -16,7 +19,11 @@ use crate::metrics;
 use crate::provider::{
     ChatRequest, ChatResponse, ChatStream, StreamAccumulator, StreamEvent, TokenUsage,
 };
-use crate::routing::{Candidate, Deployment, Deployments, Needs};
+use crate::resilience::ResilienceConfig;
+use crate::resilience::backoff::{Backoff, should_retry};
+use crate::resilience::breaker::Attempt;
+use crate::resilience::limits::Permit;
+use crate::routing::{Deployment, Deployments, Needs};
 
 /// A validated request.
 #[derive(Debug, Clone)]
@@ -68,15 +75,7 @@ pub struct Service {
     deployments: Deployments,
     pool: PgPool,
     runtime: Runtime,
-}
-
-/// Whether another deployment may succeed where this one failed: yes for the provider's own
-/// trouble (transient, degrading, rate-limited), no for problems with the request itself.
-fn falls_back(error: &ProviderError) -> bool {
-    matches!(
-        error.class(),
-        ErrorClass::Transient | ErrorClass::ExternalDegrading | ErrorClass::ExternalRateLimit
-    )
+    resilience: ResilienceConfig,
 }
 
 impl std::fmt::Debug for Service {
@@ -87,12 +86,56 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// Whether another deployment may succeed where this one failed: yes for the provider's own
+/// trouble (transient, degrading, rate-limited, the router's own limits for it, an open
+/// breaker), no for problems with the request itself.
+fn falls_back(error: &ProviderError) -> bool {
+    matches!(
+        error.class(),
+        ErrorClass::Transient | ErrorClass::ExternalDegrading | ErrorClass::ExternalRateLimit
+    )
+}
+
+/// A call let through a deployment's breaker and rate limits, about to be made.
+struct Admitted {
+    deployment: Arc<Deployment>,
+    /// The caller's request with `max_tokens` set to what this deployment may produce.
+    request: ChatRequest,
+    attempt: Attempt,
+    permit: Permit,
+    reason: String,
+}
+
+impl Admitted {
+    /// Reports a finished provider call to the breaker and the rate limiter.
+    fn report(self, result: Result<TokenUsage, &ProviderError>) -> (Arc<Deployment>, String) {
+        let used = match result {
+            Ok(usage) => {
+                self.attempt.success();
+                usage.prompt + usage.completion
+            }
+            Err(error) => {
+                self.attempt.failure(error.class());
+                0
+            }
+        };
+        self.deployment.limiter.settle(&self.permit, used);
+        (self.deployment, self.reason)
+    }
+}
+
 impl Service {
-    pub fn new(deployments: Deployments, pool: PgPool, runtime: Runtime) -> Self {
+    pub fn new(
+        deployments: Deployments,
+        pool: PgPool,
+        runtime: Runtime,
+        resilience: ResilienceConfig,
+    ) -> Self {
         Self {
             deployments,
             pool,
             runtime,
+            resilience,
         }
     }
 
@@ -100,118 +143,234 @@ impl Service {
         &self.deployments
     }
 
-    fn plan(&self, call: &Call) -> Result<Vec<Candidate>, Error> {
+    /// Tries the plan's deployments in order, each through its breaker and rate limits, and
+    /// retries a deployment (with backoff) on transient failures and rate limits before
+    /// falling back to the next. `call_once` makes one provider call and reports it; its
+    /// error decides what happens next.
+    async fn run_plan<T, F, Fut>(&self, call: &Call, mut call_once: F) -> Result<T, Error>
+    where
+        F: FnMut(Admitted) -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+    {
         let needs = Needs::of(&call.request, call.local_only);
-        self.deployments.plan(&call.deployment, call.tier, &needs)
-    }
-
-    /// Tries the plan's deployments in order. Every provider call, successful or not, is
-    /// written to the ledger before the answer goes back; if that write fails the call fails,
-    /// so no completion goes unaccounted.
-    pub async fn complete(&self, call: Call) -> Result<Completion, Error> {
-        let plan = self.plan(&call)?;
-        let mut failure = None;
+        let plan = self.deployments.plan(&call.deployment, call.tier, &needs)?;
+        let retry = &self.resilience.retry;
+        let backoff = Backoff::new(retry);
+        let mut failure: Option<Error> = None;
         for candidate in plan {
             let deployment = candidate.deployment;
             tracing::Span::current().record("deployment", deployment.name.as_str());
-            let started = Instant::now();
-            let result = deployment.complete(&call.request).await;
-            let latency = started.elapsed();
-            let usage = result.as_ref().map(|r| r.usage).unwrap_or_default();
-            let cost_micros = account(
-                &self.pool,
-                &call,
-                &deployment,
-                &result.as_ref().map(|_| ()),
-                usage,
-                latency,
-            )
-            .await?;
-            match result {
-                Ok(response) => {
-                    return Ok(Completion {
+            let max_tokens = deployment.output_budget(needs.prompt_tokens, call.request.max_tokens);
+            let mut attempt_number = 1;
+            loop {
+                let result = match admit(&deployment, needs.prompt_tokens, max_tokens).await {
+                    Ok((attempt, permit)) => {
+                        call_once(Admitted {
+                            deployment: deployment.clone(),
+                            request: ChatRequest {
+                                max_tokens: Some(max_tokens),
+                                ..call.request.clone()
+                            },
+                            attempt,
+                            permit,
+                            reason: reason_after(&candidate.reason, failure.as_ref()),
+                        })
+                        .await
+                    }
+                    Err(refused) => Err(refused),
+                };
+                let source = match result {
+                    Ok(value) => return Ok(value),
+                    Err(source) => source,
+                };
+                let class = source.class();
+                let retry_after = source.retry_after();
+                let retry_here = source.reached_provider()
+                    && matches!(class, ErrorClass::Transient | ErrorClass::ExternalRateLimit)
+                    && should_retry(class, attempt_number, retry)
+                    && retry_after.is_none_or(|after| after <= retry.max_retry_after);
+                let fall_back = falls_back(&source);
+                tracing::warn!(deployment = %deployment.name, error = %source, retry_here, fall_back, "deployment failed");
+                failure = Some(Error::Provider {
+                    deployment: deployment.name.clone(),
+                    source,
+                });
+                if retry_here {
+                    metrics::retried(&deployment.name);
+                    tokio::time::sleep(backoff.delay(attempt_number, retry_after)).await;
+                    attempt_number += 1;
+                    continue;
+                }
+                if !fall_back {
+                    return Err(failure.unwrap_or_else(unreachable_failure));
+                }
+                metrics::fell_back(&deployment.name);
+                break;
+            }
+        }
+        Err(failure.unwrap_or_else(unreachable_failure))
+    }
+
+    /// Tries the plan's deployments (see `run_plan`). Every provider call, successful or not,
+    /// is written to the ledger before the answer goes back; if that write fails the call
+    /// fails, so no completion goes unaccounted.
+    pub async fn complete(&self, call: Call) -> Result<Completion, Error> {
+        let started = Instant::now();
+        let provider_micros = AtomicU64::new(0);
+        let ledger_failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        let result = self
+            .run_plan(&call, |admitted| {
+                let (call, pool, provider_micros, ledger_failure) =
+                    (&call, &self.pool, &provider_micros, &ledger_failure);
+                async move {
+                    let called = Instant::now();
+                    let result = admitted.deployment.complete(&admitted.request).await;
+                    let latency = called.elapsed();
+                    provider_micros.fetch_add(micros(latency), Ordering::Relaxed);
+                    let usage = result.as_ref().map(|r| r.usage).unwrap_or_default();
+                    let (deployment, reason) = admitted.report(result.as_ref().map(|r| r.usage));
+                    let cost_micros = match account(
+                        pool,
+                        call,
+                        &deployment,
+                        &result.as_ref().map(|_| ()),
+                        usage,
+                        latency,
+                    )
+                    .await
+                    {
+                        Ok(cost) => cost,
+                        Err(error) => {
+                            // Not the provider's fault: stop here, without falling back.
+                            if let Ok(mut slot) = ledger_failure.lock() {
+                                *slot = Some(error);
+                            }
+                            return Err(ProviderError::Rejected {
+                                status: 0,
+                                message: "cannot record usage".into(),
+                            });
+                        }
+                    };
+                    let response = result?;
+                    Ok(Completion {
                         response,
                         cost_micros,
                         deployment: deployment.name.clone(),
                         provider: deployment.provider_kind,
                         model: deployment.model.clone(),
-                        route_reason: reason_after(candidate.reason, failure.as_ref()),
-                    });
+                        route_reason: reason,
+                    })
                 }
-                Err(source) => {
-                    let fall_back = falls_back(&source);
-                    tracing::warn!(deployment = %deployment.name, error = %source, fall_back, "provider call failed");
-                    failure = Some(Error::Provider {
-                        deployment: deployment.name.clone(),
-                        source,
-                    });
-                    if !fall_back {
-                        break;
-                    }
-                }
-            }
+            })
+            .await;
+        if let Ok(mut slot) = ledger_failure.lock()
+            && let Some(error) = slot.take()
+        {
+            return Err(error);
         }
-        Err(failure.unwrap_or_else(|| Error::Unroutable("no deployment to try".into())))
+        if let Ok(completion) = &result {
+            let waited = Duration::from_micros(provider_micros.load(Ordering::Relaxed));
+            metrics::overhead(
+                &completion.deployment,
+                started.elapsed().saturating_sub(waited),
+            );
+        }
+        result
     }
 
-    /// Like [`Service::complete`], streamed. Deployments are tried in order until one produces
-    /// its first event within its timeout; from then on the stream is that deployment's, and
-    /// a failure ends it (what was sent cannot be taken back). The provider is driven by a
-    /// task of its own, so the call is accounted for even when the client goes away (which
-    /// stops the provider).
+    /// Like [`Service::complete`], streamed. Deployments are tried as for `complete` until one
+    /// produces its first event within its timeout; from then on the stream is that
+    /// deployment's, and a failure ends it (what was sent cannot be taken back). The provider
+    /// is driven by a task of its own, so the call is accounted for even when the client goes
+    /// away (which stops the provider).
     pub async fn stream(&self, call: Call) -> Result<StreamStart, Error> {
-        let plan = self.plan(&call)?;
-        let mut failure = None;
-        for candidate in plan {
-            let deployment = candidate.deployment;
-            let started = Instant::now();
-            match first_event(&deployment, &call.request).await {
-                Ok((first, rest)) => {
-                    let (sender, items) = mpsc::channel(STREAM_BUFFER);
-                    let route_reason = reason_after(candidate.reason, failure.as_ref());
-                    let start = StreamStart {
-                        deployment: deployment.name.clone(),
-                        model: deployment.model.clone(),
-                        route_reason: route_reason.clone(),
-                        items,
-                    };
-                    let pool = self.pool.clone();
-                    self.runtime.spawn(async move {
-                        let run = StreamRun {
-                            pool,
-                            call,
-                            deployment,
-                            route_reason,
-                            started,
-                        };
-                        run.drive(first, rest, sender).await;
-                    });
-                    return Ok(start);
-                }
-                Err(source) => {
-                    account(
-                        &self.pool,
-                        &call,
-                        &deployment,
-                        &Err(&source),
-                        TokenUsage::default(),
-                        started.elapsed(),
-                    )
-                    .await?;
-                    let fall_back = falls_back(&source);
-                    tracing::warn!(deployment = %deployment.name, error = %source, fall_back, "stream failed before its first event");
-                    failure = Some(Error::Provider {
-                        deployment: deployment.name.clone(),
-                        source,
-                    });
-                    if !fall_back {
-                        break;
+        let ledger_failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        let result = self
+            .run_plan(&call, |admitted| {
+                let (call, pool, runtime, ledger_failure) =
+                    (&call, &self.pool, &self.runtime, &ledger_failure);
+                async move {
+                    let started = Instant::now();
+                    match first_event(&admitted.deployment, &admitted.request).await {
+                        Ok((first, rest)) => {
+                            metrics::first_token(&admitted.deployment.name, started.elapsed());
+                            let (sender, items) = mpsc::channel(STREAM_BUFFER);
+                            let start = StreamStart {
+                                deployment: admitted.deployment.name.clone(),
+                                model: admitted.deployment.model.clone(),
+                                route_reason: admitted.reason.clone(),
+                                items,
+                            };
+                            let run = StreamRun {
+                                pool: pool.clone(),
+                                call: call.clone(),
+                                admitted,
+                                started,
+                            };
+                            runtime.spawn(run.drive(first, rest, sender));
+                            Ok(start)
+                        }
+                        Err(source) => {
+                            let (deployment, _) = admitted.report(Err(&source));
+                            if let Err(error) = account(
+                                pool,
+                                call,
+                                &deployment,
+                                &Err(&source),
+                                TokenUsage::default(),
+                                started.elapsed(),
+                            )
+                            .await
+                                && let Ok(mut slot) = ledger_failure.lock()
+                            {
+                                *slot = Some(error);
+                                return Err(ProviderError::Rejected {
+                                    status: 0,
+                                    message: "cannot record usage".into(),
+                                });
+                            }
+                            Err(source)
+                        }
                     }
                 }
-            }
+            })
+            .await;
+        if let Ok(mut slot) = ledger_failure.lock()
+            && let Some(error) = slot.take()
+        {
+            return Err(error);
         }
-        Err(failure.unwrap_or_else(|| Error::Unroutable("no deployment to try".into())))
+        result
     }
+}
+
+/// Lets a call through `deployment`'s breaker, then its rate limits (waiting in its queue if
+/// need be). Refusals are errors of the deployment, so the plan moves on.
+async fn admit(
+    deployment: &Arc<Deployment>,
+    prompt_tokens: u64,
+    max_tokens: u32,
+) -> Result<(Attempt, Permit), ProviderError> {
+    let attempt = deployment
+        .breaker
+        .allow()
+        .map_err(ProviderError::CircuitOpen)?;
+    let permit = deployment
+        .limiter
+        .acquire(prompt_tokens + u64::from(max_tokens))
+        .await
+        .map_err(ProviderError::Queue)?;
+    Ok((attempt, permit))
+}
+
+/// A plan always has a candidate, so some failure is always recorded; this stands in should
+/// that ever not hold.
+fn unreachable_failure() -> Error {
+    Error::Unroutable("no deployment could be tried".into())
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Opens `deployment`'s stream and waits for its first event, within the deployment's
@@ -239,14 +398,13 @@ async fn first_event(
 struct StreamRun {
     pool: PgPool,
     call: Call,
-    deployment: std::sync::Arc<Deployment>,
-    route_reason: String,
+    admitted: Admitted,
     started: Instant,
 }
 
 impl StreamRun {
     async fn drive(self, first: StreamEvent, mut rest: ChatStream, sender: mpsc::Sender<Streamed>) {
-        let deployment = &self.deployment;
+        let deployment = self.admitted.deployment.clone();
         let deadline = tokio::time::Instant::from_std(self.started) + deployment.timeout;
         let mut accumulated = StreamAccumulator::default();
         let mut next = Some(Ok(first));
@@ -292,8 +450,10 @@ impl StreamRun {
         } else {
             response.usage
         };
+        let (_, route_reason) = self.admitted.report(outcome.as_ref().map(|_| usage));
         let result = outcome.as_ref().map(|_| ());
-        let end = match account(&self.pool, &self.call, deployment, &result, usage, latency).await {
+        let end = match account(&self.pool, &self.call, &deployment, &result, usage, latency).await
+        {
             Err(error) => Err(error),
             Ok(cost_micros) => match outcome {
                 Ok(()) => Ok(Completion {
@@ -302,7 +462,7 @@ impl StreamRun {
                     deployment: deployment.name.clone(),
                     provider: deployment.provider_kind,
                     model: deployment.model.clone(),
-                    route_reason: self.route_reason,
+                    route_reason,
                 }),
                 Err(source) => Err(Error::Provider {
                     deployment: deployment.name.clone(),
@@ -321,12 +481,12 @@ impl StreamRun {
 }
 
 /// The reason a candidate served, noting the failure that moved the call to it.
-fn reason_after(reason: String, failure: Option<&Error>) -> String {
+fn reason_after(reason: &str, failure: Option<&Error>) -> String {
     match failure {
         Some(Error::Provider { deployment, source }) => {
             format!("{reason} (after {deployment} failed: {})", source.class())
         }
-        _ => reason,
+        _ => reason.to_owned(),
     }
 }
 
