@@ -1,0 +1,481 @@
+//! Routing and resilience end to end, over the OpenAI-compatible HTTP API and gRPC: fallback
+//! when a deployment fails, the breaker opening and recovering, the router's own rate limits,
+//! the privacy and context-window rules, tenant keys, `/v1/models`, and streams.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+mod common;
+
+use std::time::Duration;
+
+use colony_proto::v1::{self, router_client::RouterClient};
+use colony_router::config::{Capability, Privacy, RateLimits, TenantConfig, Tier};
+use colony_router::error::ErrorClass;
+use colony_testkit::{TestBus, TestDb};
+use common::{ledger_rows, rule, scripted, start_with};
+use futures::StreamExt as _;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+async fn post(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = reqwest::Client::new().post(url).json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_deployment_falls_back_and_its_breaker_opens_then_recovers() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut flaky = scripted(
+            "flaky",
+            Tier::Mid,
+            vec![
+                rule(Some("down"), "", Some(ErrorClass::ExternalDegrading)),
+                rule(None, "flaky answers", None),
+            ],
+        );
+        flaky.input_price_per_mtok = 0.1;
+        flaky.fallbacks = vec!["steady".into()];
+        config.deployments = vec![
+            flaky,
+            scripted(
+                "steady",
+                Tier::Frontier,
+                vec![rule(None, "steady answers", None)],
+            ),
+        ];
+        config.default_deployment = "flaky".into();
+        config.resilience.breaker.failure_threshold = 2;
+        config.resilience.breaker.open_duration = Duration::from_millis(500);
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+
+    // Each failure of flaky falls back to steady, and says so.
+    for _ in 0..2 {
+        let (status, headers, body) =
+            post(&url, &[], json!({"model": "mid", "messages": user("down")})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers["x-colony-deployment"], "steady");
+        let reason = headers["x-colony-route-reason"].to_str().unwrap();
+        assert!(
+            reason
+                .contains("fallback configured for flaky (after flaky failed: external_degrading)"),
+            "{reason}"
+        );
+        assert_eq!(body["choices"][0]["message"]["content"], "steady answers");
+    }
+    // Two failures in a row opened flaky's breaker: even a request it could answer skips it,
+    // without a provider call.
+    let before = ledger_rows(&db).await;
+    let (status, headers, _) =
+        post(&url, &[], json!({"model": "mid", "messages": user("hi")})).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-colony-deployment"], "steady");
+    assert_eq!(ledger_rows(&db).await, before + 1, "only steady was called");
+    let metrics = reqwest::get(format!("http://{}/metrics", handle.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("colony_router_breaker_state{deployment=\"flaky\"} 2"),
+        "breaker state not exported as open"
+    );
+
+    // After the open period a probe goes through; its success closes the breaker.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, headers, _) =
+        post(&url, &[], json!({"model": "mid", "messages": user("hi")})).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-colony-deployment"], "flaky");
+    let (_, headers, _) = post(&url, &[], json!({"model": "mid", "messages": user("hi")})).await;
+    assert_eq!(headers["x-colony-deployment"], "flaky");
+
+    // By name, a failure that should not fall back (the request's own fault) does not.
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "flaky", "messages": [{"role": "tool", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_own_rate_limits_answer_429_with_retry_after() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut limited = scripted("limited", Tier::Mid, vec![rule(None, "ok", None)]);
+        limited.limits = RateLimits {
+            requests_per_minute: Some(2),
+            tokens_per_minute: None,
+        };
+        config.deployments = vec![limited];
+        config.default_deployment = "limited".into();
+        config.resilience.queue.capacity = 0;
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    for _ in 0..2 {
+        let (status, _, _) = post(
+            &url,
+            &[],
+            json!({"model": "limited", "messages": user("hi")}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, headers, body) = post(
+        &url,
+        &[],
+        json!({"model": "limited", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    // One request per 30 s refills.
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        ledger_rows(&db).await,
+        2,
+        "the refused call reached no provider"
+    );
+
+    // Over gRPC the same refusal is RESOURCE_EXHAUSTED with the retry-after in metadata.
+    let mut client = RouterClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .unwrap();
+    let status = client
+        .complete(v1::CompleteRequest {
+            tenant: "acme".into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.metadata().get("colony-retry-after-ms").is_some());
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_capabilities_and_context_window_rules_hold_end_to_end() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut cloud = scripted("cloud", Tier::Mid, vec![rule(None, "from the cloud", None)]);
+        cloud.privacy = Some(Privacy::External);
+        cloud.input_price_per_mtok = 0.01;
+        cloud.capabilities = vec![Capability::Tools, Capability::Json];
+        cloud.context_window = 100_000;
+        let mut local = scripted("local", Tier::Mid, vec![rule(None, "from here", None)]);
+        local.context_window = 2000;
+        local.max_output_tokens = 500;
+        config.deployments = vec![cloud, local];
+        config.default_deployment = "cloud".into();
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let local_only = [("x-colony-local-only", "true")];
+
+    let (status, headers, _) = post(
+        &url,
+        &local_only,
+        json!({"model": "mid", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-colony-deployment"], "local");
+    let (status, _, body) = post(
+        &url,
+        &local_only,
+        json!({"model": "cloud", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "no_capable_deployment");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cloud is external and the request is local-only"),
+        "{body}"
+    );
+
+    // Local-only data that needs tools nobody local has: refused, never sent out.
+    let tools = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
+    let (status, _, body) = post(
+        &url,
+        &local_only,
+        json!({"model": "mid", "messages": user("hi"), "tools": tools}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // Without the local-only mark the cheaper capable deployment takes it.
+    let (status, headers, _) = post(
+        &url,
+        &[],
+        json!({"model": "mid", "messages": user("hi"), "tools": tools}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-colony-deployment"], "cloud");
+
+    // A prompt beyond local's window, local-only: nothing can take it, and the error says
+    // why for each deployment.
+    let long = "word ".repeat(3000);
+    let (status, _, body) = post(
+        &url,
+        &local_only,
+        json!({"model": "mid", "messages": user(&long)}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("local's window of 2000 tokens is smaller"),
+        "{message}"
+    );
+    // By name, a window too small is OpenAI's context error.
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "local", "messages": user(&long)}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    // By tier, it goes to the deployment whose window fits.
+    let (status, headers, _) =
+        post(&url, &[], json!({"model": "mid", "messages": user(&long)})).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-colony-deployment"], "cloud");
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_keys_guard_the_api_and_models_lists_the_catalogue() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        config.deployments = vec![scripted("canned", Tier::Mid, vec![rule(None, "ok", None)])];
+        config.default_deployment = "canned".into();
+        config.tenants = vec![TenantConfig {
+            name: "acme".into(),
+            api_key_env: "UNUSED".into(),
+            api_key: Some(SecretString::from("sk-acme-123")),
+            budget_usd: None,
+        }];
+    })
+    .await;
+    let base = format!("http://{}/v1", handle.http_addr);
+    let url = format!("{base}/chat/completions");
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "canned", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let (status, _, _) = post(
+        &url,
+        &[("authorization", "Bearer sk-wrong")],
+        json!({"model": "canned", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = post(
+        &url,
+        &[
+            ("authorization", "Bearer sk-acme-123"),
+            ("x-colony-tenant", "other"),
+        ],
+        json!({"model": "canned", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let tenant: String = sqlx::query_scalar("SELECT tenant FROM router.usage_ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tenant, "acme", "the key decides the tenant, not the header");
+
+    let http = reqwest::Client::new();
+    let models: Value = http
+        .get(format!("{base}/models"))
+        .bearer_auth("sk-acme-123")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "canned");
+    assert_eq!(models["data"][0]["colony"]["privacy"], "local");
+    assert_eq!(models["data"][0]["colony"]["context_window"], 8192);
+    let response = http
+        .post(format!("{base}/embeddings"))
+        .bearer_auth("sk-acme-123")
+        .json(&json!({"model": "x", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+/// The body of an SSE response as its `data:` payloads.
+async fn sse_data(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_speak_openai_sse_and_grpc_and_are_accounted() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut broken = scripted(
+            "broken",
+            Tier::Mid,
+            vec![rule(None, "", Some(ErrorClass::Transient))],
+        );
+        broken.input_price_per_mtok = 0.0;
+        broken.output_price_per_mtok = 0.0;
+        config.deployments = vec![
+            broken,
+            scripted(
+                "canned",
+                Tier::Mid,
+                vec![rule(None, "streamed words here", None)],
+            ),
+        ];
+        config.default_deployment = "canned".into();
+        config.resilience.retry.max_attempts = 1;
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let response = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({
+            "model": "mid",
+            "messages": user("hi"),
+            "stream": true,
+            "stream_options": {"include_usage": true}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    // The cheaper deployment failed before its first event: the stream fell back.
+    assert_eq!(response.headers()["x-colony-deployment"], "canned");
+    let data = sse_data(response).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "streamed words here");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+
+    // gRPC: deltas, then one done chunk with usage and cost.
+    let mut client = RouterClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .unwrap();
+    let mut stream = client
+        .complete_stream(v1::CompleteRequest {
+            tenant: "acme".into(),
+            deployment: "canned".into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk.unwrap().chunk.unwrap() {
+            v1::complete_chunk::Chunk::Delta(delta) => text.push_str(&delta),
+            v1::complete_chunk::Chunk::Done(response) => done = Some(response),
+            v1::complete_chunk::Chunk::ToolCall(_) => panic!("no tools here"),
+        }
+    }
+    let done = done.unwrap();
+    assert_eq!(text, "streamed words here");
+    assert_eq!(done.content, text);
+    assert_eq!(done.usage.unwrap().completion_tokens, 3);
+
+    // The failed attempt and both streams are in the ledger.
+    colony_testkit::eventually(Duration::from_secs(5), "three ledger rows", || async {
+        (ledger_rows(&db).await == 3).then_some(())
+    })
+    .await;
+    let outcomes: Vec<(String, String)> =
+        sqlx::query_as("SELECT deployment, outcome FROM router.usage_ledger ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            ("broken".to_owned(), "error".to_owned()),
+            ("canned".to_owned(), "ok".to_owned()),
+            ("canned".to_owned(), "ok".to_owned()),
+        ]
+    );
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
