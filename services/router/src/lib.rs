@@ -4,6 +4,7 @@
 //! `router.usage_ledger` with a `UsageRecord` in the same transaction (published on
 //! `colony.v1.usage.recorded` by the outbox relay).
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -13,6 +14,7 @@ pub mod openai_http;
 pub mod provider;
 pub mod routing;
 pub mod service;
+pub mod tenants;
 
 use std::net::SocketAddr;
 use std::time::Duration;
