@@ -10,6 +10,11 @@
 //!
 //! Run and task ids are ids the orchestrator issues, unique across tenants, so a run's or task's
 //! budget is keyed by its id alone.
+//!
+//! Budgets are totals, not per period: nothing resets `spent`. A reservation whose call never
+//! reaches the ledger (the process died with the entry in memory, see [`crate::ledger`]) stays
+//! reserved, holding that much of the budget back until an operator lowers
+//! `reserved_micros`; there is no expiry.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -210,13 +215,18 @@ impl Budgets {
             .map(|row| row.get::<bool, _>("o_granted"))
             .unwrap_or(true);
         if !granted {
-            let over = found.iter().find(|row| {
-                let limit = row.get::<i64, _>("o_limit");
-                let used = row
-                    .get::<i64, _>("o_spent")
-                    .saturating_add(row.get::<i64, _>("o_reserved"));
-                used.saturating_add(db_int(amount)) > limit
-            });
+            // The database refused, so some row is over; the first one is named (a refusal is
+            // never turned into a grant, even if no row looked over here).
+            let over = found
+                .iter()
+                .find(|row| {
+                    let limit = row.get::<i64, _>("o_limit");
+                    let used = row
+                        .get::<i64, _>("o_spent")
+                        .saturating_add(row.get::<i64, _>("o_reserved"));
+                    used.saturating_add(db_int(amount)) > limit
+                })
+                .or(found.first());
             if let Some(row) = over {
                 return Err(Error::Exceeded {
                     scope: Scope::from_db(row.get("o_scope")),
