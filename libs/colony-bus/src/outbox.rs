@@ -35,6 +35,10 @@ pub struct OutboxRow {
     pub subject: String,
     pub msg_id: String,
     pub payload: Vec<u8>,
+    /// The trace the message continues; `None` takes the enqueuing span's. Set for rows
+    /// written away from the request they belong to (a batch writer's task has no span of
+    /// its own worth continuing).
+    pub traceparent: Option<String>,
 }
 
 impl OutboxRow {
@@ -43,6 +47,15 @@ impl OutboxRow {
             subject: subject.to_owned(),
             msg_id: msg_id.to_owned(),
             payload: message.encode_to_vec(),
+            traceparent: None,
+        }
+    }
+
+    /// The row carrying `traceparent` instead of the enqueuing span's trace context.
+    pub fn with_traceparent(self, traceparent: Option<String>) -> Self {
+        Self {
+            traceparent,
+            ..self
         }
     }
 }
@@ -116,9 +129,9 @@ impl Outbox {
             .await
     }
 
-    /// Adds `rows` inside the caller's transaction, in one statement. The current span's trace
-    /// context is stored with them so the trace continues across the relay; a row whose
-    /// `msg_id` is still waiting to be sent is skipped.
+    /// Adds `rows` inside the caller's transaction, in one statement. Each row's own trace
+    /// context, or else the current span's, is stored with it so the trace continues across
+    /// the relay; a row whose `msg_id` is still waiting to be sent is skipped.
     pub async fn enqueue_many(
         &self,
         conn: &mut PgConnection,
@@ -131,13 +144,16 @@ impl Outbox {
         let msg_ids: Vec<&str> = rows.iter().map(|row| row.msg_id.as_str()).collect();
         let subjects: Vec<&str> = rows.iter().map(|row| row.subject.as_str()).collect();
         let payloads: Vec<&[u8]> = rows.iter().map(|row| row.payload.as_slice()).collect();
+        let traceparents: Vec<Option<&str>> =
+            rows.iter().map(|row| row.traceparent.as_deref()).collect();
         // The notification is delivered at commit, so the relay wakes only for committed rows.
         // A quiet transaction (see `quiet`) sends none; the count keeps exactly one row to
         // join either way.
         sqlx::query(&format!(
             "INSERT INTO {} (msg_id, subject, payload, traceparent) \
-             SELECT u.msg_id, u.subject, u.payload, $4 \
-             FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(msg_id, subject, payload), \
+             SELECT u.msg_id, u.subject, u.payload, coalesce(u.traceparent, $4) \
+             FROM unnest($1::text[], $2::text[], $3::bytea[], $6::text[]) \
+                      AS u(msg_id, subject, payload, traceparent), \
                   (SELECT count(*) FROM (SELECT pg_notify($5, '') \
                        WHERE current_setting('colony.outbox_quiet', true) \
                              IS DISTINCT FROM 'on') n) AS notified \
@@ -149,6 +165,7 @@ impl Outbox {
         .bind(&payloads)
         .bind(traceparent)
         .bind(self.channel)
+        .bind(&traceparents)
         .execute(&mut *conn)
         .await?;
         Ok(())

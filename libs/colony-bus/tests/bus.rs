@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use colony_bus::{ConsumeOptions, Outbox, Outcome, RelayOptions, StreamKind, consume, subjects};
+use colony_bus::{
+    ConsumeOptions, Outbox, OutboxRow, Outcome, RelayOptions, StreamKind, consume, subjects,
+};
 use colony_proto::v1::TaskDispatch;
 use colony_testkit::{TestBus, TestDb, eventually};
 use futures::StreamExt;
@@ -250,6 +252,41 @@ async fn relay_wakes_on_commit_and_traceparent_travels() {
     assert_eq!(headers.get("traceparent").unwrap().as_str(), expected);
     shutdown.cancel();
     relay.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_keeps_its_own_traceparent_and_the_others_take_the_span_s() {
+    let _telemetry = colony_telemetry::init("bus-test", &Default::default()).unwrap();
+    let db = TestDb::new().await;
+    let outbox = Outbox::new("orchestrator.outbox", "orchestrator_outbox");
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let span = tracing::info_span!("enqueue");
+    let current = span
+        .in_scope(colony_telemetry::current_traceparent)
+        .unwrap();
+    let subject = subjects::dispatch("generalist");
+    let rows = [
+        OutboxRow::new(&subject, "own", &dispatch("a", 1)).with_traceparent(Some(own.into())),
+        OutboxRow::new(&subject, "span", &dispatch("b", 1)),
+    ];
+    {
+        let mut tx = db.pool.begin().await.unwrap();
+        let _entered = span.enter();
+        outbox.enqueue_many(&mut tx, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let stored: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT msg_id, traceparent FROM orchestrator.outbox ORDER BY msg_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("own".to_owned(), Some(own.to_owned())),
+            ("span".to_owned(), Some(current)),
+        ]
+    );
 }
 
 /// Dispatch `msg_id` in one committed transaction, quiet or not.

@@ -4,6 +4,7 @@
 //! `router.usage_ledger` with a `UsageRecord` in the same transaction (published on
 //! `colony.v1.usage.recorded` by the outbox relay).
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -14,6 +15,7 @@ pub mod provider;
 pub mod resilience;
 pub mod routing;
 pub mod service;
+pub mod tenants;
 
 use std::net::SocketAddr;
 use std::time::Duration;
