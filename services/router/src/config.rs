@@ -35,6 +35,8 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// Rate-limit queues, retries and circuit breakers, for every deployment.
     pub resilience: crate::resilience::ResilienceConfig,
+    /// How the usage ledger is written (in batches, off the request path).
+    pub ledger: crate::ledger::LedgerConfig,
 }
 
 /// A tenant of the HTTP API.
@@ -76,6 +78,7 @@ impl Default for Config {
             deployments: Vec::new(),
             tenants: Vec::new(),
             resilience: crate::resilience::ResilienceConfig::default(),
+            ledger: crate::ledger::LedgerConfig::default(),
         }
     }
 }
@@ -365,6 +368,7 @@ impl Validate for Config {
         self.bus.validate(problems);
         self.telemetry.validate(problems);
         self.resilience.validate(problems);
+        self.ledger.validate(problems);
         if self.deployments.is_empty() {
             problems.push(
                 "no deployments configured: add a [[deployments]] entry to the router config"

@@ -127,6 +127,12 @@ pub enum Error {
     /// The call's usage could not be written; the call fails rather than go unaccounted.
     #[error("cannot record usage: {0}")]
     Ledger(#[from] colony_bus::Error),
+    /// The ledger no longer takes entries: the router is shutting down.
+    #[error("the router is shutting down")]
+    LedgerClosed,
+    /// A budget cannot cover the call's worst-case cost (or could not be checked).
+    #[error("{0}")]
+    Budget(#[from] crate::budget::Error),
 }
 
 impl Error {
@@ -135,7 +141,9 @@ impl Error {
             Error::InvalidRequest(_) => ErrorClass::Permanent,
             Error::Unroutable(_) => ErrorClass::UserFixable,
             Error::Provider { source, .. } => source.class(),
-            Error::Ledger(_) => ErrorClass::Transient,
+            Error::Ledger(_) | Error::LedgerClosed => ErrorClass::Transient,
+            Error::Budget(crate::budget::Error::Exceeded { .. }) => ErrorClass::UserFixable,
+            Error::Budget(crate::budget::Error::Database(_)) => ErrorClass::Transient,
         }
     }
 
@@ -150,12 +158,17 @@ impl Error {
                 source: ProviderError::Unauthorized { .. },
                 ..
             } => tonic::Code::FailedPrecondition,
-            Error::Provider { .. } | Error::Ledger(_) => match self.class() {
-                ErrorClass::Transient | ErrorClass::ExternalDegrading => tonic::Code::Unavailable,
-                ErrorClass::ExternalRateLimit => tonic::Code::ResourceExhausted,
-                ErrorClass::UserFixable => tonic::Code::InvalidArgument,
-                ErrorClass::Permanent => tonic::Code::Internal,
-            },
+            Error::Budget(crate::budget::Error::Exceeded { .. }) => tonic::Code::FailedPrecondition,
+            Error::Provider { .. } | Error::Ledger(_) | Error::LedgerClosed | Error::Budget(_) => {
+                match self.class() {
+                    ErrorClass::Transient | ErrorClass::ExternalDegrading => {
+                        tonic::Code::Unavailable
+                    }
+                    ErrorClass::ExternalRateLimit => tonic::Code::ResourceExhausted,
+                    ErrorClass::UserFixable => tonic::Code::InvalidArgument,
+                    ErrorClass::Permanent => tonic::Code::Internal,
+                }
+            }
         }
     }
 
@@ -171,7 +184,9 @@ impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         let message = match &error {
             // Database details stay in the router's log.
-            Error::Ledger(_) => "cannot record usage".to_owned(),
+            Error::Ledger(_) | Error::Budget(crate::budget::Error::Database(_)) => {
+                "cannot record usage".to_owned()
+            }
             _ => error.to_string(),
         };
         let mut status = tonic::Status::new(error.code(), message);

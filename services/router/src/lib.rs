@@ -1,8 +1,10 @@
-//! colony-router: the only way agents reach models. It serves `colony.v1.Router/Complete`,
-//! picks a deployment (by name, by tier, or the default), calls its provider within a timeout,
-//! sorts every failure into one of five error classes, and writes each call's usage and cost to
-//! `router.usage_ledger` with a `UsageRecord` in the same transaction (published on
-//! `colony.v1.usage.recorded` by the outbox relay).
+//! colony-router: the only way agents reach models. It serves `colony.v1.Router` over gRPC and
+//! an OpenAI-compatible HTTP API, plans the deployments that can take a request (privacy,
+//! capabilities, context window, price, latency), calls them through per-deployment rate limits
+//! and circuit breakers with retries and fallbacks, holds each call's worst-case cost on its
+//! budgets in PostgreSQL, sorts every failure into one of five error classes, and writes each
+//! call's usage and cost to `router.usage_ledger` in batches, with a `UsageRecord` per call
+//! (published on `colony.v1.usage.recorded` by the outbox relay).
 
 pub mod budget;
 pub mod config;
@@ -15,7 +17,6 @@ pub mod provider;
 pub mod resilience;
 pub mod routing;
 pub mod service;
-pub mod tenants;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -52,6 +53,7 @@ pub struct Handle {
     runtime: Runtime,
     grace: Duration,
     grpc: JoinHandle<()>,
+    service: std::sync::Arc<service::Service>,
     relay: CancellationToken,
     pool: PgPool,
     bus: Bus,
@@ -64,6 +66,7 @@ pub struct Handle {
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     metrics::describe();
     resilience::describe();
+    ledger::describe_metrics();
     let deployments = Deployments::from_config(&config)?;
     for deployment in deployments
         .iter()
@@ -82,11 +85,20 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let http_addr = http.local_addr()?;
     let grpc_addr = grpc.local_addr()?;
 
+    let budgets = budget::Budgets::new();
+    let tenant_limits: Vec<(String, Option<u64>)> = config
+        .tenants
+        .iter()
+        .map(|tenant| (tenant.name.clone(), tenant.budget_micros()))
+        .collect();
+    budgets.set_tenant_limits(&pool, &tenant_limits).await?;
+    let ledger = ledger::LedgerWriter::spawn(pool.clone(), &config.ledger, runtime);
     let service = std::sync::Arc::new(service::Service::new(
         deployments,
         pool.clone(),
-        runtime.clone(),
         config.resilience.clone(),
+        budgets,
+        ledger,
     ));
     colony_runtime::serve_http(
         runtime,
@@ -98,7 +110,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             ),
         ),
     );
-    let router = grpc::Router::new(service);
+    let router = grpc::Router::new(service.clone());
     let grpc = colony_runtime::serve_grpc(
         runtime,
         grpc,
@@ -121,6 +133,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         runtime: runtime.clone(),
         grace: config.shutdown_grace,
         grpc,
+        service,
         relay,
         pool,
         bus,
@@ -134,9 +147,12 @@ impl Handle {
         let runtime = self.runtime;
         runtime.shutdown.cancelled().await;
         // 1. Stop intake: the cancelled token makes /readyz answer 503 and stops both servers
-        //    accepting; in-flight calls finish, each writing its ledger row and outbox row.
+        //    accepting; in-flight calls finish, each handing its entry to the ledger writer.
         let served = tokio::time::timeout(self.grace, self.grpc).await;
-        // 2. Stop the relay, wait for every tracked task, then relay what the last calls wrote
+        // 2. Let streams still being driven end, then write every queued ledger entry (each
+        //    with its outbox row).
+        self.service.close(self.grace).await;
+        // 3. Stop the relay, wait for every tracked task, then relay what the last calls wrote
         //    (rows left unsent are published by the next start).
         self.relay.cancel();
         if !runtime.drain(self.grace).await {
@@ -148,7 +164,7 @@ impl Handle {
         {
             tracing::warn!(%error, "final outbox pass failed");
         }
-        // 3. Flush NATS, then close the pool.
+        // 4. Flush NATS, then close the pool.
         if let Err(error) = self.bus.flush().await {
             tracing::warn!(%error, "nats flush failed");
         }

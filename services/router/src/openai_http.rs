@@ -258,7 +258,9 @@ impl IntoResponse for ApiError {
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
         let message = match &error {
-            Error::Ledger(_) => "cannot record usage".to_owned(),
+            Error::Ledger(_) | Error::Budget(crate::budget::Error::Database(_)) => {
+                "cannot record usage".to_owned()
+            }
             _ => error.to_string(),
         };
         let (status, kind, code) = match &error {
@@ -298,18 +300,25 @@ impl From<Error> for ApiError {
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
-            Error::Provider { .. } | Error::Ledger(_) => match error.class() {
-                ErrorClass::Transient | ErrorClass::ExternalDegrading => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_error",
-                    Some("upstream_unavailable"),
-                ),
-                _ => (
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    Some("upstream_failed"),
-                ),
-            },
+            Error::Budget(crate::budget::Error::Exceeded { .. }) => (
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_quota",
+                Some("budget_exceeded"),
+            ),
+            Error::Provider { .. } | Error::Ledger(_) | Error::LedgerClosed | Error::Budget(_) => {
+                match error.class() {
+                    ErrorClass::Transient | ErrorClass::ExternalDegrading => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream_error",
+                        Some("upstream_unavailable"),
+                    ),
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        Some("upstream_failed"),
+                    ),
+                }
+            }
         };
         let retry_after_secs = error
             .retry_after()

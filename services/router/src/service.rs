@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use colony_runtime::Runtime;
 use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
+use crate::budget::{self, Budgets, Reservation};
 use crate::config::{ProviderKind, Tier};
 use crate::error::{Error, ErrorClass, ProviderError};
-use crate::ledger::{self, Caller, Entry};
+use crate::ledger::{Caller, LedgerEntry, LedgerWriter};
 use crate::metrics;
 use crate::provider::{
     ChatRequest, ChatResponse, ChatStream, StreamAccumulator, StreamEvent, TokenUsage,
@@ -74,8 +75,11 @@ const STREAM_BUFFER: usize = 64;
 pub struct Service {
     deployments: Deployments,
     pool: PgPool,
-    runtime: Runtime,
+    /// The tasks driving streams; shutdown waits for them before closing the ledger.
+    streams: TaskTracker,
     resilience: ResilienceConfig,
+    budgets: Budgets,
+    ledger: LedgerWriter,
 }
 
 impl std::fmt::Debug for Service {
@@ -96,19 +100,28 @@ fn falls_back(error: &ProviderError) -> bool {
     )
 }
 
-/// A call let through a deployment's breaker and rate limits, about to be made.
+/// A call let through a deployment's breaker, rate limits and budgets, about to be made.
 struct Admitted {
     deployment: Arc<Deployment>,
     /// The caller's request with `max_tokens` set to what this deployment may produce.
     request: ChatRequest,
     attempt: Attempt,
     permit: Permit,
+    /// The worst-case cost held on the call's budgets, settled by its ledger entry.
+    reservation: Option<Reservation>,
     reason: String,
+}
+
+/// What accounting a finished call needs after the breaker and limiter have their report.
+struct Reported {
+    deployment: Arc<Deployment>,
+    reason: String,
+    reservation: Option<Reservation>,
 }
 
 impl Admitted {
     /// Reports a finished provider call to the breaker and the rate limiter.
-    fn report(self, result: Result<TokenUsage, &ProviderError>) -> (Arc<Deployment>, String) {
+    fn report(self, result: Result<TokenUsage, &ProviderError>) -> Reported {
         let used = match result {
             Ok(usage) => {
                 self.attempt.success();
@@ -120,7 +133,11 @@ impl Admitted {
             }
         };
         self.deployment.limiter.settle(&self.permit, used);
-        (self.deployment, self.reason)
+        Reported {
+            deployment: self.deployment,
+            reason: self.reason,
+            reservation: self.reservation,
+        }
     }
 }
 
@@ -128,15 +145,63 @@ impl Service {
     pub fn new(
         deployments: Deployments,
         pool: PgPool,
-        runtime: Runtime,
         resilience: ResilienceConfig,
+        budgets: Budgets,
+        ledger: LedgerWriter,
     ) -> Self {
         Self {
             deployments,
             pool,
-            runtime,
+            streams: TaskTracker::new(),
             resilience,
+            budgets,
+            ledger,
         }
+    }
+
+    /// Waits (at most `grace`) for streams still being driven, then writes every queued
+    /// ledger entry. For shutdown, after intake stopped.
+    pub async fn close(&self, grace: Duration) {
+        self.streams.close();
+        if tokio::time::timeout(grace, self.streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "streams still running after the grace period");
+        }
+        self.ledger.close().await;
+    }
+
+    /// Holds the call's worst-case cost on its budgets (tenant, and the run and task when the
+    /// caller named their budgets).
+    async fn reserve(
+        &self,
+        call: &Call,
+        deployment: &Deployment,
+        prompt_tokens: u64,
+        max_tokens: u32,
+    ) -> Result<Option<Reservation>, Error> {
+        let limit = |id: &str, micros: Option<u64>| {
+            micros
+                .filter(|_| !id.is_empty())
+                .map(|micros| budget::Limit {
+                    id: id.to_owned(),
+                    micros,
+                })
+        };
+        let request = budget::Request {
+            tenant: call.caller.tenant.clone(),
+            run: limit(&call.caller.run_id, call.run_budget_micros),
+            task: limit(&call.caller.task_id, call.task_budget_micros),
+        };
+        let worst_case = deployment.cost_micros(TokenUsage {
+            prompt: prompt_tokens,
+            completion: u64::from(max_tokens),
+        });
+        Ok(self
+            .budgets
+            .reserve(&self.pool, &request, worst_case)
+            .await?)
     }
 
     pub fn deployments(&self) -> &Deployments {
@@ -165,6 +230,19 @@ impl Service {
             loop {
                 let result = match admit(&deployment, needs.prompt_tokens, max_tokens).await {
                     Ok((attempt, permit)) => {
+                        let reservation = match self
+                            .reserve(call, &deployment, needs.prompt_tokens, max_tokens)
+                            .await
+                        {
+                            Ok(reservation) => reservation,
+                            Err(error) => {
+                                // No call is made: give the limiter its tokens back; the
+                                // unreported attempt leaves the breaker as it was.
+                                deployment.limiter.settle(&permit, 0);
+                                drop(attempt);
+                                return Err(error);
+                            }
+                        };
                         call_once(Admitted {
                             deployment: deployment.clone(),
                             request: ChatRequest {
@@ -173,6 +251,7 @@ impl Service {
                             },
                             attempt,
                             permit,
+                            reservation,
                             reason: reason_after(&candidate.reason, failure.as_ref()),
                         })
                         .await
@@ -220,19 +299,21 @@ impl Service {
         let ledger_failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
         let result = self
             .run_plan(&call, |admitted| {
-                let (call, pool, provider_micros, ledger_failure) =
-                    (&call, &self.pool, &provider_micros, &ledger_failure);
+                let (call, ledger, provider_micros, ledger_failure) =
+                    (&call, &self.ledger, &provider_micros, &ledger_failure);
                 async move {
                     let called = Instant::now();
                     let result = admitted.deployment.complete(&admitted.request).await;
                     let latency = called.elapsed();
                     provider_micros.fetch_add(micros(latency), Ordering::Relaxed);
                     let usage = result.as_ref().map(|r| r.usage).unwrap_or_default();
-                    let (deployment, reason) = admitted.report(result.as_ref().map(|r| r.usage));
+                    let reported = admitted.report(result.as_ref().map(|r| r.usage));
+                    let deployment = reported.deployment.clone();
+                    let reason = reported.reason.clone();
                     let cost_micros = match account(
-                        pool,
+                        ledger,
                         call,
-                        &deployment,
+                        reported,
                         &result.as_ref().map(|_| ()),
                         usage,
                         latency,
@@ -287,8 +368,8 @@ impl Service {
         let ledger_failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
         let result = self
             .run_plan(&call, |admitted| {
-                let (call, pool, runtime, ledger_failure) =
-                    (&call, &self.pool, &self.runtime, &ledger_failure);
+                let (call, ledger, streams, ledger_failure) =
+                    (&call, &self.ledger, &self.streams, &ledger_failure);
                 async move {
                     let started = Instant::now();
                     match first_event(&admitted.deployment, &admitted.request).await {
@@ -302,20 +383,20 @@ impl Service {
                                 items,
                             };
                             let run = StreamRun {
-                                pool: pool.clone(),
+                                ledger: ledger.clone(),
                                 call: call.clone(),
                                 admitted,
                                 started,
                             };
-                            runtime.spawn(run.drive(first, rest, sender));
+                            streams.spawn(run.drive(first, rest, sender));
                             Ok(start)
                         }
                         Err(source) => {
-                            let (deployment, _) = admitted.report(Err(&source));
+                            let reported = admitted.report(Err(&source));
                             if let Err(error) = account(
-                                pool,
+                                ledger,
                                 call,
-                                &deployment,
+                                reported,
                                 &Err(&source),
                                 TokenUsage::default(),
                                 started.elapsed(),
@@ -396,7 +477,7 @@ async fn first_event(
 
 /// A stream after its first event, driven to its end by its own task.
 struct StreamRun {
-    pool: PgPool,
+    ledger: LedgerWriter,
     call: Call,
     admitted: Admitted,
     started: Instant,
@@ -450,10 +531,10 @@ impl StreamRun {
         } else {
             response.usage
         };
-        let (_, route_reason) = self.admitted.report(outcome.as_ref().map(|_| usage));
+        let reported = self.admitted.report(outcome.as_ref().map(|_| usage));
+        let route_reason = reported.reason.clone();
         let result = outcome.as_ref().map(|_| ());
-        let end = match account(&self.pool, &self.call, &deployment, &result, usage, latency).await
-        {
+        let end = match account(&self.ledger, &self.call, reported, &result, usage, latency).await {
             Err(error) => Err(error),
             Ok(cost_micros) => match outcome {
                 Ok(()) => Ok(Completion {
@@ -490,32 +571,35 @@ fn reason_after(reason: &str, failure: Option<&Error>) -> String {
     }
 }
 
-/// Metrics and the ledger row of one provider call; answers its cost.
+/// Metrics and the ledger entry of one provider call (which settles its reservation);
+/// answers its cost. The entry is written in the ledger's next batch, off the request path.
 async fn account(
-    pool: &PgPool,
+    ledger: &LedgerWriter,
     call: &Call,
-    deployment: &Deployment,
+    reported: Reported,
     result: &Result<(), &ProviderError>,
     usage: TokenUsage,
     latency: Duration,
 ) -> Result<u64, Error> {
+    let deployment = &reported.deployment;
     let cost_micros = deployment.cost_micros(usage);
     let error = result.as_ref().err().map(|e| e.class());
     metrics::call(&deployment.name, latency, usage, cost_micros, error);
     if error.is_none() {
         deployment.observe_latency(latency);
     }
-    ledger::record(
-        pool,
-        &Entry {
-            caller: &call.caller,
-            deployment,
-            error,
-            usage,
-            cost_micros,
-            latency,
-        },
+    let entry = LedgerEntry::new(
+        call.caller.clone(),
+        deployment,
+        error,
+        usage,
+        cost_micros,
+        latency,
     )
-    .await?;
+    .with_reservation(reported.reservation);
+    ledger
+        .record(entry)
+        .await
+        .map_err(|_| Error::LedgerClosed)?;
     Ok(cost_micros)
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ledger_rows, rule, scripted};
+use common::{rule, scripted, wait_ledger_rows};
 
 use colony_bus::subjects::USAGE_RECORDED;
 use colony_proto::prost::Message as _;
@@ -107,6 +107,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         }
     );
 
+    wait_ledger_rows(&db, 1).await;
     let row = sqlx::query(
         "SELECT id, tenant, run_id, task_id, attempt, deployment, provider, model, outcome, \
          error_class, prompt_tokens, completion_tokens, cost_micros_usd \
@@ -181,6 +182,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         status.metadata().get(ERROR_CLASS_METADATA).unwrap(),
         "external_degrading"
     );
+    wait_ledger_rows(&db, 3).await;
     let row = sqlx::query(
         "SELECT outcome, error_class, deployment, tenant FROM router.usage_ledger \
          ORDER BY id DESC LIMIT 1",
@@ -210,7 +212,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
         status.metadata().get(ERROR_CLASS_METADATA).unwrap(),
         "permanent"
     );
-    assert_eq!(ledger_rows(&db).await, 3);
+    wait_ledger_rows(&db, 3).await;
 
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
@@ -263,6 +265,7 @@ async fn chat_completions_speak_openai_and_record_the_ledger() {
         body["usage"]["total_tokens"],
         body["usage"]["prompt_tokens"].as_u64().unwrap() + 4
     );
+    wait_ledger_rows(&db, 1).await;
     let (tenant, run_id, deployment): (String, String, String) = sqlx::query_as(
         "SELECT tenant, run_id, deployment FROM router.usage_ledger ORDER BY id DESC LIMIT 1",
     )
@@ -349,7 +352,7 @@ async fn chat_completions_speak_openai_and_record_the_ledger() {
     }
 
     // Two answered calls and the failed one are in the ledger; refused requests are not.
-    assert_eq!(ledger_rows(&db).await, 3);
+    wait_ledger_rows(&db, 3).await;
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
 }

@@ -11,7 +11,7 @@ use colony_proto::v1::{self, router_client::RouterClient};
 use colony_router::config::{Capability, Privacy, RateLimits, TenantConfig, Tier};
 use colony_router::error::ErrorClass;
 use colony_testkit::{TestBus, TestDb};
-use common::{ledger_rows, rule, scripted, start_with};
+use common::{ledger_rows, rule, scripted, start_with, wait_ledger_rows};
 use futures::StreamExt as _;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -82,12 +82,22 @@ async fn a_failing_deployment_falls_back_and_its_breaker_opens_then_recovers() {
     }
     // Two failures in a row opened flaky's breaker: even a request it could answer skips it,
     // without a provider call.
-    let before = ledger_rows(&db).await;
+    // Two calls, each a failed flaky call and a steady one.
+    wait_ledger_rows(&db, 4).await;
     let (status, headers, _) =
         post(&url, &[], json!({"model": "mid", "messages": user("hi")})).await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-colony-deployment"], "steady");
-    assert_eq!(ledger_rows(&db).await, before + 1, "only steady was called");
+    wait_ledger_rows(&db, 5).await;
+    let flaky_calls: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM router.usage_ledger WHERE deployment = 'flaky'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        flaky_calls, 2,
+        "the open breaker kept the third call from flaky"
+    );
     let metrics = reqwest::get(format!("http://{}/metrics", handle.http_addr))
         .await
         .unwrap()
@@ -156,6 +166,7 @@ async fn the_routers_own_rate_limits_answer_429_with_retry_after() {
     let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     // One request per 30 s refills.
     assert!((1..=30).contains(&retry_after), "{retry_after}");
+    wait_ledger_rows(&db, 2).await;
     assert_eq!(
         ledger_rows(&db).await,
         2,
@@ -322,6 +333,7 @@ async fn tenant_keys_guard_the_api_and_models_lists_the_catalogue() {
     )
     .await;
     assert_eq!(status, 200);
+    wait_ledger_rows(&db, 1).await;
     let tenant: String = sqlx::query_scalar("SELECT tenant FROM router.usage_ledger")
         .fetch_one(&db.pool)
         .await

@@ -69,3 +69,14 @@ pub async fn ledger_rows(db: &TestDb) -> i64 {
         .await
         .unwrap()
 }
+
+/// Waits (up to 5 s) until the ledger holds `expected` rows: the router writes it in batches
+/// after answering.
+pub async fn wait_ledger_rows(db: &TestDb, expected: i64) {
+    colony_testkit::eventually(
+        Duration::from_secs(5),
+        &format!("{expected} ledger rows"),
+        || async { (ledger_rows(db).await == expected).then_some(()) },
+    )
+    .await;
+}
