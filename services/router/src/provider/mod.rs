@@ -4,6 +4,7 @@
 pub mod anthropic;
 pub mod openai;
 pub mod scripted;
+mod sse;
 mod upstream;
 
 use std::sync::Arc;
