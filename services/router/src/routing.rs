@@ -147,6 +147,7 @@ mod tests {
                 reply: "ok".into(),
                 delay: Duration::ZERO,
                 fail: None,
+                ..ScriptRule::default()
             }],
             ..DeploymentConfig::new(name, ProviderKind::Scripted, "m")
         }

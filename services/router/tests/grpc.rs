@@ -34,6 +34,7 @@ fn rule(contains: Option<&str>, reply: &str, fail: Option<ErrorClass>) -> Script
         reply: reply.into(),
         delay: Duration::ZERO,
         fail,
+        ..ScriptRule::default()
     }
 }
 
