@@ -244,6 +244,7 @@ impl Provider for OpenAi {
                 finish_reason: None,
                 usage: None,
                 written: String::new(),
+                last_tool: None,
             },
         ))
     }
@@ -272,7 +273,8 @@ struct Delta {
 
 #[derive(Deserialize)]
 struct DeltaToolCall {
-    index: u32,
+    /// Some servers leave it out; see [`Chunks::tool_index`].
+    index: Option<u32>,
     id: Option<String>,
     function: Option<DeltaFunction>,
 }
@@ -292,9 +294,23 @@ struct Chunks {
     usage: Option<TokenUsage>,
     /// The text and tool arguments streamed so far, for the usage estimate.
     written: String,
+    /// The index of the last tool call delta.
+    last_tool: Option<u32>,
 }
 
 impl Chunks {
+    /// The delta's call index; without one, a delta with an id starts the next call and
+    /// one without continues the last.
+    fn tool_index(&mut self, index: Option<u32>, starts: bool) -> u32 {
+        let index = index.unwrap_or(match (self.last_tool, starts) {
+            (None, _) => 0,
+            (Some(last), true) => last + 1,
+            (Some(last), false) => last,
+        });
+        self.last_tool = Some(index);
+        index
+    }
+
     fn done(&mut self) -> Result<Vec<StreamEvent>, ProviderError> {
         let finish_reason = self.finish_reason.take().ok_or_else(|| {
             ProviderError::Malformed("the stream ended without a finish reason".into())
@@ -337,13 +353,14 @@ impl Decoder for Chunks {
                     .function
                     .map_or((None, None), |f| (f.name, f.arguments));
                 let arguments = arguments.unwrap_or_default();
+                let index = self.tool_index(call.index, call.id.is_some());
                 if call.id.is_some() {
                     // A new call: its arguments are not glued to the previous words.
                     self.written.push(' ');
                 }
                 self.written.push_str(&arguments);
                 events.push(StreamEvent::ToolCall {
-                    index: call.index,
+                    index,
                     id: call.id,
                     name,
                     arguments,
@@ -409,5 +426,44 @@ mod tests {
             json!({"type": "function", "function": {"name": "search"}})
         );
         assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+    }
+
+    #[test]
+    fn tool_call_deltas_without_index_follow_their_ids() {
+        let mut chunks = Chunks {
+            request: ChatRequest::default(),
+            redactor: Upstream::new(
+                &DeploymentConfig {
+                    base_url: Some("http://localhost/v1".into()),
+                    ..DeploymentConfig::new("d", crate::config::ProviderKind::OpenAi, "m")
+                },
+                "",
+            )
+            .unwrap()
+            .redactor(),
+            finish_reason: None,
+            usage: None,
+            written: String::new(),
+            last_tool: None,
+        };
+        let mut indexes = Vec::new();
+        for data in [
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"a","function":{"name":"f","arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"b","function":{"name":"g"}}]}}]}"#,
+        ] {
+            let events = chunks
+                .event(SseEvent {
+                    event: "message".into(),
+                    data: data.into(),
+                })
+                .unwrap();
+            for event in events {
+                if let StreamEvent::ToolCall { index, .. } = event {
+                    indexes.push(index);
+                }
+            }
+        }
+        assert_eq!(indexes, vec![0, 0, 1]);
     }
 }

@@ -198,9 +198,12 @@ impl Redactor {
             "RESOURCE_EXHAUSTED",
         ]) {
             ProviderError::RateLimited { retry_after: None }
-        } else if kind(&["overloaded_error", "UNAVAILABLE"]) {
-            // A provider out of capacity: degrading, like its 503/529 would be on the status.
+        } else if kind(&["overloaded_error"]) {
+            // A provider out of capacity is degrading, though Anthropic's 529 on the status
+            // line counts as a plain server error: mid-stream it has already cost a call.
             ProviderError::Unavailable { status: 529 }
+        } else if kind(&["UNAVAILABLE"]) {
+            ProviderError::Unavailable { status: 503 }
         } else if kind(&["authentication_error", "invalid_api_key", "UNAUTHENTICATED"]) {
             ProviderError::Unauthorized { status: 401 }
         } else if kind(&["permission_error", "PERMISSION_DENIED"]) {
