@@ -530,6 +530,8 @@ data: {"choices":[{"index":0,"delta":{"content":"Let me "},"finish_reason":null}
 
 : keep-alive
 
+data:
+
 data: {"choices":[{"index":0,"delta":{"content":"check."},"finish_reason":null}]}
 
 data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"weather","arguments":""}}]},"finish_reason":null}]}

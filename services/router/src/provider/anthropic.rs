@@ -379,11 +379,11 @@ impl Events {
 
 impl Decoder for Events {
     fn event(&mut self, event: SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
-        if event.event == "error" {
+        let data: Event = sse::json(&event.data, "a Messages API event")?;
+        if event.event == "error" || data.kind == "error" {
             let error: ErrorBody = sse::json(&event.data, "a Messages API error")?;
             return Err(self.redactor.stream_error(&error.error));
         }
-        let data: Event = sse::json(&event.data, "a Messages API event")?;
         let mut events = Vec::new();
         match data.kind.as_str() {
             "message_start" => self.take_usage(data.message.and_then(|m| m.usage)),

@@ -390,6 +390,9 @@ struct Chunks {
 
 impl Decoder for Chunks {
     fn event(&mut self, event: SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
+        if event.data.trim().is_empty() {
+            return Ok(Vec::new());
+        }
         if let Ok(error) = serde_json::from_str::<ErrorBody>(&event.data) {
             return Err(self.redactor.stream_error(&error.error));
         }

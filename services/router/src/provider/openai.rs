@@ -331,6 +331,10 @@ impl Decoder for Chunks {
         if data == "[DONE]" {
             return self.done();
         }
+        if data.is_empty() {
+            // Keep-alives some servers send as data rather than as comments.
+            return Ok(Vec::new());
+        }
         if let Ok(error) = serde_json::from_str::<ErrorBody>(data) {
             return Err(self.redactor.stream_error(&error.error));
         }

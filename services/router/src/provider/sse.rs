@@ -124,12 +124,14 @@ struct State<S, D> {
     parser: SseParser,
     decoder: D,
     ready: VecDeque<StreamEvent>,
+    /// What ends the stream once the events read before it are out.
+    error: Option<ProviderError>,
     /// `Done` or an error was yielded, or the body and the decoder are exhausted.
     finished: bool,
 }
 
 impl<S, D: Decoder> State<S, D> {
-    fn take(&mut self, events: Vec<StreamEvent>) {
+    fn take(&mut self, events: Vec<StreamEvent>, error: Option<ProviderError>) {
         for event in events {
             if self.finished {
                 break;
@@ -138,10 +140,14 @@ impl<S, D: Decoder> State<S, D> {
             self.finished = matches!(event, StreamEvent::Done { .. });
             self.ready.push_back(event);
         }
+        if !self.finished {
+            self.error = error;
+        }
     }
 }
 
-/// The [`ChatStream`] of a streaming response's body, as `decoder` reads its events.
+/// The [`ChatStream`] of a streaming response's body, as `decoder` reads its events. The
+/// events read before a failure are yielded before it.
 pub fn decode<S, B, D>(body: S, decoder: D) -> ChatStream
 where
     S: Stream<Item = Result<B, ProviderError>> + Send + Unpin + 'static,
@@ -153,6 +159,7 @@ where
         parser: SseParser::default(),
         decoder,
         ready: VecDeque::new(),
+        error: None,
         finished: false,
     };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
@@ -160,50 +167,61 @@ where
             if let Some(event) = state.ready.pop_front() {
                 return Some((Ok(event), state));
             }
+            if let Some(error) = state.error.take() {
+                state.finished = true;
+                return Some((Err(error), state));
+            }
             if state.finished {
                 return None;
             }
-            let step = match state.body.next().await {
-                Some(Ok(chunk)) => state.parser.push(chunk.as_ref()).and_then(|events| {
-                    let mut out = Vec::new();
-                    for event in events {
-                        out.extend(state.decoder.event(event)?);
-                    }
-                    Ok(out)
-                }),
-                Some(Err(error)) => Err(error),
-                None => end(&mut state.parser, &mut state.decoder),
-            };
-            match step {
+            let mut events = Vec::new();
+            let error = match state.body.next().await {
+                Some(Ok(chunk)) => feed(
+                    &mut state.parser,
+                    &mut state.decoder,
+                    chunk.as_ref(),
+                    &mut events,
+                )
+                .err(),
+                Some(Err(error)) => Some(error),
                 // `end` yields `Done` or fails, so the loop ends once the body has.
-                Ok(events) => state.take(events),
-                Err(error) => {
-                    state.finished = true;
-                    state.ready.clear();
-                    return Some((Err(error), state));
-                }
-            }
+                None => end(&mut state.parser, &mut state.decoder, &mut events).err(),
+            };
+            state.take(events, error);
         }
     }))
+}
+
+fn feed<D: Decoder>(
+    parser: &mut SseParser,
+    decoder: &mut D,
+    chunk: &[u8],
+    out: &mut Vec<StreamEvent>,
+) -> Result<(), ProviderError> {
+    for event in parser.push(chunk)? {
+        out.extend(decoder.event(event)?);
+    }
+    Ok(())
 }
 
 fn end<D: Decoder>(
     parser: &mut SseParser,
     decoder: &mut D,
-) -> Result<Vec<StreamEvent>, ProviderError> {
-    let mut events = Vec::new();
+    out: &mut Vec<StreamEvent>,
+) -> Result<(), ProviderError> {
+    let done = |out: &[StreamEvent]| out.iter().any(|e| matches!(e, StreamEvent::Done { .. }));
     if let Some(event) = parser.finish()? {
-        events.extend(decoder.event(event)?);
+        out.extend(decoder.event(event)?);
     }
-    if !events.iter().any(|e| matches!(e, StreamEvent::Done { .. })) {
-        events.extend(decoder.end()?);
+    if !done(out) {
+        out.extend(decoder.end()?);
     }
-    if !events.iter().any(|e| matches!(e, StreamEvent::Done { .. })) {
+    if !done(out) {
         return Err(ProviderError::Malformed(
             "the event stream ended before the response was complete".into(),
         ));
     }
-    Ok(events)
+    Ok(())
 }
 
 /// Parses one event's JSON data, naming what was expected when it is not that.
@@ -285,5 +303,50 @@ mod tests {
         let mut parser = SseParser::default();
         let error = parser.push(b"data: \xff\xfe\n\n").unwrap_err();
         assert!(matches!(error, ProviderError::Malformed(_)), "{error}");
+    }
+
+    /// `text:` data is text, `done` ends, `boom` fails.
+    struct Lines;
+
+    impl Decoder for Lines {
+        fn event(&mut self, event: SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
+            match event.data.as_str() {
+                "done" => Ok(vec![StreamEvent::Done {
+                    finish_reason: "stop".into(),
+                    usage: crate::provider::TokenUsage::default(),
+                }]),
+                "boom" => Err(ProviderError::Server { status: 500 }),
+                text => Ok(vec![StreamEvent::Text(text.to_owned())]),
+            }
+        }
+
+        fn end(&mut self) -> Result<Vec<StreamEvent>, ProviderError> {
+            Ok(Vec::new())
+        }
+    }
+
+    async fn decoded(body: &'static str) -> Vec<Result<StreamEvent, ProviderError>> {
+        let chunks = futures::stream::iter([Ok::<_, ProviderError>(body.as_bytes())]);
+        decode(chunks, Lines).collect().await
+    }
+
+    #[tokio::test]
+    async fn events_before_a_failure_come_first_and_nothing_after_done() {
+        let text = |t: &str| Ok(StreamEvent::Text(t.into()));
+        assert_eq!(
+            decoded("data: a\n\ndata: b\n\ndata: boom\n\ndata: c\n\n").await,
+            vec![
+                text("a"),
+                text("b"),
+                Err(ProviderError::Server { status: 500 })
+            ]
+        );
+        let events = decoded("data: a\n\ndata: done\n\ndata: boom\n\n").await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(matches!(events[1], Ok(StreamEvent::Done { .. })));
+        let events = decoded("data: a\n\n").await;
+        assert_eq!(events[0], text("a"));
+        assert!(matches!(events[1], Err(ProviderError::Malformed(_))));
+        assert_eq!(events.len(), 2);
     }
 }
