@@ -302,7 +302,7 @@ fn default_timeout() -> Duration {
 }
 
 /// One canned answer of a scripted deployment.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScriptRule {
     /// Matches when the last user message contains this text; a rule without it always matches.
@@ -310,12 +310,33 @@ pub struct ScriptRule {
     pub contains: Option<String>,
     #[serde(default)]
     pub reply: String,
-    /// Waited before answering.
+    /// Waited before answering (when streaming: before the first piece).
     #[serde(default, with = "humantime_serde")]
     pub delay: Duration,
+    /// When streaming: waited between one word-sized piece of the reply and the next.
+    #[serde(default, with = "humantime_serde")]
+    pub piece_delay: Duration,
     /// Fail with this class instead of replying.
     #[serde(default)]
     pub fail: Option<ErrorClass>,
+    /// Tools to call in the answer (after the reply text, if any), with ids `call_0`,
+    /// `call_1`, ...; the finish reason is then `tool_calls`.
+    #[serde(default)]
+    pub tool_calls: Vec<ScriptToolCall>,
+}
+
+/// A tool call a scripted rule answers with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptToolCall {
+    pub name: String,
+    /// The arguments as JSON text.
+    #[serde(default = "empty_arguments")]
+    pub arguments: String,
+}
+
+fn empty_arguments() -> String {
+    "{}".into()
 }
 
 /// Loads the config for `ROUTER`, then reads every deployment's API key from the environment

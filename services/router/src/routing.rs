@@ -472,6 +472,7 @@ mod tests {
                 reply: "ok".into(),
                 delay: Duration::ZERO,
                 fail: None,
+                ..ScriptRule::default()
             }],
             ..DeploymentConfig::new(name, ProviderKind::Scripted, "m")
         }

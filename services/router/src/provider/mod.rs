@@ -2,8 +2,10 @@
 //! types; the gRPC adapter converts at the edge.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 pub mod scripted;
+mod sse;
 mod upstream;
 
 use std::sync::Arc;
@@ -266,10 +268,7 @@ pub fn build(config: &DeploymentConfig) -> anyhow::Result<Arc<dyn Provider>> {
     Ok(match config.provider {
         ProviderKind::OpenAi => Arc::new(openai::OpenAi::new(config)?),
         ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(config)?),
-        ProviderKind::Gemini => anyhow::bail!(
-            "deployment {}: the gemini provider is not built yet",
-            config.name
-        ),
+        ProviderKind::Gemini => Arc::new(gemini::Gemini::new(config)?),
         ProviderKind::Scripted => Arc::new(scripted::Scripted::new(config.script.clone())),
     })
 }
