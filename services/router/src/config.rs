@@ -171,7 +171,8 @@ pub struct DeploymentConfig {
     pub provider: ProviderKind,
     pub model: String,
     /// Endpoint root: for openai `https://host/v1` (any OpenAI-compatible server), for
-    /// anthropic `https://api.anthropic.com/v1`.
+    /// anthropic `https://api.anthropic.com/v1`, for gemini
+    /// `https://generativelanguage.googleapis.com/v1beta`.
     #[serde(default)]
     pub base_url: Option<String>,
     /// Name of the environment variable holding the API key (HTTP providers; none for servers
@@ -190,9 +191,13 @@ pub struct DeploymentConfig {
     pub input_price_per_mtok: f64,
     /// USD per million completion tokens.
     pub output_price_per_mtok: f64,
-    /// Bound on one call, connection included.
+    /// Bound on one call, connection included (a stream's whole length too).
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Bound on a stream's wait for its first event; past it the stream falls back like a
+    /// failed call. Unset: `timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub first_token_timeout: Option<Duration>,
     /// Prompt plus completion tokens the model accepts.
     #[serde(default = "default_context_window")]
     pub context_window: u32,
@@ -278,6 +283,7 @@ impl DeploymentConfig {
             input_price_per_mtok: 0.0,
             output_price_per_mtok: 0.0,
             timeout: default_timeout(),
+            first_token_timeout: None,
             context_window: default_context_window(),
             max_output_tokens: default_max_output_tokens(),
             capabilities: Vec::new(),
@@ -467,6 +473,14 @@ impl DeploymentConfig {
         if self.timeout.is_zero() {
             problems.push(format!("{label}.timeout: must be more than 0s"));
         }
+        if let Some(first) = self.first_token_timeout
+            && (first.is_zero() || first > self.timeout)
+        {
+            problems.push(format!(
+                "{label}.first_token_timeout: must be more than 0s and at most timeout ({:?})",
+                self.timeout
+            ));
+        }
         if self.context_window == 0 {
             problems.push(format!("{label}.context_window: must be more than 0"));
         }
@@ -514,7 +528,7 @@ impl DeploymentConfig {
                 }
                 if self.base_url.is_some() || self.api_key_env.is_some() {
                     problems.push(format!(
-                        "{label}: base_url and api_key_env apply only to HTTP providers (openai, anthropic)"
+                        "{label}: base_url and api_key_env apply only to HTTP providers (openai, anthropic, gemini)"
                     ));
                 }
             }

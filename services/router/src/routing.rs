@@ -23,6 +23,8 @@ pub struct Deployment {
     pub model: String,
     pub tier: Tier,
     pub timeout: Duration,
+    /// How long a stream may take to produce its first event.
+    pub first_token_timeout: Duration,
     pub context_window: u32,
     pub max_output_tokens: u32,
     pub capabilities: HashSet<Capability>,
@@ -67,6 +69,7 @@ impl Deployment {
             model: config.model.clone(),
             tier: config.tier,
             timeout: config.timeout,
+            first_token_timeout: config.first_token_timeout.unwrap_or(config.timeout),
             context_window: config.context_window,
             max_output_tokens: config.max_output_tokens,
             capabilities: config.capabilities.iter().copied().collect(),

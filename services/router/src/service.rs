@@ -455,7 +455,8 @@ fn micros(duration: Duration) -> u64 {
 }
 
 /// Opens `deployment`'s stream and waits for its first event, within the deployment's
-/// timeout: until then nothing has reached the client, so a failure may still fall back.
+/// first-token timeout: until then nothing has reached the client, so a failure may still
+/// fall back.
 async fn first_event(
     deployment: &Deployment,
     request: &ChatRequest,
@@ -470,9 +471,9 @@ async fn first_event(
             )),
         }
     };
-    tokio::time::timeout(deployment.timeout, open)
+    tokio::time::timeout(deployment.first_token_timeout, open)
         .await
-        .unwrap_or(Err(ProviderError::Timeout(deployment.timeout)))
+        .unwrap_or(Err(ProviderError::Timeout(deployment.first_token_timeout)))
 }
 
 /// A stream after its first event, driven to its end by its own task.

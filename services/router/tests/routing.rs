@@ -491,3 +491,231 @@ async fn streams_speak_openai_sse_and_grpc_and_are_accounted() {
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_a_first_token_in_time_falls_back() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut slow: colony_router::config::DeploymentConfig = scripted("slow", Tier::Mid, vec![]);
+        slow.script =
+            vec![serde_json::from_value(json!({"reply": "late", "delay": "3s"})).unwrap()];
+        slow.input_price_per_mtok = 0.0;
+        slow.first_token_timeout = Some(Duration::from_millis(200));
+        config.deployments = vec![
+            slow,
+            scripted("fast", Tier::Mid, vec![rule(None, "on time", None)]),
+        ];
+        config.default_deployment = "slow".into();
+        config.resilience.retry.max_attempts = 1;
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let response = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"model": "mid", "messages": user("hi"), "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-colony-deployment"], "fast");
+    let reason = response.headers()["x-colony-route-reason"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("after slow failed: transient"), "{reason}");
+    let text: String = sse_data(response)
+        .await
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "on time");
+    wait_ledger_rows(&db, 2).await;
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_round_trip_in_openai_shape_streamed_or_not() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut agent = scripted("agent", Tier::Mid, vec![]);
+        agent.capabilities = vec![Capability::Tools];
+        agent.script = vec![
+            serde_json::from_value(json!({"contains": "weather", "tool_calls": [
+                {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}
+            ]}))
+            .unwrap(),
+            rule(None, "It is sunny in Oslo.", None),
+        ];
+        config.deployments = vec![agent];
+        config.default_deployment = "agent".into();
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
+    }}]);
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "agent", "messages": user("weather in Oslo?"), "tools": tools}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Oslo\"}");
+    let id = call["id"].as_str().unwrap().to_owned();
+
+    // The tool's result goes back as a tool message answering that call.
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "agent", "tools": tools, "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": id, "content": "sunny"},
+            {"role": "user", "content": "so?"}
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "It is sunny in Oslo."
+    );
+
+    // Streamed, the call arrives as tool_calls deltas and a tool_calls finish.
+    let response = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"model": "agent", "messages": user("weather?"), "tools": tools, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let chunks: Vec<Value> = sse_data(response)
+        .await
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let arguments: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(arguments, "{\"city\":\"Oslo\"}");
+    assert!(
+        chunks.iter().any(
+            |c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+        )
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // A tool message that answers no call id is refused.
+    let (status, _, body) = post(
+        &url,
+        &[],
+        json!({"model": "agent", "messages": [{"role": "tool", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool_call_id")
+    );
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_calls_overspend_a_tiny_budget_by_at_most_one_reservation() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut priced = scripted("priced", Tier::Mid, vec![]);
+        priced.script = vec![
+            serde_json::from_value(json!({"reply": "four words of answer", "delay": "20ms"}))
+                .unwrap(),
+        ];
+        // $10 / $100 per million tokens: a call reserves ~ 4 prompt tokens × 10 + 20 × 100.
+        priced.input_price_per_mtok = 10.0;
+        priced.output_price_per_mtok = 100.0;
+        config.deployments = vec![priced];
+        config.default_deployment = "priced".into();
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let limit: u64 = 5_000;
+    let calls = (0..100).map(|_| {
+        let url = url.clone();
+        async move {
+            post(
+                &url,
+                &[
+                    ("x-colony-run-id", "run-tiny"),
+                    ("x-colony-run-budget-micros", "5000"),
+                ],
+                json!({"model": "priced", "messages": user("go"), "max_tokens": 20}),
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let ok = results.iter().filter(|(status, ..)| *status == 200).count();
+    let refused: Vec<&Value> = results
+        .iter()
+        .filter(|(status, ..)| *status == 402)
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(
+        ok + refused.len(),
+        100,
+        "every call answered or refused for budget"
+    );
+    assert!(ok >= 1, "the budget covers at least one call");
+    let message = refused[0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("run budget of \"run-tiny\""), "{message}");
+    assert_eq!(refused[0]["error"]["code"], "budget_exceeded");
+
+    wait_ledger_rows(&db, i64::try_from(ok).unwrap()).await;
+    let (limit_db, reserved, spent): (i64, i64, i64) = sqlx::query_as(
+        "SELECT limit_micros, reserved_micros, spent_micros FROM router.budgets \
+         WHERE scope = 'run' AND key = 'run-tiny'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let ledger_cost: i64 =
+        sqlx::query_scalar("SELECT sum(cost_micros_usd)::bigint FROM router.usage_ledger")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(limit_db, i64::try_from(limit).unwrap());
+    assert_eq!(reserved, 0, "every reservation was settled");
+    assert_eq!(
+        spent, ledger_cost,
+        "the budget was charged what the ledger says"
+    );
+    // One reservation is at most 4 × 10 + 20 × 100 = 2040 micro-USD (the prompt estimate
+    // rounds up): reserving never lets the run spend past its limit plus one of them.
+    assert!(spent <= 5_000 + 2_040, "spent {spent}");
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
