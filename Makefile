@@ -15,7 +15,7 @@ ARGS ?=
 # Extra arguments for the peer-queue bench, e.g. make bench PEER_ARGS="--pubsub"
 PEER_ARGS ?=
 
-.PHONY: help deps fmt lint build test run bench up down proto
+.PHONY: help deps sdk-env fmt lint build test run bench up down proto
 
 help: ## List the targets
 	@echo "Colony — make targets:"
@@ -23,6 +23,16 @@ help: ## List the targets
 
 deps: ## Make sure PostgreSQL (127.0.0.1:5432) and NATS+JetStream (127.0.0.1:4222) are up
 	scripts/ensure-services.sh
+
+# OpenAI's official Python client, for the router's compatibility test (version pinned).
+SDK_ENV := target/sdk-env
+OPENAI_SDK := openai==3.57.0
+
+sdk-env: ## Install OpenAI's Python client into target/sdk-env (the router's compatibility test uses it)
+	@if ! $(SDK_ENV)/bin/python -c 'import openai' >/dev/null 2>&1; then \
+		python3 -m venv $(SDK_ENV) && \
+		$(SDK_ENV)/bin/pip install --quiet --disable-pip-version-check '$(OPENAI_SDK)'; \
+	fi
 
 fmt: ## Format all code
 	$(CARGO) fmt --all
@@ -34,7 +44,7 @@ lint: ## Check formatting and run clippy with warnings denied
 build: ## Build every binary in the workspace (debug)
 	$(CARGO) build --workspace --bins
 
-test: deps lint build ## deps, lint, build, then the whole test suite (nextest if installed)
+test: deps sdk-env lint build ## deps, sdk-env, lint, build, then the whole test suite (nextest if installed)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast; \

@@ -311,7 +311,8 @@ fn default_timeout() -> Duration {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScriptRule {
-    /// Matches when the last user message contains this text; a rule without it always matches.
+    /// Matches when the last user or tool message contains this text (so a tool's result can
+    /// drive the next step); a rule without it always matches.
     #[serde(default)]
     pub contains: Option<String>,
     #[serde(default)]

@@ -32,7 +32,7 @@ pub enum ProviderError {
     Rejected { status: u16, message: String },
     #[error("scripted failure ({0})")]
     Scripted(ErrorClass),
-    #[error("no script rule matches the last user message")]
+    #[error("no script rule matches the last user or tool message")]
     NoScriptRule,
     /// The router's own rate limits for the deployment refused the call (it was not made).
     #[error("{0}")]

@@ -101,12 +101,13 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
-    /// The content of the last message with role `user`, or `""` when there is none.
-    pub fn last_user_message(&self) -> &str {
+    /// The content of the last message from outside the model (role `user`, or `tool` for a
+    /// tool's result), or `""` when there is none.
+    pub fn last_input(&self) -> &str {
         self.messages
             .iter()
             .rev()
-            .find(|m| m.role == Role::User)
+            .find(|m| matches!(m.role, Role::User | Role::Tool))
             .map_or("", |m| m.content.as_str())
     }
 }
@@ -293,6 +294,6 @@ mod tests {
                 completion: 1
             }
         );
-        assert_eq!(request.last_user_message(), "say  hi\nplease");
+        assert_eq!(request.last_input(), "say  hi\nplease");
     }
 }

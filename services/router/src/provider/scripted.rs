@@ -25,9 +25,9 @@ impl Scripted {
         Self { rules }
     }
 
-    /// The first rule whose `contains` occurs in the last user message (or that has none).
+    /// The first rule whose `contains` occurs in the last user or tool message (or that has none).
     fn rule(&self, request: &ChatRequest) -> Result<&ScriptRule, ProviderError> {
-        let last = request.last_user_message();
+        let last = request.last_input();
         self.rules
             .iter()
             .find(|rule| {
