@@ -33,7 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::{TenantConfig, Tier};
 use crate::error::{Error, ErrorClass, ProviderError};
 use crate::metrics;
-use crate::provider::{StreamEvent, TokenUsage, ToolCall};
+use crate::provider::{StreamEvent, TokenUsage};
 use crate::resilience::limits::Refused;
 use crate::service::{Completion, Service, StreamStart, Streamed};
 
@@ -580,19 +580,6 @@ fn usage_body(usage: TokenUsage) -> Value {
     })
 }
 
-fn tool_calls_body(calls: &[ToolCall]) -> Value {
-    calls
-        .iter()
-        .map(|call| {
-            json!({
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
-            })
-        })
-        .collect()
-}
-
 /// A `text/event-stream` of `chat.completion.chunk` objects, ended by `data: [DONE]`, as
 /// OpenAI streams: the first chunk carries the role, the last one the finish reason, then
 /// (when the client asked with `stream_options.include_usage`) one chunk with the usage and
@@ -766,7 +753,8 @@ fn completion_body(completion: &Completion) -> Value {
     let response = &completion.response;
     let mut message = json!({"role": "assistant", "content": response.content});
     if !response.tool_calls.is_empty() {
-        message["tool_calls"] = tool_calls_body(&response.tool_calls);
+        message["tool_calls"] =
+            crate::provider::openai::tool_calls_json(&response.tool_calls).into();
         if response.content.is_empty() {
             message["content"] = Value::Null;
         }

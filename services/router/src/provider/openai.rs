@@ -76,17 +76,7 @@ fn body<'a>(model: &'a str, request: &'a ChatRequest, stream: bool) -> Body<'a> 
                 || m.tool_calls.is_empty()
                 || !m.content.is_empty())
             .then_some(m.content.as_str()),
-            tool_calls: m
-                .tool_calls
-                .iter()
-                .map(|call| {
-                    json!({
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": call.arguments},
-                    })
-                })
-                .collect(),
+            tool_calls: tool_calls_json(&m.tool_calls),
             tool_call_id: match m.role {
                 Role::Tool => m.tool_call_id.as_deref(),
                 _ => None,
@@ -382,6 +372,21 @@ impl Decoder for Chunks {
     fn end(&mut self) -> Result<Vec<StreamEvent>, ProviderError> {
         self.done()
     }
+}
+
+/// Tool calls in OpenAI's wire shape, for requests to OpenAI-compatible servers and for the
+/// router's own OpenAI-compatible answers.
+pub(crate) fn tool_calls_json(calls: &[ToolCall]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|call| {
+            json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
