@@ -719,3 +719,52 @@ async fn a_hundred_concurrent_calls_overspend_a_tiny_budget_by_at_most_one_reser
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_stops_the_provider_and_the_call_is_still_accounted() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let mut slow = scripted("slow", Tier::Mid, vec![]);
+        slow.script = vec![
+            serde_json::from_value(json!({
+                "reply": "one two three four five six seven eight nine ten",
+                "piece_delay": "500ms"
+            }))
+            .unwrap(),
+        ];
+        config.deployments = vec![slow];
+        config.default_deployment = "slow".into();
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let started = std::time::Instant::now();
+    let mut response = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"model": "slow", "messages": user("hi"), "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("one"));
+    drop(response);
+    // The whole answer would take about 5 s; the call ends when the router notices the client
+    // is gone, and its ledger row counts what was produced.
+    wait_ledger_rows(&db, 1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let completion_tokens: i64 =
+        sqlx::query_scalar("SELECT completion_tokens FROM router.usage_ledger")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        (1..10).contains(&completion_tokens),
+        "{completion_tokens} of 10 words"
+    );
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
