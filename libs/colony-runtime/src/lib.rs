@@ -154,6 +154,12 @@ pub fn serve_http(runtime: &Runtime, listener: TcpListener, router: Router) {
     let shutdown = runtime.shutdown.clone();
     runtime.spawn(async move {
         let local = listener.local_addr().ok();
+        // As for gRPC below: small answers must not wait for the peer's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "setting TCP_NODELAY failed");
+            }
+        });
         if let Err(error) = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
