@@ -484,7 +484,10 @@ impl State {
     /// Whether one request and `tokens` tokens can be taken now without the database.
     fn holds(&mut self, tokens: u64, now: Instant) -> bool {
         let requests = self.requests.as_mut().is_none_or(|b| b.holds(1.0, now));
-        let tokens = self.tokens.as_mut().is_none_or(|b| b.holds(tokens as f64, now));
+        let tokens = self
+            .tokens
+            .as_mut()
+            .is_none_or(|b| b.holds(tokens as f64, now));
         requests && tokens
     }
 
@@ -507,9 +510,9 @@ impl State {
     }
 
     /// For the head of the queue, which does not hold what it needs: lease now if the shared
-    /// buckets probably have it (or to probe a database that failed), else sleep until they
-    /// probably will.
-    fn next_step(&mut self, tokens: u64, now: Instant) -> Step {
+    /// buckets probably have it (or to probe a database that failed, or to check a stale
+    /// estimate with `probe`), else sleep until they probably will.
+    fn next_step(&mut self, tokens: u64, probe: bool, now: Instant) -> Step {
         let wait = self.wait_for(1, tokens, now);
         let wants = self.lease_wants(tokens, now);
         if wants.is_empty() {
@@ -519,7 +522,7 @@ impl State {
             return Step::Wait;
         }
         let fallback = self.in_fallback();
-        if now >= self.next_lease && (fallback || wait.is_zero()) {
+        if now >= self.next_lease && (fallback || probe || wait.is_zero()) {
             self.leasing = true;
             return Step::Lease(wants);
         }
@@ -639,7 +642,7 @@ impl Limiter {
     /// refused for a full queue; it goes to the head of the queue and leases.
     pub async fn acquire(&self, tokens: u64) -> Result<Permit, Refused> {
         let start = Instant::now();
-        let (id, wake) = {
+        let (id, wake, only_lease) = {
             let mut state = self.state();
             if let Some(bucket) = &state.tokens
                 && tokens as f64 > bucket.capacity()
@@ -656,7 +659,12 @@ impl Limiter {
                 });
             }
             let waiting = state.queue.len();
-            let only_lease = waiting == 0 && state.wait_for(1, tokens, start).is_zero();
+            // With shared limits, a request nobody waits ahead of asks the database before
+            // it is refused: the estimate may be stale (other replicas give back, too). The
+            // pause after a short lease keeps that from being a query per refusal.
+            let only_lease = waiting == 0
+                && (state.wait_for(1, tokens, start).is_zero()
+                    || (self.shared.is_some() && !state.leasing && start >= state.next_lease));
             if !only_lease {
                 let queued_tokens = state.queued_tokens + tokens;
                 let expected = state.wait_for(waiting as u64 + 1, queued_tokens, start);
@@ -685,7 +693,7 @@ impl Limiter {
             });
             state.queued_tokens += tokens;
             self.record_depth(state.queue.len());
-            (id, wake)
+            (id, wake, only_lease)
         };
         // From here on, dropping this future (the client went away) leaves the queue.
         let mut place = Place {
@@ -693,6 +701,9 @@ impl Limiter {
             id,
             admitted: false,
         };
+        // Whether it still has to pass the refusal checks, once its lease is back.
+        let mut unchecked = only_lease;
+        let mut leased = false;
         loop {
             let step = {
                 let mut state = self.state();
@@ -710,14 +721,36 @@ impl Limiter {
                     histogram!(QUEUE_WAIT_SECONDS, "deployment" => self.deployment.clone())
                         .record(waited.as_secs_f64());
                     return Ok(Permit { tokens, waited });
+                } else if unchecked && leased {
+                    // The shared buckets had too little: from here on it is a waiter like
+                    // any other, if the queue would have taken it. Dropping `place` on the
+                    // way out gives up its place.
+                    unchecked = false;
+                    let expected = state.wait_for(1, tokens, now);
+                    if self.capacity == 0 {
+                        let refusal = Refused::QueueFull {
+                            waiting: 0,
+                            retry_after: expected,
+                        };
+                        return Err(self.refuse(&mut state, refusal));
+                    }
+                    if expected > self.max_wait {
+                        let refusal = Refused::WaitTooLong {
+                            expected,
+                            max_wait: self.max_wait,
+                        };
+                        return Err(self.refuse(&mut state, refusal));
+                    }
+                    state.next_step(tokens, false, now)
                 } else {
-                    state.next_step(tokens, now)
+                    state.next_step(tokens, unchecked, now)
                 }
             };
             match step {
                 Step::Lease(wants) => {
                     if let Some(shared) = &self.shared {
                         self.lease(shared, wants).await;
+                        leased = true;
                     }
                 }
                 // At the head: the buckets will have room by the deadline, or sooner if a
