@@ -851,7 +851,7 @@ impl Limiter {
         };
         let now = Instant::now();
         let idle_since = (!everything).then(|| now.checked_sub(IDLE_HOLD).unwrap_or(now));
-        let (idle, probe) = {
+        let idle = {
             let mut state = self.state();
             if state.leasing || (!everything && !state.queue.is_empty()) {
                 return;
@@ -864,18 +864,7 @@ impl Limiter {
                     idle.push((bucket.kind, amount));
                 }
             }
-            let probe: Vec<(Kind, f64)> = if now >= state.next_lease {
-                state
-                    .buckets()
-                    .filter_map(|b| b.leased())
-                    .filter(|b| b.fallback.is_some())
-                    .map(|b| (b.kind, 0.0))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            state.leasing = !probe.is_empty();
-            (idle, probe)
+            idle
         };
         if !idle.is_empty() {
             let result = tokio::time::timeout(LEASE_TIMEOUT, shared.give_back(&idle)).await;
@@ -894,6 +883,22 @@ impl Limiter {
             }
             state.wake_head();
         }
+        // The flag is set and the lease started in one poll, so no await can leave it set.
+        let probe: Vec<(Kind, f64)> = {
+            let mut state = self.state();
+            let now = Instant::now();
+            if state.leasing || now < state.next_lease {
+                return;
+            }
+            let probe: Vec<(Kind, f64)> = state
+                .buckets()
+                .filter_map(|b| b.leased())
+                .filter(|b| b.fallback.is_some())
+                .map(|b| (b.kind, 0.0))
+                .collect();
+            state.leasing = !probe.is_empty();
+            probe
+        };
         if !probe.is_empty() {
             self.lease(shared, probe).await;
         }
