@@ -282,3 +282,37 @@ async fn a_failing_database_falls_back_to_the_replicas_share_until_it_answers() 
     eprintln!("admitted {admitted} in the 1.5 s after the database came back");
     assert!(admitted >= 110, "{admitted}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_together_are_held_to_one_token_limit_by_real_usage() {
+    let db = TestDb::new().await;
+    // 6000 tokens a minute: a burst of 6000, then 100 a second; leases of at least 300.
+    let a = replica(pool(&db).await, None, Some(6000), 0, 2).await;
+    let b = replica(pool(&db).await, None, Some(6000), 0, 2).await;
+    // Each call reserves 200 tokens and uses 100: the other 100 come back to the replica.
+    async fn calls(limiter: &Limiter, until: Instant) -> u64 {
+        let mut used = 0;
+        while Instant::now() < until {
+            match limiter.acquire(200).await {
+                Ok(permit) => {
+                    limiter.settle(&permit, 100);
+                    used += 100;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        used
+    }
+    let start = Instant::now();
+    let until = start + Duration::from_secs(2);
+    let (from_a, from_b) = tokio::join!(calls(&a, until), calls(&b, until));
+    let elapsed = start.elapsed().as_secs_f64();
+    let used = (from_a + from_b) as f64;
+    eprintln!("used {from_a} + {from_b} = {used} tokens in {elapsed:.2} s (bound 6000 + 100/s)");
+    assert!(used <= 6000.0 + 100.0 * elapsed + 1e-6, "{used}");
+    // What each replica may hold unused at the end: a slice, and a call's reservation.
+    assert!(
+        used >= 6000.0 + 100.0 * 2.0 - 2.0 * (300.0 + 200.0),
+        "{used}"
+    );
+}
