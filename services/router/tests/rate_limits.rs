@@ -316,3 +316,15 @@ async fn two_replicas_together_are_held_to_one_token_limit_by_real_usage() {
         "{used}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_that_fit_are_not_refused_while_a_lease_is_under_way() {
+    let db = TestDb::new().await;
+    // No queue: the local limiter would admit all 50 at once from a full bucket; the shared
+    // one must too, although its slices are 6 and each lease takes a round trip.
+    let limiter = replica(pool(&db).await, Some(120), None, 0, 1).await;
+    let results = futures::future::join_all((0..50).map(|_| limiter.acquire(0))).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(limiter.queue_depth(), 0);
+}

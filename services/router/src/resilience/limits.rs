@@ -432,6 +432,8 @@ struct State {
     leasing: bool,
     /// No lease before this (after a short one, or while the database fails them).
     next_lease: Instant,
+    /// Leases completed (granted or failed), to tell a fresh view of the shared buckets.
+    leases: u64,
 }
 
 #[derive(Debug)]
@@ -617,6 +619,7 @@ impl Limiter {
                 refused: 0,
                 leasing: false,
                 next_lease: Instant::now(),
+                leases: 0,
             }),
         };
         limiter.record_depth(0);
@@ -642,7 +645,7 @@ impl Limiter {
     /// refused for a full queue; it goes to the head of the queue and leases.
     pub async fn acquire(&self, tokens: u64) -> Result<Permit, Refused> {
         let start = Instant::now();
-        let (id, wake, only_lease) = {
+        let (id, wake, unchecked_since) = {
             let mut state = self.state();
             if let Some(bucket) = &state.tokens
                 && tokens as f64 > bucket.capacity()
@@ -659,15 +662,17 @@ impl Limiter {
                 });
             }
             let waiting = state.queue.len();
-            // With shared limits, a request nobody waits ahead of asks the database before
-            // it is refused: the estimate may be stale (other replicas give back, too). The
-            // pause after a short lease keeps that from being a query per refusal.
-            let only_lease = waiting == 0
-                && (state.wait_for(1, tokens, start).is_zero()
-                    || (self.shared.is_some() && !state.leasing && start >= state.next_lease));
+            let queued_tokens = state.queued_tokens + tokens;
+            let expected = state.wait_for(waiting as u64 + 1, queued_tokens, start);
+            // With shared limits, a request is refused only on a fresh view of the shared
+            // buckets: one the estimate says they can serve, or one nobody waits ahead of,
+            // joins the queue to lease and passes the refusal checks once a lease is back
+            // (other replicas give back, so an estimate may be stale). The pause after a short
+            // lease keeps that from being a query per refusal.
+            let only_lease = self.shared.is_some()
+                && (expected.is_zero()
+                    || (waiting == 0 && !state.leasing && start >= state.next_lease));
             if !only_lease {
-                let queued_tokens = state.queued_tokens + tokens;
-                let expected = state.wait_for(waiting as u64 + 1, queued_tokens, start);
                 if waiting >= self.capacity {
                     let refusal = Refused::QueueFull {
                         waiting,
@@ -693,7 +698,7 @@ impl Limiter {
             });
             state.queued_tokens += tokens;
             self.record_depth(state.queue.len());
-            (id, wake, only_lease)
+            (id, wake, only_lease.then_some(state.leases))
         };
         // From here on, dropping this future (the client went away) leaves the queue.
         let mut place = Place {
@@ -701,9 +706,8 @@ impl Limiter {
             id,
             admitted: false,
         };
-        // Whether it still has to pass the refusal checks, once its lease is back.
-        let mut unchecked = only_lease;
-        let mut leased = false;
+        // Set while it still has to pass the refusal checks: the leases completed when it came.
+        let mut unchecked_since = unchecked_since;
         loop {
             let step = {
                 let mut state = self.state();
@@ -721,36 +725,41 @@ impl Limiter {
                     histogram!(QUEUE_WAIT_SECONDS, "deployment" => self.deployment.clone())
                         .record(waited.as_secs_f64());
                     return Ok(Permit { tokens, waited });
-                } else if unchecked && leased {
-                    // The shared buckets had too little: from here on it is a waiter like
-                    // any other, if the queue would have taken it. Dropping `place` on the
-                    // way out gives up its place.
-                    unchecked = false;
+                } else if unchecked_since.is_some_and(|seen| state.leases > seen) {
                     let expected = state.wait_for(1, tokens, now);
-                    if self.capacity == 0 {
-                        let refusal = Refused::QueueFull {
-                            waiting: 0,
-                            retry_after: expected,
-                        };
-                        return Err(self.refuse(&mut state, refusal));
+                    if expected.is_zero() {
+                        // The shared buckets still seem to hold enough: lease again.
+                        unchecked_since = Some(state.leases);
+                        state.next_step(tokens, true, now)
+                    } else {
+                        // A lease since it came says the shared buckets have too little: from
+                        // here on it is a waiter like any other, if the queue would have taken
+                        // it. Dropping `place` on the way out gives up its place.
+                        unchecked_since = None;
+                        if self.capacity == 0 {
+                            let refusal = Refused::QueueFull {
+                                waiting: 0,
+                                retry_after: expected,
+                            };
+                            return Err(self.refuse(&mut state, refusal));
+                        }
+                        if expected > self.max_wait {
+                            let refusal = Refused::WaitTooLong {
+                                expected,
+                                max_wait: self.max_wait,
+                            };
+                            return Err(self.refuse(&mut state, refusal));
+                        }
+                        state.next_step(tokens, false, now)
                     }
-                    if expected > self.max_wait {
-                        let refusal = Refused::WaitTooLong {
-                            expected,
-                            max_wait: self.max_wait,
-                        };
-                        return Err(self.refuse(&mut state, refusal));
-                    }
-                    state.next_step(tokens, false, now)
                 } else {
-                    state.next_step(tokens, unchecked, now)
+                    state.next_step(tokens, unchecked_since.is_some(), now)
                 }
             };
             match step {
                 Step::Lease(wants) => {
                     if let Some(shared) = &self.shared {
                         self.lease(shared, wants).await;
-                        leased = true;
                     }
                 }
                 // At the head: the buckets will have room by the deadline, or sooner if a
@@ -778,6 +787,7 @@ impl Limiter {
         let now = Instant::now();
         let mut state = self.state();
         state.leasing = false;
+        state.leases += 1;
         in_flight.done = true;
         let error = match result {
             Ok(Ok(leases)) => {
