@@ -13,24 +13,26 @@
 //!
 //! # Shared limits
 //!
-//! [`Limiter::new`] refills its buckets from this process's clock, so each router replica
-//! allows the full rates. [`Limiter::shared`] makes the limits hold for every replica together:
-//! the buckets live in PostgreSQL ([`super::shared`]) and refill there, and each replica
-//! *leases* slices of them (what the head of its queue misses, at least a twentieth of the
-//! limit) in one statement, then hands them out locally without the database. Only the head of
-//! the queue leases, one lease at a time; a lease that comes back short (the shared bucket is
-//! dry) is not repeated for [`SHORT_LEASE_PAUSE`]. Refunds from [`Limiter::settle`] go to the
-//! replica's leases; [`Limiter::tend`] gives back what a replica left unused for
-//! [`IDLE_HOLD`] while nobody waited, so an idle replica does not sit on tokens a busy one
-//! needs. Together the replicas admit at most the shared bucket's burst plus its rate, plus
-//! what reservations overran (charged to the next lease as a debt); a replica's unused slice
-//! is at most one lease beyond what its queue needed.
+//! [`Limiter::new`] refills its buckets from this process's clock, so each router replica allows
+//! the full rates. [`Limiter::shared`] makes the limits hold for every replica together: the
+//! buckets live in PostgreSQL ([`super::shared`]) and refill there, and each replica *leases*
+//! slices of them (what the head of its queue misses, at least a twentieth of the limit) in one
+//! statement, then hands them out locally without the database. Only the head of the queue leases,
+//! one lease at a time; a lease that comes back short (the shared bucket is dry) is not repeated
+//! for 250 ms. What the shared bucket holds is known only as of the last lease, so a request is
+//! refused only on a fresh view: one the estimate says fits, or one nobody waits ahead of, joins
+//! the queue to lease and is refused (or kept) once a lease is back. Refunds from
+//! [`Limiter::settle`] go to the replica's leases; [`Limiter::tend`] gives back what a replica left
+//! unused for [`IDLE_HOLD`] while nobody waited, so an idle replica does not sit on tokens a busy
+//! one needs. Together the replicas admit at most the shared bucket's burst plus its rate, plus
+//! what reservations overran (charged to the next lease as a debt); a replica's unused slice is at
+//! most one lease beyond what its queue needed.
 //!
-//! When a lease fails (an error, or no answer within [`LEASE_TIMEOUT`]), the replica falls back
-//! to limiting on its own: its buckets refill from its clock at `1 / replicas` of the rates
-//! ([`super::SharedLimitsConfig`]), so a fleet of the configured size stays near the limits
-//! while the database is away. It tries the database again every [`FALLBACK_RETRY`]; the first
-//! lease that succeeds ends the fallback and drops what the clock made up.
+//! When a lease fails (an error, or no answer within 500 ms), the replica falls back to limiting on
+//! its own: its buckets refill from its clock at `1 / replicas` of the rates
+//! ([`super::SharedLimitsConfig`]), so a fleet of the configured size stays near the limits while
+//! the database is away. It tries the database again every second; the first lease that succeeds
+//! ends the fallback and drops what the clock made up.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
