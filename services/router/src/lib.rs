@@ -67,7 +67,8 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     metrics::describe();
     resilience::describe();
     ledger::describe_metrics();
-    let deployments = Deployments::from_config(&config)?;
+    let pool = colony_store::connect(&config.database).await?;
+    let deployments = Deployments::from_config(&config, Some(&pool))?;
     for deployment in deployments
         .iter()
         .filter(|d| d.provider_kind == ProviderKind::Scripted)
@@ -77,7 +78,6 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             "deployment uses the scripted provider: replies are canned, not generated"
         );
     }
-    let pool = colony_store::connect(&config.database).await?;
     let bus = Bus::connect(&config.bus, "colony-router").await?;
     bus.ensure_streams().await?;
     let http = colony_runtime::bind(&config.http.addr).await?;
@@ -92,6 +92,28 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         .map(|tenant| (tenant.name.clone(), tenant.budget_micros()))
         .collect();
     budgets.set_tenant_limits(&pool, &tenant_limits).await?;
+    for deployment in deployments.iter() {
+        deployment.limiter.sync().await?;
+    }
+    // Gives back rate-limit leases a replica left unused, and at shutdown all of them (before
+    // the pool closes: `Handle::wait` drains tracked tasks first).
+    let tended: Vec<_> = deployments.iter().cloned().collect();
+    let shutdown = runtime.shutdown.clone();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(resilience::limits::TEND_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for deployment in &tended {
+                deployment.limiter.tend().await;
+            }
+        }
+        for deployment in &tended {
+            deployment.limiter.release().await;
+        }
+    });
     let ledger = ledger::LedgerWriter::spawn(pool.clone(), &config.ledger, runtime);
     let service = std::sync::Arc::new(service::Service::new(
         deployments,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sqlx::PgPool;
 
 use crate::config::{Capability, Config, DeploymentConfig, Privacy, ProviderKind, Tier};
 use crate::error::{Error, ProviderError};
@@ -291,17 +292,26 @@ impl Deployments {
         })
     }
 
-    /// Builds every deployment's provider.
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+    /// Builds every deployment's provider. With `pool`, the rate limits are shared with every
+    /// replica using the same database (see [`Limiter::shared`]); without, they are this
+    /// process's alone.
+    pub fn from_config(config: &Config, pool: Option<&PgPool>) -> anyhow::Result<Self> {
         let all = config
             .deployments
             .iter()
             .map(|d| {
-                Ok(Deployment::with_resilience(
-                    d,
-                    provider::build(d)?,
-                    &config.resilience,
-                ))
+                let mut deployment =
+                    Deployment::with_resilience(d, provider::build(d)?, &config.resilience);
+                if let Some(pool) = pool {
+                    deployment.limiter = Limiter::shared(
+                        &d.name,
+                        &d.limits,
+                        &config.resilience.queue,
+                        &config.resilience.shared_limits,
+                        pool.clone(),
+                    );
+                }
+                Ok(deployment)
             })
             .collect::<anyhow::Result<_>>()?;
         Self::new(all, &config.default_deployment)

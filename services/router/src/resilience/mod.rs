@@ -2,10 +2,12 @@
 //! bounded wait queue ([`limits`]), a circuit breaker ([`breaker`]) and retry backoff
 //! ([`backoff`]). Each piece is self-contained and per deployment; the router decides how to
 //! chain them (typically: breaker → limiter → provider call → report to both → maybe retry).
+//! The rate limits may be shared by every router replica through PostgreSQL ([`shared`]).
 
 pub mod backoff;
 pub mod breaker;
 pub mod limits;
+pub mod shared;
 
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ pub const QUEUE_REFUSALS: &str = "colony_router_queue_refusals_total";
 pub const BREAKER_STATE: &str = "colony_router_breaker_state";
 pub const BREAKER_TRANSITIONS: &str = "colony_router_breaker_transitions_total";
 pub const BREAKER_REJECTIONS: &str = "colony_router_breaker_rejections_total";
+pub const RATE_LEASES: &str = "colony_router_rate_lease_total";
 
 /// Describes the metrics this module emits. Call once at start, next to
 /// [`crate::metrics::describe`].
@@ -35,6 +38,13 @@ pub fn describe() {
         QUEUE_REFUSALS,
         "Requests refused by a deployment's rate limiter, by deployment and reason \
          (queue_full, wait_too_long, too_large)."
+    );
+    describe_counter!(
+        RATE_LEASES,
+        "Statements on the rate buckets shared by the router replicas, by deployment, kind \
+         (requests, tokens) and outcome: granted (all that was asked), short (the shared bucket \
+         had less), failed (the replica limits alone meanwhile), returned and return_failed \
+         (unused tokens given back)."
     );
     describe_gauge!(
         BREAKER_STATE,
@@ -58,6 +68,23 @@ pub struct ResilienceConfig {
     pub queue: QueueConfig,
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
+    pub shared_limits: SharedLimitsConfig,
+}
+
+/// Rate limits shared by the router replicas through the database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedLimitsConfig {
+    /// Router replicas expected to share each deployment's limits. While the database cannot
+    /// be reached, each replica limits on its own to this fraction (1/replicas) of the
+    /// configured rates, so that the fleet stays near the limits.
+    pub replicas: u32,
+}
+
+impl Default for SharedLimitsConfig {
+    fn default() -> Self {
+        Self { replicas: 1 }
+    }
 }
 
 /// The wait queue in front of a deployment's rate limits.
@@ -161,6 +188,9 @@ impl ResilienceConfig {
         if breaker.half_open_probes == 0 {
             problems.push("resilience.breaker.half_open_probes: must be at least 1".into());
         }
+        if self.shared_limits.replicas == 0 {
+            problems.push("resilience.shared_limits.replicas: must be at least 1".into());
+        }
     }
 }
 
@@ -207,6 +237,7 @@ mod tests {
                 open_duration: Duration::ZERO,
                 half_open_probes: 0,
             },
+            shared_limits: SharedLimitsConfig { replicas: 0 },
         };
         let mut problems = Vec::new();
         config.validate(&mut problems);
@@ -216,6 +247,7 @@ mod tests {
             "resilience.breaker.failure_threshold: must be at least 1",
             "resilience.breaker.open_duration: must be more than 0s",
             "resilience.breaker.half_open_probes: must be at least 1",
+            "resilience.shared_limits.replicas: must be at least 1",
         ] {
             assert!(
                 problems.iter().any(|p| p.starts_with(expected)),
