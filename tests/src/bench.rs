@@ -79,6 +79,14 @@ pub fn processes() -> Vec<ProcessCpu> {
     };
     entries
         .flatten()
+        // Only the numbered entries: `self` and `thread-self` are this process again and one
+        // of its threads, which would count it twice.
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
         .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
         .filter_map(|stat| parse_stat(&stat))
         .collect()

@@ -405,8 +405,8 @@ fn cpu_snapshot() -> CpuSnapshot {
     }
 }
 
-/// % of one core used between two snapshots by: this bench, the stub, the target (each with
-/// its descendants), PostgreSQL and NATS (every process of those names). Counted per process,
+/// % of one core used between two snapshots by: this bench, the stub, the target (with its
+/// descendants: a server may fork workers), PostgreSQL and NATS (every process of those names). Counted per process,
 /// so one that exits in between (a pooled PostgreSQL connection, say) drops out instead of
 /// taking its whole past from the sum.
 fn cpu_percent(
@@ -434,17 +434,17 @@ fn cpu_percent(
             .map(|p| p.cpu_secs)
             .sum()
     };
-    let stub_secs = bench::tree_cpu_secs(&used, stub);
-    let target_secs = target.map(|pid| bench::tree_cpu_secs(&used, pid));
+    let own = |pid: u32| -> f64 {
+        used.iter()
+            .filter(|p| p.pid == pid)
+            .map(|p| p.cpu_secs)
+            .sum()
+    };
     let mut secs = BTreeMap::new();
-    // The stub and the target are the bench's children: each has its own account.
-    secs.insert(
-        "bench",
-        bench::tree_cpu_secs(&used, std::process::id()) - stub_secs - target_secs.unwrap_or(0.0),
-    );
-    secs.insert("stub", stub_secs);
-    if let Some(target_secs) = target_secs {
-        secs.insert("target", target_secs);
+    secs.insert("bench", own(std::process::id()));
+    secs.insert("stub", own(stub));
+    if let Some(target) = target {
+        secs.insert("target", bench::tree_cpu_secs(&used, target));
     }
     secs.insert("postgres", by_name("postgres"));
     secs.insert("nats", by_name("nats-server"));
