@@ -921,7 +921,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(cpu) = router.measured.cpu.get("target") {
         put("router_cpu_percent", *cpu);
     }
-    let mut forget = Vec::new();
+    // When LiteLLM was tried, its figures from an earlier run go, so that none passes for this
+    // run's: a failed start or a run without one success leaves them absent.
+    let forget: Vec<String> = if args.skip_litellm {
+        Vec::new()
+    } else {
+        [
+            "litellm_overhead_p50_ms",
+            "litellm_overhead_p90_ms",
+            "litellm_overhead_p99_ms",
+            "litellm_p50_ms",
+            "litellm_p99_ms",
+            "litellm_achieved_per_s",
+            "litellm_errors",
+            "litellm_cpu_percent",
+            "router_litellm_overhead_ratio_p99",
+        ]
+        .map(|name| figure_name(name, args.rate))
+        .into()
+    };
     match (&litellm, &direct_again) {
         (Ok(litellm), Some(again)) => {
             let l = &litellm.outcome;
@@ -942,32 +960,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(cpu) = litellm.cpu.get("target") {
                 put("litellm_cpu_percent", *cpu);
             }
-            if router_p99 > 0.0 {
+            if router_p99 > 0.0 && litellm_p99.is_finite() {
                 let ratio = litellm_p99 / router_p99;
                 println!("p99 overhead, LiteLLM / router: {ratio:.1}x");
                 put("router_litellm_overhead_ratio_p99", ratio);
             }
         }
-        (Err(why), _) => {
-            println!("litellm: NOT MEASURED - {why}");
-            if !args.skip_litellm {
-                // A figure from an earlier run must not pass for this one's.
-                forget.extend(
-                    [
-                        "litellm_overhead_p50_ms",
-                        "litellm_overhead_p90_ms",
-                        "litellm_overhead_p99_ms",
-                        "litellm_p50_ms",
-                        "litellm_p99_ms",
-                        "litellm_achieved_per_s",
-                        "litellm_errors",
-                        "litellm_cpu_percent",
-                        "router_litellm_overhead_ratio_p99",
-                    ]
-                    .map(|name| figure_name(name, args.rate)),
-                );
-            }
-        }
+        (Err(why), _) => println!("litellm: NOT MEASURED - {why}"),
         (Ok(_), None) => {}
     }
 
