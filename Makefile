@@ -14,12 +14,30 @@ COMPOSE ?= docker compose
 ARGS ?=
 # Extra arguments for the peer-queue bench, e.g. make bench PEER_ARGS="--pubsub"
 PEER_ARGS ?=
+# Extra arguments for the router bench, e.g. make bench-router ROUTER_ARGS="--rate 500 --skip-litellm"
+ROUTER_ARGS ?=
 
-.PHONY: help deps sdk-env fmt lint build test run bench up down proto
+.PHONY: help deps sdk-env fmt lint build test run bench bench-router up down proto
+
+# The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
+# target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
+define ROUTER_BENCH
+	$(CARGO) build --release -p colony-router -p colony-e2e
+	scripts/litellm-venv.sh || echo "LiteLLM could not be installed: router-bench reports the router alone"
+	target/release/router-bench $(ROUTER_ARGS)
+endef
+
+# $(call bench_summary,KEY...): those figures of target/bench/results.json, "-" when absent.
+bench_summary = python3 -c 'import json,sys; r=json.load(open("target/bench/results.json")); \
+	print("\nsummary (target/bench/results.json)"); \
+	[print("  %-34s %s" % (k, ("%.2f" % r[k]) if k in r else "-")) for k in sys.argv[1:]]' $(1)
+
+ROUTER_KEYS := router_overhead_p50_ms router_overhead_p99_ms litellm_overhead_p99_ms \
+	router_litellm_overhead_ratio_p99 router_rss_mb router_achieved_per_s litellm_achieved_per_s
 
 help: ## List the targets
 	@echo "Colony — make targets:"
-	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "  %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "  %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 deps: ## Make sure PostgreSQL (127.0.0.1:5432) and NATS+JetStream (127.0.0.1:4222) are up
 	scripts/ensure-services.sh
@@ -56,18 +74,24 @@ test: deps sdk-env lint build ## deps, sdk-env, lint, build, then the whole test
 run: ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps ## Dispatch bench (Colony) and peer-queue bench (apalis-postgres) on release builds, then a summary (docs/benchmarks.md)
+bench: deps ## Dispatch bench (Colony), peer-queue bench (apalis-postgres) and router bench on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
 	target/release/dispatch-bench --work model --phases drain --drain-runs 3000
 	benches/peer-queue/target/release/peer-queue-bench $(PEER_ARGS)
-	@python3 -c 'import json,sys; r=json.load(open("target/bench/results.json")); \
-	f=lambda k: ("%.2f" % r[k]) if k in r else "-"; \
-	print("\nsummary (target/bench/results.json)"); \
-	[print("  %-34s %s" % (k, f(k))) for k in ("dispatch_p50_ms","dispatch_p99_ms","dispatch_p99_loaded_ms","dispatch_loaded_completed_per_s","throughput_tasks_per_s","drain_cpu_us_per_task_total","drain_cpu_us_per_task_postgres","drain_cpu_us_per_task_nats","model_throughput_tasks_per_s","peer_queue_tasks_per_s")]; \
+	$(ROUTER_BENCH)
+	@$(call bench_summary,dispatch_p50_ms dispatch_p99_ms dispatch_p99_loaded_ms \
+		dispatch_loaded_completed_per_s throughput_tasks_per_s drain_cpu_us_per_task_total \
+		drain_cpu_us_per_task_postgres drain_cpu_us_per_task_nats model_throughput_tasks_per_s \
+		peer_queue_tasks_per_s $(ROUTER_KEYS))
+	@python3 -c 'import json; r=json.load(open("target/bench/results.json")); \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
+
+bench-router: deps ## Router overhead bench only (0-ms stub: direct, router, LiteLLM proxy), then its summary
+	$(ROUTER_BENCH)
+	@$(call bench_summary,$(ROUTER_KEYS))
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build

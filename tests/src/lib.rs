@@ -5,6 +5,7 @@
     reason = "test harness: a failed setup should stop the test"
 )]
 
+pub mod bench;
 pub mod stub;
 
 use std::collections::HashMap;
@@ -87,6 +88,29 @@ fn spawn_orchestrator(name: &str, env: &[(String, String)], http: u16, grpc: u16
     Process::spawn(name, &binary("colony-orchestrator"), &[], &env)
 }
 
+/// Starts the router binary alone on `db` and `bus` with the config file `config`, its HTTP
+/// edge on `http` and gRPC on `grpc` (both on loopback). It applies its migrations itself; wait
+/// for `/readyz` before calling it.
+pub fn spawn_router(
+    db: &TestDb,
+    bus: &TestBus,
+    config: &std::path::Path,
+    log_filter: &str,
+    http: u16,
+    grpc: u16,
+) -> Process {
+    let mut env = common_env("ROUTER", db, bus, log_filter);
+    env.push(("ROUTER__HTTP__ADDR".into(), addr(http)));
+    env.push(("ROUTER__GRPC__ADDR".into(), addr(grpc)));
+    let config = config.to_string_lossy().into_owned();
+    Process::spawn(
+        "router",
+        &binary("colony-router"),
+        &["--config", &config],
+        &env,
+    )
+}
+
 /// An extra orchestrator replica started by a test.
 pub struct Replica {
     pub process: Process,
@@ -128,15 +152,13 @@ impl Stack {
         )
         .await;
 
-        let mut router_env = common_env("ROUTER", &db, &bus, filter);
-        router_env.push(("ROUTER__HTTP__ADDR".into(), addr(router_http)));
-        router_env.push(("ROUTER__GRPC__ADDR".into(), addr(router_grpc)));
-        let router_path = router_config.to_string_lossy().into_owned();
-        services.push(Process::spawn(
-            "router",
-            &binary("colony-router"),
-            &["--config", &router_path],
-            &router_env,
+        services.push(spawn_router(
+            &db,
+            &bus,
+            &router_config,
+            filter,
+            router_http,
+            router_grpc,
         ));
 
         let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter);

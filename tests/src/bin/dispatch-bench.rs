@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use colony_e2e::{Stack, StackOptions};
+use colony_e2e::{Stack, StackOptions, bench};
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
@@ -155,23 +155,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Merges `figures`, each name after `prefix`, into `target/bench/results.json`, keeping
-/// other benches' figures.
-fn record(prefix: &str, figures: &BTreeMap<&str, f64>) -> anyhow::Result<std::path::PathBuf> {
-    let dir = colony_testkit::target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
-    let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    for (name, value) in figures {
-        all.insert(format!("{prefix}{name}"), serde_json::json!(value));
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
-    Ok(path)
-}
-
 /// Submits one run; the request owns everything it needs, so it can run on its own task.
 async fn submit(
     http: reqwest::Client,
@@ -215,31 +198,14 @@ const CPU_ACCOUNTS: [(&str, &str); 8] = [
 /// counts whatever else runs under those names too, so the bench should run alone. Linux
 /// only; elsewhere the map is empty.
 fn cpu_seconds() -> BTreeMap<&'static str, f64> {
-    // /proc reports CPU time in USER_HZ ticks, 100 a second on Linux.
-    const TICKS_PER_SECOND: f64 = 100.0;
     let mut used = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return used;
-    };
-    for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ...`: comm may hold spaces, so split around the parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let Some((_, figure)) = CPU_ACCOUNTS.iter().find(|(name, _)| comm.starts_with(name)) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the comm: state is field 0, utime field 11, stime field 12.
-        let ticks: f64 = [11, 12]
+    for process in bench::processes() {
+        if let Some((_, figure)) = CPU_ACCOUNTS
             .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-            .sum();
-        *used.entry(*figure).or_insert(0.0) += ticks / TICKS_PER_SECOND;
+            .find(|(name, _)| process.comm.starts_with(name))
+        {
+            *used.entry(*figure).or_insert(0.0) += process.cpu_secs;
+        }
     }
     used
 }
@@ -539,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
     for (name, value) in &figures {
         println!("{prefix}{name:<32} {value:.2}");
     }
-    let path = record(prefix, &figures)?;
+    let path = bench::record(prefix, &figures, &[])?;
     println!("figures merged into {}", path.display());
     Ok(())
 }
