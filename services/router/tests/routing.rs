@@ -768,3 +768,93 @@ async fn a_client_that_leaves_mid_stream_stops_the_provider_and_the_call_is_stil
     runtime.shutdown.cancel();
     handle.wait().await.unwrap();
 }
+
+/// An upstream answering every request with `status` and `body`, until the returned runtime
+/// is shut down.
+async fn upstream(status: u16, body: &'static str) -> (String, colony_runtime::Runtime) {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || async move {
+            (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                body,
+            )
+        }),
+    );
+    let runtime = colony_runtime::Runtime::new(tokio_util::sync::CancellationToken::new());
+    let listener = colony_runtime::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    colony_runtime::serve_http(&runtime, listener, app);
+    (base_url, runtime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bodies_and_server_errors_from_real_upstreams_fall_back() {
+    let (garbage_url, garbage) = upstream(200, "<html>definitely not json").await;
+    let (failing_url, failing) = upstream(500, r#"{"error": {"message": "boom"}}"#).await;
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start_with(&db, &bus, |config| {
+        let http = |name: &str, url: &str| colony_router::config::DeploymentConfig {
+            base_url: Some(url.to_owned()),
+            ..colony_router::config::DeploymentConfig::new(
+                name,
+                colony_router::config::ProviderKind::OpenAi,
+                "model-x",
+            )
+        };
+        let mut garbage = http("garbage", &garbage_url);
+        garbage.fallbacks = vec!["failing".into(), "canned".into()];
+        config.deployments = vec![
+            garbage,
+            http("failing", &failing_url),
+            scripted("canned", Tier::Mid, vec![rule(None, "safe answer", None)]),
+        ];
+        config.default_deployment = "garbage".into();
+        config.resilience.retry.max_attempts = 1;
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let (status, headers, body) = post(
+        &url,
+        &[],
+        json!({"model": "garbage", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "safe answer");
+    assert_eq!(headers["x-colony-deployment"], "canned");
+    let reason = headers["x-colony-route-reason"].to_str().unwrap();
+    assert!(
+        reason.contains("fallback configured for garbage (after failing failed: transient)"),
+        "{reason}"
+    );
+    wait_ledger_rows(&db, 3).await;
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT deployment, outcome, error_class FROM router.usage_ledger ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (
+                "garbage".to_owned(),
+                "error".to_owned(),
+                Some("external_degrading".to_owned())
+            ),
+            (
+                "failing".to_owned(),
+                "error".to_owned(),
+                Some("transient".to_owned())
+            ),
+            ("canned".to_owned(), "ok".to_owned(), None),
+        ]
+    );
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+    garbage.shutdown.cancel();
+    failing.shutdown.cancel();
+}
