@@ -132,6 +132,12 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Buckets for a service's own overhead (`*_overhead_seconds`), which lives below a
+/// millisecond: from 50 µs to 100 ms.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -139,7 +145,13 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(SECONDS_BUCKETS)
-                .expect("the bucket list is a non-empty constant")
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_overhead_seconds".into()),
+                        OVERHEAD_BUCKETS,
+                    )
+                })
+                .expect("the bucket lists are non-empty constants")
                 .build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, in which case metrics go

@@ -609,6 +609,51 @@ struct RouterRun {
     rss_idle_kib: u64,
     rss_peak_kib: u64,
     ledger_rows: i64,
+    /// The router's own `colony_router_overhead_seconds` histogram after the run.
+    internal: Vec<(f64, f64)>,
+}
+
+/// The cumulative buckets (upper bound in seconds, count) of histogram `name` in a Prometheus
+/// text page, summed over label sets.
+fn histogram_buckets(page: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in page.lines().filter(|line| line.starts_with(&prefix)) {
+        let Some(le) = line
+            .split("le=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        buckets.entry(le.to_owned()).or_insert((bound, 0.0)).1 += count;
+    }
+    let mut buckets: Vec<(f64, f64)> = buckets.into_values().filter(|(b, _)| !b.is_nan()).collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The upper bound, in ms, of the bucket holding quantile `q`: "q of the samples took at most
+/// this". NaN without samples.
+fn bucket_quantile_ms(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, count)| *count);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map_or(f64::NAN, |(bound, _)| bound * 1000.0)
 }
 
 async fn bench_router(args: &Args, stub_port: u16, stub_pid: u32) -> anyhow::Result<RouterRun> {
@@ -644,11 +689,19 @@ async fn bench_router(args: &Args, stub_port: u16, stub_pid: u32) -> anyhow::Res
             .fetch_one(&db.pool)
             .await
             .context("counting the router's ledger rows")?;
+        let page = probe
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .context("reading the router's metrics")?
+            .text()
+            .await?;
         Ok(RouterRun {
             measured,
             rss_idle_kib,
             rss_peak_kib,
             ledger_rows,
+            internal: histogram_buckets(&page, "colony_router_overhead_seconds"),
         })
     }
     .await;
@@ -906,6 +959,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         router.rss_idle_kib as f64 / 1024.0,
         router.ledger_rows,
     );
+    // The router's own account of its time per call (service time minus provider wait, warm-up
+    // included), read from its histogram: each figure is the upper bound of a bucket.
+    let internal_p50 = bucket_quantile_ms(&router.internal, 0.50);
+    let internal_p99 = bucket_quantile_ms(&router.internal, 0.99);
+    println!(
+        "router internal overhead (its histogram, bucket upper bounds): p50 <= {internal_p50:.3} ms, \
+         p99 <= {internal_p99:.3} ms"
+    );
+    put("router_internal_overhead_p50_ms", internal_p50);
+    put("router_internal_overhead_p99_ms", internal_p99);
     put("router_overhead_p50_ms", overhead(r, d, 0.50));
     put("router_overhead_p90_ms", overhead(r, d, 0.90));
     put("router_overhead_p99_ms", router_p99);
@@ -1037,6 +1100,21 @@ mod tests {
             figure_name("router_overhead_p99_ms", 500.0),
             "router_overhead_p99_ms_at_500"
         );
+    }
+
+    #[test]
+    fn histogram_quantiles_are_bucket_upper_bounds() {
+        let page = "# TYPE colony_router_overhead_seconds histogram\n\
+            colony_router_overhead_seconds_bucket{deployment=\"a\",le=\"0.0005\"} 50\n\
+            colony_router_overhead_seconds_bucket{deployment=\"a\",le=\"0.001\"} 98\n\
+            colony_router_overhead_seconds_bucket{deployment=\"a\",le=\"+Inf\"} 100\n\
+            colony_router_overhead_seconds_sum{deployment=\"a\"} 0.05\n";
+        let buckets = histogram_buckets(page, "colony_router_overhead_seconds");
+        assert_eq!(buckets.len(), 3);
+        assert_eq!(bucket_quantile_ms(&buckets, 0.5), 0.5);
+        assert_eq!(bucket_quantile_ms(&buckets, 0.98), 1.0);
+        assert!(bucket_quantile_ms(&buckets, 0.99).is_infinite());
+        assert!(bucket_quantile_ms(&[], 0.5).is_nan());
     }
 
     #[test]
