@@ -32,7 +32,7 @@ bench_summary = python3 -c 'import json,sys; r=json.load(open("target/bench/resu
 	print("\nsummary (target/bench/results.json)"); \
 	[print("  %-34s %s" % (k, ("%.2f" % r[k]) if k in r else "-")) for k in sys.argv[1:]]' $(1)
 
-ROUTER_KEYS := router_overhead_p50_ms router_overhead_p99_ms litellm_overhead_p99_ms \
+ROUTER_KEYS := router_overhead_p50_ms router_overhead_p99_ms router_internal_overhead_p99_ms litellm_overhead_p99_ms \
 	router_litellm_overhead_ratio_p99 router_rss_mb router_achieved_per_s litellm_achieved_per_s
 
 help: ## List the targets
