@@ -298,7 +298,8 @@ async fn timed_request(target: Target, due: Instant, tally: Arc<Tally>) {
 /// What the pacing thread reports when it has scheduled every request.
 struct Paced {
     first_due: Instant,
-    not_sent: u64,
+    /// Per target.
+    not_sent: Vec<u64>,
     max_send_lag_us: u64,
 }
 
@@ -311,21 +312,49 @@ async fn run_load(
     max_in_flight: usize,
     label: &str,
 ) -> anyhow::Result<Outcome> {
-    let total = (rate * duration.as_secs_f64()).round() as u64;
-    let tally = Arc::new(Tally {
-        latency_us: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
-        errors: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
-        first_error: Mutex::new(None),
-        last_done: Mutex::new(None),
-    });
+    let mut outcomes = run_interleaved(
+        std::slice::from_ref(target),
+        rate,
+        duration,
+        max_in_flight,
+        label,
+    )
+    .await?;
+    outcomes.pop().context("one outcome per target")
+}
+
+/// Offers `rate` requests a second to each of `targets` for `duration`, open loop, taking turns
+/// request by request (so that every target meets the machine as it is at the same moments),
+/// and waits for every answer. One outcome per target, in order.
+async fn run_interleaved(
+    targets: &[Target],
+    rate: f64,
+    duration: Duration,
+    max_in_flight: usize,
+    label: &str,
+) -> anyhow::Result<Vec<Outcome>> {
+    let per_target = (rate * duration.as_secs_f64()).round() as u64;
+    let count = targets.len().max(1) as u64;
+    let total = per_target * count;
+    let tallies = targets
+        .iter()
+        .map(|_| {
+            Ok(Arc::new(Tally {
+                latency_us: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
+                errors: AtomicU64::new(0),
+                in_flight: AtomicUsize::new(0),
+                first_error: Mutex::new(None),
+                last_done: Mutex::new(None),
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let tracker = TaskTracker::new();
     let runtime = tokio::runtime::Handle::current();
     let (paced_tx, paced_rx) = tokio::sync::oneshot::channel();
     let pacer = {
-        let (target, tally, tracker, label) = (
-            target.clone(),
-            tally.clone(),
+        let (targets, tallies, tracker, label) = (
+            targets.to_vec(),
+            tallies.clone(),
             tracker.clone(),
             label.to_owned(),
         );
@@ -334,11 +363,13 @@ async fn run_load(
         std::thread::Builder::new()
             .name("pacer".into())
             .spawn(move || {
-                let interval = 1.0 / rate;
+                let interval = 1.0 / (rate * count as f64);
                 let first_due = Instant::now() + Duration::from_millis(10);
-                let (mut not_sent, mut max_lag) = (0u64, Duration::ZERO);
+                let (mut not_sent, mut max_lag) = (vec![0u64; targets.len()], Duration::ZERO);
                 let mut last_report = Instant::now();
                 for i in 0..total {
+                    let turn = (i % count) as usize;
+                    let (target, tally) = (&targets[turn], &tallies[turn]);
                     let due = first_due + Duration::from_secs_f64(i as f64 * interval);
                     let now = Instant::now();
                     if due > now {
@@ -346,17 +377,25 @@ async fn run_load(
                     }
                     max_lag = max_lag.max(Instant::now().saturating_duration_since(due));
                     if tally.in_flight.load(Ordering::Relaxed) >= max_in_flight {
-                        not_sent += 1;
+                        not_sent[turn] += 1;
                     } else {
                         tally.in_flight.fetch_add(1, Ordering::Relaxed);
-                        tracker.spawn_on(timed_request(target.clone(), due, tally.clone()), &runtime);
+                        tracker
+                            .spawn_on(timed_request(target.clone(), due, tally.clone()), &runtime);
                     }
                     if last_report.elapsed() >= PROGRESS_EVERY {
                         eprintln!(
-                            "  {label}: {}/{total} scheduled, {} in flight, {} errors, {not_sent} not sent",
+                            "  {label}: {}/{total} scheduled, {} in flight, {} errors, {} not sent",
                             i + 1,
-                            tally.in_flight.load(Ordering::Relaxed),
-                            tally.errors.load(Ordering::Relaxed),
+                            tallies
+                                .iter()
+                                .map(|t| t.in_flight.load(Ordering::Relaxed))
+                                .sum::<usize>(),
+                            tallies
+                                .iter()
+                                .map(|t| t.errors.load(Ordering::Relaxed))
+                                .sum::<u64>(),
+                            not_sent.iter().sum::<u64>(),
                         );
                         last_report = Instant::now();
                     }
@@ -373,23 +412,29 @@ async fn run_load(
     tracker.close();
     tracker.wait().await;
 
-    let latency_us = std::mem::replace(
-        &mut *lock(&tally.latency_us),
-        Histogram::new_with_bounds(1, 120_000_000, 3)?,
-    );
-    let last_done = lock(&tally.last_done).unwrap_or(paced.first_due);
-    let first_error = lock(&tally.first_error).take();
-    Ok(Outcome {
-        latency_us,
-        scheduled: total,
-        errors: tally.errors.load(Ordering::Relaxed) + paced.not_sent,
-        not_sent: paced.not_sent,
-        first_error,
-        span_secs: last_done
-            .saturating_duration_since(paced.first_due)
-            .as_secs_f64(),
-        max_send_lag_us: paced.max_send_lag_us,
-    })
+    tallies
+        .iter()
+        .zip(&paced.not_sent)
+        .map(|(tally, not_sent)| {
+            let latency_us = std::mem::replace(
+                &mut *lock(&tally.latency_us),
+                Histogram::new_with_bounds(1, 120_000_000, 3)?,
+            );
+            let last_done = lock(&tally.last_done).unwrap_or(paced.first_due);
+            let first_error = lock(&tally.first_error).take();
+            Ok(Outcome {
+                latency_us,
+                scheduled: per_target,
+                errors: tally.errors.load(Ordering::Relaxed) + not_sent,
+                not_sent: *not_sent,
+                first_error,
+                span_secs: last_done
+                    .saturating_duration_since(paced.first_due)
+                    .as_secs_f64(),
+                max_send_lag_us: paced.max_send_lag_us,
+            })
+        })
+        .collect()
 }
 
 /// Every process's CPU time at one moment.
@@ -611,6 +656,8 @@ struct RouterRun {
     ledger_rows: i64,
     /// The router's own `colony_router_overhead_seconds` histogram after the run.
     internal: Vec<(f64, f64)>,
+    /// The stub directly and the router, taking turns request by request, each at the rate.
+    paired: Vec<Outcome>,
 }
 
 /// The cumulative buckets (upper bound in seconds, count) of histogram `name` in a Prometheus
@@ -656,7 +703,12 @@ fn bucket_quantile_ms(buckets: &[(f64, f64)], q: f64) -> f64 {
         .map_or(f64::NAN, |(bound, _)| bound * 1000.0)
 }
 
-async fn bench_router(args: &Args, stub_port: u16, stub_pid: u32) -> anyhow::Result<RouterRun> {
+async fn bench_router(
+    args: &Args,
+    direct: &Target,
+    stub_port: u16,
+    stub_pid: u32,
+) -> anyhow::Result<RouterRun> {
     eprintln!("router: fresh database and stream prefix, release binary");
     let db = TestDb::new().await;
     let bus = TestBus::new();
@@ -689,6 +741,21 @@ async fn bench_router(args: &Args, stub_port: u16, stub_pid: u32) -> anyhow::Res
             .fetch_one(&db.pool)
             .await
             .context("counting the router's ledger rows")?;
+        // Then both at once, taking turns: each percentile difference is then between
+        // requests that met the machine at the same moments (the stub serves twice the rate).
+        eprintln!(
+            "router: paired with direct, {} s, each at {} requests/s",
+            args.duration.as_secs_f64(),
+            args.rate
+        );
+        let paired = run_interleaved(
+            &[direct.clone(), target.clone()],
+            args.rate,
+            args.duration,
+            args.max_in_flight,
+            "paired",
+        )
+        .await?;
         let page = probe
             .get(format!("{base}/metrics"))
             .send()
@@ -702,6 +769,7 @@ async fn bench_router(args: &Args, stub_port: u16, stub_pid: u32) -> anyhow::Res
             rss_peak_kib,
             ledger_rows,
             internal: histogram_buckets(&page, "colony_router_overhead_seconds"),
+            paired,
         })
     }
     .await;
@@ -897,7 +965,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let direct = measure(&args, &direct_target, stub_pid, None).await?;
-    let router = bench_router(&args, stub_port, stub_pid).await?;
+    let router = bench_router(&args, &direct_target, stub_port, stub_pid).await?;
     let (direct_again, litellm) = if args.skip_litellm {
         (None, Err("skipped (--skip-litellm)".to_owned()))
     } else {
@@ -967,6 +1035,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "router internal overhead (its histogram, bucket upper bounds): p50 <= {internal_p50:.3} ms, \
          p99 <= {internal_p99:.3} ms"
     );
+    if let [paired_direct, paired_router] = router.paired.as_slice() {
+        println!(
+            "{}\n{}",
+            row("direct*", paired_direct),
+            row("router*", paired_router)
+        );
+        let (p50, p99) = (
+            overhead(paired_router, paired_direct, 0.50),
+            overhead(paired_router, paired_direct, 0.99),
+        );
+        println!(
+            "router overhead, paired (* rows: taking turns request by request): p50 {p50:+.3} ms, \
+             p99 {p99:+.3} ms"
+        );
+        put("router_paired_overhead_p50_ms", p50);
+        put("router_paired_overhead_p99_ms", p99);
+    }
     put("router_internal_overhead_p50_ms", internal_p50);
     put("router_internal_overhead_p99_ms", internal_p99);
     put("router_overhead_p50_ms", overhead(r, d, 0.50));
