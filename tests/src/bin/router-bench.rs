@@ -1035,28 +1035,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "router internal overhead (its histogram, bucket upper bounds): p50 <= {internal_p50:.3} ms, \
          p99 <= {internal_p99:.3} ms"
     );
+    // The headline overhead is the paired one: run after run, the direct baseline's own p99
+    // moves by more than the router adds, so only requests that met the same moments compare.
+    // The sequential difference stays, under its own names.
+    let mut headline_p99 = router_p99;
     if let [paired_direct, paired_router] = router.paired.as_slice() {
         println!(
             "{}\n{}",
             row("direct*", paired_direct),
             row("router*", paired_router)
         );
-        let (p50, p99) = (
+        let (p50, p90, p99) = (
             overhead(paired_router, paired_direct, 0.50),
+            overhead(paired_router, paired_direct, 0.90),
             overhead(paired_router, paired_direct, 0.99),
         );
         println!(
             "router overhead, paired (* rows: taking turns request by request): p50 {p50:+.3} ms, \
-             p99 {p99:+.3} ms"
+             p90 {p90:+.3} ms, p99 {p99:+.3} ms"
         );
-        put("router_paired_overhead_p50_ms", p50);
-        put("router_paired_overhead_p99_ms", p99);
+        put("router_overhead_p50_ms", p50);
+        put("router_overhead_p90_ms", p90);
+        put("router_overhead_p99_ms", p99);
+        headline_p99 = p99;
     }
     put("router_internal_overhead_p50_ms", internal_p50);
     put("router_internal_overhead_p99_ms", internal_p99);
-    put("router_overhead_p50_ms", overhead(r, d, 0.50));
-    put("router_overhead_p90_ms", overhead(r, d, 0.90));
-    put("router_overhead_p99_ms", router_p99);
+    put("router_sequential_overhead_p50_ms", overhead(r, d, 0.50));
+    put("router_sequential_overhead_p90_ms", overhead(r, d, 0.90));
+    put("router_sequential_overhead_p99_ms", router_p99);
     put("router_direct_p50_ms", d.ms(0.50));
     put("router_direct_p99_ms", d.ms(0.99));
     put("router_p50_ms", r.ms(0.50));
@@ -1108,9 +1115,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(cpu) = litellm.cpu.get("target") {
                 put("litellm_cpu_percent", *cpu);
             }
+            // Both sequential, each against the direct run just before it.
             if router_p99 > 0.0 && litellm_p99.is_finite() {
                 let ratio = litellm_p99 / router_p99;
-                println!("p99 overhead, LiteLLM / router: {ratio:.1}x");
+                println!("p99 overhead (sequential), LiteLLM / router: {ratio:.1}x");
                 put("router_litellm_overhead_ratio_p99", ratio);
             }
         }
@@ -1156,8 +1164,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.rate == HEADLINE_RATE {
         notes.push(format!(
-            "target: router p99 overhead <= 1 ms at 1,000 requests/s: {}",
-            if router_p99 <= 1.0 { "met" } else { "NOT met" }
+            "target: router p99 overhead (paired) <= 1 ms at 1,000 requests/s: {}",
+            if headline_p99 <= 1.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
         ));
     }
     for note in &notes {
