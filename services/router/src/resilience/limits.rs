@@ -675,20 +675,7 @@ impl Limiter {
                 && (expected.is_zero()
                     || (waiting == 0 && !state.leasing && start >= state.next_lease));
             if !only_lease {
-                if waiting >= self.capacity {
-                    let refusal = Refused::QueueFull {
-                        waiting,
-                        retry_after: expected,
-                    };
-                    return Err(self.refuse(&mut state, refusal));
-                }
-                if expected > self.max_wait {
-                    let refusal = Refused::WaitTooLong {
-                        expected,
-                        max_wait: self.max_wait,
-                    };
-                    return Err(self.refuse(&mut state, refusal));
-                }
+                self.may_wait(&mut state, waiting, expected)?;
             }
             let id = state.next_id;
             state.next_id += 1;
@@ -738,20 +725,7 @@ impl Limiter {
                         // here on it is a waiter like any other, if the queue would have taken
                         // it. Dropping `place` on the way out gives up its place.
                         unchecked_since = None;
-                        if self.capacity == 0 {
-                            let refusal = Refused::QueueFull {
-                                waiting: 0,
-                                retry_after: expected,
-                            };
-                            return Err(self.refuse(&mut state, refusal));
-                        }
-                        if expected > self.max_wait {
-                            let refusal = Refused::WaitTooLong {
-                                expected,
-                                max_wait: self.max_wait,
-                            };
-                            return Err(self.refuse(&mut state, refusal));
-                        }
+                        self.may_wait(&mut state, 0, expected)?;
                         state.next_step(tokens, false, now)
                     }
                 } else {
@@ -948,6 +922,31 @@ impl Limiter {
     /// Requests refused since the limiter was made.
     pub fn refused(&self) -> u64 {
         self.state().refused
+    }
+
+    /// Whether a request may wait behind `waiting` others for about `expected`: refused when
+    /// the queue is full or the wait would pass `max_wait`.
+    fn may_wait(
+        &self,
+        state: &mut State,
+        waiting: usize,
+        expected: Duration,
+    ) -> Result<(), Refused> {
+        if waiting >= self.capacity {
+            let refusal = Refused::QueueFull {
+                waiting,
+                retry_after: expected,
+            };
+            return Err(self.refuse(state, refusal));
+        }
+        if expected > self.max_wait {
+            let refusal = Refused::WaitTooLong {
+                expected,
+                max_wait: self.max_wait,
+            };
+            return Err(self.refuse(state, refusal));
+        }
+        Ok(())
     }
 
     fn refuse(&self, state: &mut State, refusal: Refused) -> Refused {
