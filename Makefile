@@ -17,7 +17,7 @@ PEER_ARGS ?=
 # Extra arguments for the router bench, e.g. make bench-router ROUTER_ARGS="--rate 500 --skip-litellm"
 ROUTER_ARGS ?=
 
-.PHONY: help deps sdk-env fmt lint build test run bench bench-router up down proto
+.PHONY: help deps sdk-env models fmt lint build test run bench bench-router up down proto
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -51,6 +51,9 @@ sdk-env: ## Install OpenAI's Python client into target/sdk-env (the router's com
 		python3 -m venv $(SDK_ENV) && \
 		$(SDK_ENV)/bin/pip install --quiet --disable-pip-version-check '$(OPENAI_SDK)'; \
 	fi
+
+models: ## Fetch the embedded default's models (SmolLM2-135M GGUF, all-MiniLM-L6-v2) into .cache/models (COLONY_MODELS_DIR)
+	scripts/fetch-models.sh
 
 fmt: ## Format all code
 	$(CARGO) fmt --all
