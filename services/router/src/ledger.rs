@@ -12,8 +12,7 @@
 //! usage event, and their budget reservations stay reserved (their cost is never counted as
 //! spent, but the reserved amount keeps later calls out, erring on the safe side until an
 //! operator resets the row). An orderly shutdown loses nothing: [`LedgerWriter::close`] writes
-//! everything queued. [`record`] still writes one entry synchronously, for callers that must
-//! not answer before the row is committed.
+//! everything queued.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,18 +114,6 @@ pub struct Caller {
     pub attempt: u32,
 }
 
-/// One provider call to account for, borrowed (see [`record`]).
-#[derive(Debug)]
-pub struct Entry<'a> {
-    pub caller: &'a Caller,
-    pub deployment: &'a Deployment,
-    /// `None` when the call succeeded.
-    pub error: Option<ErrorClass>,
-    pub usage: TokenUsage,
-    pub cost_micros: u64,
-    pub latency: Duration,
-}
-
 /// One provider call to account for, owned, for the [`LedgerWriter`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LedgerEntry {
@@ -203,29 +190,8 @@ impl LedgerEntry {
     }
 }
 
-impl From<&Entry<'_>> for LedgerEntry {
-    fn from(entry: &Entry<'_>) -> Self {
-        LedgerEntry::new(
-            entry.caller.clone(),
-            entry.deployment,
-            entry.error,
-            entry.usage,
-            entry.cost_micros,
-            entry.latency,
-        )
-    }
-}
-
 fn db_int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// Writes one entry synchronously, in its own transaction. Returns the row id.
-pub async fn record(pool: &PgPool, entry: &Entry<'_>) -> Result<i64, colony_bus::Error> {
-    let ids = write_batch(pool, &[LedgerEntry::from(entry)]).await?;
-    ids.first()
-        .copied()
-        .ok_or(colony_bus::Error::Database(sqlx::Error::RowNotFound))
 }
 
 /// Writes `entries` in one transaction: their ledger rows (one statement), their usage events

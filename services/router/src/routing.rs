@@ -143,10 +143,6 @@ impl Deployment {
         latency * (1 + self.stats.in_flight.load(Ordering::Relaxed)) as f64
     }
 
-    pub fn latency_ewma(&self) -> Duration {
-        Duration::from_micros(self.stats.latency_ewma_micros.load(Ordering::Relaxed))
-    }
-
     /// Why this deployment cannot take `needs`, if it cannot.
     fn unfit(&self, needs: &Needs) -> Option<Unfit> {
         if needs.local_only && self.privacy != Privacy::Local {

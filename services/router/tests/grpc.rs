@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{rule, scripted, wait_ledger_rows};
+use common::{rule, scripted, stop, wait_ledger_rows};
 
 use colony_bus::subjects::USAGE_RECORDED;
 use colony_proto::prost::Message as _;
@@ -214,8 +214,7 @@ async fn complete_answers_records_the_ledger_and_publishes_usage() {
     );
     wait_ledger_rows(&db, 3).await;
 
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
     let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM router.outbox")
         .fetch_one(&db.pool)
         .await
@@ -353,6 +352,5 @@ async fn chat_completions_speak_openai_and_record_the_ledger() {
 
     // Two answered calls and the failed one are in the ledger; refused requests are not.
     wait_ledger_rows(&db, 3).await;
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use colony_router::config::{Capability, TenantConfig, Tier};
 use colony_testkit::{TestBus, TestDb};
-use common::{rule, scripted, start_with};
+use common::{rule, rule_from, scripted, start_with, stop};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
@@ -38,10 +38,9 @@ async fn openais_python_client_works_unchanged() {
         let mut canned = scripted("canned", Tier::Mid, vec![]);
         canned.capabilities = vec![Capability::Tools, Capability::Streaming];
         canned.script = vec![
-            serde_json::from_value(json!({"contains": "weather", "tool_calls": [
+            rule_from(json!({"contains": "weather", "tool_calls": [
                 {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}
-            ]}))
-            .unwrap(),
+            ]})),
             rule(Some("sunny"), "Sunny in Oslo.", None),
             rule(None, "hello from the router", None),
         ];
@@ -93,6 +92,5 @@ async fn openais_python_client_works_unchanged() {
     );
     assert_eq!(seen["bad_key"]["status"], 401);
 
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }

@@ -11,7 +11,7 @@ use colony_proto::v1::{self, router_client::RouterClient};
 use colony_router::config::{Capability, Privacy, RateLimits, TenantConfig, Tier};
 use colony_router::error::ErrorClass;
 use colony_testkit::{TestBus, TestDb};
-use common::{ledger_rows, rule, scripted, start_with, wait_ledger_rows};
+use common::{ledger_rows, rule, rule_from, scripted, start_with, stop, wait_ledger_rows};
 use futures::StreamExt as _;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -126,8 +126,7 @@ async fn a_failing_deployment_falls_back_and_its_breaker_opens_then_recovers() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +190,7 @@ async fn the_routers_own_rate_limits_answer_429_with_retry_after() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(status.metadata().get("colony-retry-after-ms").is_some());
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,8 +285,7 @@ async fn privacy_capabilities_and_context_window_rules_hold_end_to_end() {
         post(&url, &[], json!({"model": "mid", "messages": user(&long)})).await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-colony-deployment"], "cloud");
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,8 +359,7 @@ async fn tenant_keys_guard_the_api_and_models_lists_the_catalogue() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 /// The body of an SSE response as its `data:` payloads.
@@ -488,8 +484,7 @@ async fn streams_speak_openai_sse_and_grpc_and_are_accounted() {
             ("canned".to_owned(), "ok".to_owned()),
         ]
     );
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,8 +493,7 @@ async fn a_stream_without_a_first_token_in_time_falls_back() {
     let bus = TestBus::new();
     let (runtime, handle) = start_with(&db, &bus, |config| {
         let mut slow: colony_router::config::DeploymentConfig = scripted("slow", Tier::Mid, vec![]);
-        slow.script =
-            vec![serde_json::from_value(json!({"reply": "late", "delay": "3s"})).unwrap()];
+        slow.script = vec![rule_from(json!({"reply": "late", "delay": "3s"}))];
         slow.input_price_per_mtok = 0.0;
         slow.first_token_timeout = Some(Duration::from_millis(200));
         config.deployments = vec![
@@ -536,8 +530,7 @@ async fn a_stream_without_a_first_token_in_time_falls_back() {
         .collect();
     assert_eq!(text, "on time");
     wait_ledger_rows(&db, 2).await;
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,10 +541,9 @@ async fn tool_calls_round_trip_in_openai_shape_streamed_or_not() {
         let mut agent = scripted("agent", Tier::Mid, vec![]);
         agent.capabilities = vec![Capability::Tools];
         agent.script = vec![
-            serde_json::from_value(json!({"contains": "weather", "tool_calls": [
+            rule_from(json!({"contains": "weather", "tool_calls": [
                 {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}
-            ]}))
-            .unwrap(),
+            ]})),
             rule(None, "It is sunny in Oslo.", None),
         ];
         config.deployments = vec![agent];
@@ -640,8 +632,7 @@ async fn tool_calls_round_trip_in_openai_shape_streamed_or_not() {
             .unwrap()
             .contains("tool_call_id")
     );
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -650,10 +641,9 @@ async fn a_hundred_concurrent_calls_overspend_a_tiny_budget_by_at_most_one_reser
     let bus = TestBus::new();
     let (runtime, handle) = start_with(&db, &bus, |config| {
         let mut priced = scripted("priced", Tier::Mid, vec![]);
-        priced.script = vec![
-            serde_json::from_value(json!({"reply": "four words of answer", "delay": "20ms"}))
-                .unwrap(),
-        ];
+        priced.script = vec![rule_from(
+            json!({"reply": "four words of answer", "delay": "20ms"}),
+        )];
         // $10 / $100 per million tokens: a call reserves ~ 4 prompt tokens × 10 + 20 × 100.
         priced.input_price_per_mtok = 10.0;
         priced.output_price_per_mtok = 100.0;
@@ -716,8 +706,7 @@ async fn a_hundred_concurrent_calls_overspend_a_tiny_budget_by_at_most_one_reser
     // One reservation is at most 4 × 10 + 20 × 100 = 2040 micro-USD (the prompt estimate
     // rounds up): reserving never lets the run spend past its limit plus one of them.
     assert!(spent <= 5_000 + 2_040, "spent {spent}");
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -726,13 +715,10 @@ async fn a_client_that_leaves_mid_stream_stops_the_provider_and_the_call_is_stil
     let bus = TestBus::new();
     let (runtime, handle) = start_with(&db, &bus, |config| {
         let mut slow = scripted("slow", Tier::Mid, vec![]);
-        slow.script = vec![
-            serde_json::from_value(json!({
-                "reply": "one two three four five six seven eight nine ten",
-                "piece_delay": "500ms"
-            }))
-            .unwrap(),
-        ];
+        slow.script = vec![rule_from(json!({
+            "reply": "one two three four five six seven eight nine ten",
+            "piece_delay": "500ms"
+        }))];
         config.deployments = vec![slow];
         config.default_deployment = "slow".into();
     })
@@ -765,8 +751,7 @@ async fn a_client_that_leaves_mid_stream_stops_the_provider_and_the_call_is_stil
         (1..10).contains(&completion_tokens),
         "{completion_tokens} of 10 words"
     );
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
 }
 
 /// An upstream answering every request with `status` and `body`, until the returned runtime
@@ -853,8 +838,7 @@ async fn garbage_bodies_and_server_errors_from_real_upstreams_fall_back() {
             ("canned".to_owned(), "ok".to_owned(), None),
         ]
     );
-    runtime.shutdown.cancel();
-    handle.wait().await.unwrap();
+    stop(runtime, handle).await;
     garbage.shutdown.cancel();
     failing.shutdown.cancel();
 }

@@ -80,3 +80,15 @@ pub async fn wait_ledger_rows(db: &TestDb, expected: i64) {
     )
     .await;
 }
+
+/// A script rule from its JSON form, for rules with keys `rule` does not take (`delay`,
+/// `piece_delay`, `tool_calls`).
+pub fn rule_from(value: serde_json::Value) -> ScriptRule {
+    serde_json::from_value(value).unwrap()
+}
+
+/// Shuts a router started by [`start_with`] down and waits until it has.
+pub async fn stop(runtime: Runtime, handle: colony_router::Handle) {
+    runtime.shutdown.cancel();
+    handle.wait().await.unwrap();
+}
