@@ -1,0 +1,14 @@
+//! Embedded local inference: a GGUF chat model run in process through llama.cpp, and sentence
+//! embeddings (all-MiniLM-L6-v2) through candle's BERT — no Python, no model hub, no server.
+//!
+//! Both engines run on their own OS threads behind bounded queues, so an async caller never
+//! blocks a runtime worker on a matrix multiply, and a full queue is refused at once rather than
+//! left to grow. The router serves the chat model as a deployment and the embeddings on
+//! `/v1/embeddings`; the memory service embeds with the same code.
+
+pub mod chat;
+pub mod embed;
+mod files;
+pub mod metrics;
+
+pub use files::{ModelError, check_gguf, require_file};
