@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Why a model could not be loaded. Each message tells the user what to do.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
     #[error("{what} model file {path} is missing: run `make models` to fetch it, or point the config at it")]
     Missing { what: &'static str, path: PathBuf },
@@ -16,6 +16,15 @@ pub enum ModelError {
     },
     #[error("{what} model could not be loaded: {reason}")]
     Load { what: &'static str, reason: String },
+}
+
+/// Where `make models` puts the models: `$COLONY_MODELS_DIR` when set, else `.cache/models` at
+/// the root of the source tree this crate was built from (for tests, benches and `make run`).
+pub fn workspace_models_dir() -> PathBuf {
+    match std::env::var_os("COLONY_MODELS_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"),
+    }
 }
 
 /// Fails with [`ModelError::Missing`] unless `path` is a readable regular file.

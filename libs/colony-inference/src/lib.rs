@@ -8,7 +8,11 @@
 
 pub mod chat;
 pub mod embed;
+mod error;
 mod files;
 pub mod metrics;
+mod worker;
 
-pub use files::{ModelError, check_gguf, require_file};
+pub use error::InferenceError;
+pub use files::{ModelError, check_gguf, require_file, workspace_models_dir};
+pub use worker::Loading;

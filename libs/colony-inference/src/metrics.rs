@@ -38,3 +38,8 @@ pub fn resident_bytes() -> Option<u64> {
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
 }
+
+/// Sets the number of requests waiting for the `kind` model.
+pub(crate) fn gauge_queue_depth(kind: &'static str, depth: usize) {
+    metrics::gauge!(QUEUE_DEPTH, "kind" => kind).set(depth as f64);
+}
