@@ -11,6 +11,14 @@ pub enum InferenceError {
     /// The model could not be loaded; the message says how to fix it.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The prompt leaves no room for an answer in the model's context.
+    #[error(
+        "the prompt is {prompt_tokens} tokens; the local model's context holds {context_tokens}"
+    )]
+    ContextOverflow {
+        prompt_tokens: usize,
+        context_tokens: usize,
+    },
     /// The request itself is unusable (empty input, prompt longer than the context, ...).
     #[error("{0}")]
     InvalidRequest(String),

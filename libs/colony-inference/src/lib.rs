@@ -16,3 +16,8 @@ mod worker;
 pub use error::InferenceError;
 pub use files::{ModelError, check_gguf, require_file, workspace_models_dir};
 pub use worker::Loading;
+
+/// The default chat model's file, relative to the models directory (`make models`).
+pub const DEFAULT_CHAT_MODEL: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default embedding model's directory, relative to the models directory.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "all-minilm-l6-v2";
