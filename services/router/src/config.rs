@@ -125,6 +125,8 @@ pub enum ProviderKind {
     Gemini,
     /// Canned replies from the deployment's `script`, for tests and demos.
     Scripted,
+    /// A GGUF model run inside the router (the `local` table says which and how).
+    Local,
 }
 
 impl ProviderKind {
@@ -134,6 +136,7 @@ impl ProviderKind {
             ProviderKind::Anthropic => "anthropic",
             ProviderKind::Gemini => "gemini",
             ProviderKind::Scripted => "scripted",
+            ProviderKind::Local => "local",
         }
     }
 }
@@ -220,6 +223,9 @@ pub struct DeploymentConfig {
     /// Rules of a scripted deployment, tried in order.
     #[serde(default)]
     pub script: Vec<ScriptRule>,
+    /// The model of a `local` deployment: GGUF path, threads, context, queue bound.
+    #[serde(default)]
+    pub local: Option<colony_inference::chat::ChatConfig>,
 }
 
 fn default_context_window() -> u32 {
@@ -291,13 +297,14 @@ impl DeploymentConfig {
             privacy: None,
             fallbacks: Vec::new(),
             script: Vec::new(),
+            local: None,
         }
     }
 
     /// The declared privacy class, or the provider's default.
     pub fn privacy_class(&self) -> Privacy {
         self.privacy.unwrap_or(match self.provider {
-            ProviderKind::Scripted => Privacy::Local,
+            ProviderKind::Scripted | ProviderKind::Local => Privacy::Local,
             _ => Privacy::External,
         })
     }
@@ -520,6 +527,27 @@ impl DeploymentConfig {
                         _ => "https://host/v1",
                     }
                 )),
+            },
+            ProviderKind::Local => match &self.local {
+                None => problems.push(format!(
+                    "{label}.local: a local deployment needs a [deployments.local] table with model_path (make models fetches the default model)"
+                )),
+                Some(local) => {
+                    if self.context_window > local.context_tokens {
+                        problems.push(format!(
+                            "{label}.context_window: {} is more than the local model's context_tokens ({})",
+                            self.context_window, local.context_tokens
+                        ));
+                    }
+                    if local.queue_capacity == 0 {
+                        problems.push(format!("{label}.local.queue_capacity: must be more than 0"));
+                    }
+                    if self.base_url.is_some() || self.api_key_env.is_some() {
+                        problems.push(format!(
+                            "{label}: base_url and api_key_env apply only to HTTP providers (openai, anthropic, gemini)"
+                        ));
+                    }
+                }
             },
             ProviderKind::Scripted => {
                 if self.script.is_empty() {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use colony_inference::InferenceError;
+
 pub use colony_proto::{ERROR_CLASS_METADATA, ErrorClass};
 use tonic::metadata::MetadataValue;
 
@@ -40,6 +42,9 @@ pub enum ProviderError {
     /// The deployment's circuit breaker is open (the call was not made).
     #[error("{0}")]
     CircuitOpen(crate::resilience::breaker::Open),
+    /// The embedded model could not answer (busy, not loaded, or failed).
+    #[error("{0}")]
+    Local(colony_inference::InferenceError),
 }
 
 impl ProviderError {
@@ -76,6 +81,16 @@ impl ProviderError {
             }
             ProviderError::Queue(_) => ErrorClass::ExternalRateLimit,
             ProviderError::CircuitOpen(_) => ErrorClass::ExternalDegrading,
+            ProviderError::Local(error) => match error {
+                InferenceError::QueueFull { .. } => ErrorClass::ExternalRateLimit,
+                InferenceError::Model(_) | InferenceError::Stopped { .. } => {
+                    ErrorClass::ExternalDegrading
+                }
+                InferenceError::Engine { .. } => ErrorClass::Transient,
+                InferenceError::InvalidRequest(_) | InferenceError::ContextOverflow { .. } => {
+                    ErrorClass::UserFixable
+                }
+            },
         }
     }
 
@@ -85,6 +100,7 @@ impl ProviderError {
             ProviderError::RateLimited { retry_after } => *retry_after,
             ProviderError::Queue(refused) => refused.retry_after(),
             ProviderError::CircuitOpen(open) => open.retry_in,
+            ProviderError::Local(InferenceError::QueueFull { .. }) => Some(LOCAL_QUEUE_RETRY),
             _ => None,
         }
     }
@@ -97,6 +113,9 @@ impl ProviderError {
         )
     }
 }
+
+/// When to try a full local model's queue again: a queued answer takes about a second.
+const LOCAL_QUEUE_RETRY: Duration = Duration::from_secs(1);
 
 fn mentions_context_length(message: &str) -> bool {
     let message = message.to_ascii_lowercase();

@@ -127,6 +127,9 @@ fn invalid(message: impl Into<String>) -> Error {
 }
 
 /// Validates a request and converts it to the domain (the HTTP edge's requests too).
+/// Stop sequences a request may give (OpenAI's limit).
+pub(crate) const MAX_STOP_SEQUENCES: usize = 4;
+
 pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
     if request.tenant.trim().is_empty() {
         return Err(invalid("tenant must not be empty"));
@@ -147,6 +150,18 @@ pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
     {
         return Err(invalid(format!(
             "temperature must be a number >= 0, not {temperature}"
+        )));
+    }
+    if let Some(top_p) = request.top_p
+        && !(top_p > 0.0 && top_p <= 1.0)
+    {
+        return Err(invalid(format!(
+            "top_p must be more than 0 and at most 1, not {top_p}"
+        )));
+    }
+    if request.stop.len() > MAX_STOP_SEQUENCES || request.stop.iter().any(String::is_empty) {
+        return Err(invalid(format!(
+            "stop: at most {MAX_STOP_SEQUENCES} sequences, none of them empty"
         )));
     }
     let messages = request
@@ -188,6 +203,9 @@ pub(crate) fn parse(request: v1::CompleteRequest) -> Result<Call, Error> {
             messages,
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
             temperature: request.temperature,
+            top_p: request.top_p,
+            seed: request.seed,
+            stop: request.stop,
             tools,
             tool_choice,
             json_mode: request.json_mode,

@@ -127,7 +127,7 @@ pub fn routes(service: Arc<Service>, tenants: Tenants) -> Router {
 }
 
 /// An OpenAI chat completion request: the fields the router acts on. Other fields OpenAI
-/// clients send (`top_p`, `user`, …) are accepted and ignored.
+/// clients send (`user`, `presence_penalty`, …) are accepted and ignored.
 #[derive(Debug, Deserialize)]
 struct ChatCompletionRequest {
     model: String,
@@ -138,6 +138,13 @@ struct ChatCompletionRequest {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    /// A string or an array of strings.
+    #[serde(default)]
+    stop: Option<Value>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -293,7 +300,10 @@ impl From<Error> for ApiError {
                 Some("rate_limit_too_small"),
             ),
             Error::Provider {
-                source: ProviderError::RateLimited { .. } | ProviderError::Queue(_),
+                source:
+                    ProviderError::RateLimited { .. }
+                    | ProviderError::Queue(_)
+                    | ProviderError::Local(colony_inference::InferenceError::QueueFull { .. }),
                 ..
             } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -536,6 +546,26 @@ fn complete_request(
             ));
         }
     };
+    let stop = match request.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(stop)) => vec![stop],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(stop) => Ok(stop),
+                _ => Err(ApiError::invalid(
+                    "stop: expected a string or an array of strings",
+                    Some("stop"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop: expected a string or an array of strings",
+                Some("stop"),
+            ));
+        }
+    };
     let (deployment, tier) = match Tier::from_name(&request.model) {
         Some(tier) => (String::new(), tier.as_str().to_owned()),
         None => (request.model, String::new()),
@@ -553,6 +583,9 @@ fn complete_request(
             .or(request.max_tokens)
             .unwrap_or(0),
         temperature: request.temperature,
+        top_p: request.top_p,
+        seed: request.seed,
+        stop,
         tools,
         tool_choice,
         json_mode,

@@ -409,6 +409,9 @@ fn tool_request() -> ChatRequest {
         ],
         max_tokens: Some(64),
         temperature: Some(0.5),
+        top_p: Some(0.9),
+        seed: Some(7),
+        stop: vec!["END".into()],
         tools: vec![ToolSpec {
             name: "weather".into(),
             description: "Weather of a city".into(),
@@ -581,6 +584,9 @@ async fn openai_sends_tools_tool_results_and_json_mode_and_reads_tool_calls() {
             ],
             "max_tokens": 64,
             "temperature": 0.5,
+            "top_p": 0.9,
+            "seed": 7,
+            "stop": ["END"],
             "tools": [{"type": "function", "function": {
                 "name": "weather",
                 "description": "Weather of a city",
@@ -740,6 +746,8 @@ async fn anthropic_sends_tool_use_and_tool_result_blocks_and_reads_tool_calls() 
                 ]}
             ],
             "temperature": 0.5,
+            "top_p": 0.9,
+            "stop_sequences": ["END"],
             "tools": [{
                 "name": "weather",
                 "description": "Weather of a city",
@@ -858,6 +866,9 @@ async fn gemini_sends_contents_function_calls_and_responses_and_reads_calls() {
             "generationConfig": {
                 "maxOutputTokens": 64,
                 "temperature": 0.5,
+                "topP": 0.9,
+                "seed": 7,
+                "stopSequences": ["END"],
                 "responseMimeType": "application/json"
             },
             "tools": [{"functionDeclarations": [{

@@ -60,6 +60,10 @@ struct Body<'a> {
     messages: Vec<Message>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,6 +155,8 @@ fn body<'a>(model: &'a str, request: &'a ChatRequest, stream: bool) -> Body<'a> 
         system: system.join("\n\n"),
         messages: alternating(request),
         temperature: request.temperature,
+        top_p: request.top_p,
+        stop_sequences: request.stop.clone(),
         tools,
         tool_choice,
         stream,

@@ -69,6 +69,12 @@ struct Content {
     parts: Vec<Value>,
 }
 
+/// The number as the user wrote it: an `f32` widened directly would send 0.9 as
+/// 0.8999999761581421.
+fn decimal(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
 fn body(request: &ChatRequest) -> Body {
     let system: Vec<&str> = request
         .messages
@@ -81,7 +87,17 @@ fn body(request: &ChatRequest) -> Body {
         config.insert("maxOutputTokens".into(), max_tokens.into());
     }
     if let Some(temperature) = request.temperature {
-        config.insert("temperature".into(), temperature.into());
+        config.insert("temperature".into(), decimal(temperature).into());
+    }
+    if let Some(top_p) = request.top_p {
+        config.insert("topP".into(), decimal(top_p).into());
+    }
+    if let Some(seed) = request.seed {
+        // Gemini takes a 32-bit seed.
+        config.insert("seed".into(), (seed as u32 as i64).into());
+    }
+    if !request.stop.is_empty() {
+        config.insert("stopSequences".into(), request.stop.clone().into());
     }
     if request.json_mode {
         config.insert("responseMimeType".into(), "application/json".into());

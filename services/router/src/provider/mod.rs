@@ -3,6 +3,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod local;
 pub mod openai;
 pub mod scripted;
 mod sse;
@@ -93,6 +94,12 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// Nucleus sampling threshold.
+    pub top_p: Option<f32>,
+    /// Makes sampling repeatable where the provider supports it.
+    pub seed: Option<u64>,
+    /// The answer ends before the first of these strings.
+    pub stop: Vec<String>,
     pub tools: Vec<ToolSpec>,
     /// `None` leaves it to the provider (auto when tools are given).
     pub tool_choice: Option<ToolChoice>,
@@ -271,6 +278,7 @@ pub fn build(config: &DeploymentConfig) -> anyhow::Result<Arc<dyn Provider>> {
         ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(config)?),
         ProviderKind::Gemini => Arc::new(gemini::Gemini::new(config)?),
         ProviderKind::Scripted => Arc::new(scripted::Scripted::new(config.script.clone())),
+        ProviderKind::Local => Arc::new(local::Local::new(config)?),
     })
 }
 

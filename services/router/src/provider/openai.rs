@@ -43,6 +43,12 @@ struct Body<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +118,9 @@ fn body<'a>(model: &'a str, request: &'a ChatRequest, stream: bool) -> Body<'a> 
         messages,
         max_tokens: request.max_tokens,
         temperature: request.temperature,
+        top_p: request.top_p,
+        seed: request.seed,
+        stop: &request.stop,
         tools,
         tool_choice,
         response_format: request.json_mode.then(|| json!({"type": "json_object"})),

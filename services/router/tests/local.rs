@@ -1,0 +1,305 @@
+//! The embedded chat model as a router deployment, against the real SmolLM2 GGUF (`make models`
+//! fetches it): generated text and exact usage over gRPC and the OpenAI-compatible API, privacy
+//! routing, streaming, stop sequences, seeded sampling, and a full queue refused as a rate limit.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+mod common;
+
+use common::{stop, wait_ledger_rows};
+
+use colony_inference::chat::{ChatConfig, ChatMessage, ChatModel};
+use colony_inference::{DEFAULT_CHAT_MODEL, workspace_models_dir};
+use colony_proto::v1::{self, router_client::RouterClient};
+use colony_router::config::{Capability, DeploymentConfig, ProviderKind, Tier};
+use colony_runtime::Runtime;
+use colony_testkit::{TestBus, TestDb};
+use serde_json::{Value, json};
+
+fn chat_config(queue_capacity: usize) -> ChatConfig {
+    let path = workspace_models_dir().join(DEFAULT_CHAT_MODEL);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make models`",
+        path.display()
+    );
+    // One thread: tests run side by side, and llama.cpp's threads spin while they wait.
+    ChatConfig {
+        threads: 1,
+        context_tokens: 1024,
+        queue_capacity,
+        ..ChatConfig::new(path)
+    }
+}
+
+fn local_deployment(queue_capacity: usize) -> DeploymentConfig {
+    DeploymentConfig {
+        tier: Tier::Budget,
+        context_window: 1024,
+        max_output_tokens: 128,
+        capabilities: vec![Capability::Streaming],
+        local: Some(chat_config(queue_capacity)),
+        ..DeploymentConfig::new("smol", ProviderKind::Local, "smollm2-135m-instruct")
+    }
+}
+
+/// The router with the local model as its default, beside an external deployment that is
+/// never reachable (so a request that went there would fail).
+async fn start(
+    db: &TestDb,
+    bus: &TestBus,
+    queue_capacity: usize,
+) -> (Runtime, colony_router::Handle) {
+    common::start_with(db, bus, |config| {
+        config.default_deployment = "smol".into();
+        config.resilience.retry.max_attempts = 1;
+        config.deployments = vec![
+            local_deployment(queue_capacity),
+            DeploymentConfig {
+                tier: Tier::Budget,
+                base_url: Some("http://127.0.0.1:9/v1".into()),
+                capabilities: vec![Capability::Streaming],
+                ..DeploymentConfig::new("remote", ProviderKind::OpenAi, "gpt-test")
+            },
+        ];
+    })
+    .await
+}
+
+async fn chat(handle: &colony_router::Handle, body: Value) -> (reqwest::StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", handle.http_addr))
+        .header("x-colony-tenant", "acme")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// The text of a streamed answer: its `content` deltas joined, and the usage chunk.
+async fn chat_streamed(handle: &colony_router::Handle, mut body: Value) -> (String, Value) {
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", handle.http_addr))
+        .header("x-colony-tenant", "acme")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut content = String::new();
+    let mut usage = Value::Null;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(piece);
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    (content, usage)
+}
+
+fn question(text: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": "smol",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": text}
+        ],
+        "max_tokens": max_tokens
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_model_answers_over_grpc_with_exact_usage_and_privacy_routing() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start(&db, &bus, 4).await;
+    let mut client = RouterClient::connect(format!("http://{}", handle.grpc_addr))
+        .await
+        .unwrap();
+    let messages = vec![
+        v1::ChatMessage {
+            role: "system".into(),
+            content: "You are a helpful assistant.".into(),
+            ..Default::default()
+        },
+        v1::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+            ..Default::default()
+        },
+    ];
+    // local_only with no deployment named: only the local model may take it.
+    let response = client
+        .complete(v1::CompleteRequest {
+            tenant: "acme".into(),
+            messages: messages.clone(),
+            max_tokens: 24,
+            local_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.deployment, "smol");
+    assert_eq!(response.provider, "local");
+    assert!(
+        response
+            .content
+            .chars()
+            .filter(|c| c.is_alphabetic())
+            .count()
+            > 3,
+        "generated text: {:?}",
+        response.content
+    );
+
+    // The usage is the model's own count of the prompt it read and the tokens it wrote.
+    let model = ChatModel::load(&chat_config(1)).unwrap();
+    let prompt = model
+        .render_prompt(&[
+            ChatMessage::new("system", "You are a helpful assistant."),
+            ChatMessage::new("user", "What is the capital of France?"),
+        ])
+        .unwrap();
+    let usage = response.usage.unwrap();
+    assert_eq!(
+        usage.prompt_tokens as usize,
+        model.tokenize(&prompt, true).len()
+    );
+    assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 24);
+
+    wait_ledger_rows(&db, 1).await;
+    let (prompt_tokens, completion_tokens): (i64, i64) =
+        sqlx::query_as("SELECT prompt_tokens, completion_tokens FROM router.usage_ledger")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(prompt_tokens, i64::try_from(usage.prompt_tokens).unwrap());
+    assert_eq!(
+        completion_tokens,
+        i64::try_from(usage.completion_tokens).unwrap()
+    );
+
+    stop(runtime, handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_and_whole_answers_agree_and_stop_and_seed_work_over_http() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start(&db, &bus, 4).await;
+
+    let body = question("Name the planets of the solar system.", 32);
+    let (status, whole) = chat(&handle, body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!text.trim().is_empty());
+    let (streamed, usage) = chat_streamed(&handle, body.clone()).await;
+    assert_eq!(streamed, text, "greedy: the stream carries the same text");
+    assert_eq!(
+        usage["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+    assert_eq!(usage["prompt_tokens"], whole["usage"]["prompt_tokens"]);
+
+    // A stop sequence from the middle of the answer cuts it there.
+    let word = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 4)
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let mut stopped_body = body.clone();
+    stopped_body["stop"] = json!([word]);
+    let (_, stopped) = chat(&handle, stopped_body).await;
+    let cut = text.find(&word).unwrap();
+    assert_eq!(
+        stopped["choices"][0]["message"]["content"],
+        json!(&text[..cut])
+    );
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    // Sampling with a seed repeats itself.
+    let mut sampled = question("Invent a name for a cat.", 12);
+    sampled["temperature"] = json!(1.0);
+    sampled["top_p"] = json!(0.9);
+    sampled["seed"] = json!(1234);
+    let (_, a) = chat(&handle, sampled.clone()).await;
+    let (_, b) = chat(&handle, sampled).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+
+    stop(runtime, handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_is_a_rate_limit_and_a_gone_client_frees_the_model() {
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = start(&db, &bus, 1).await;
+    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
+    let client = reqwest::Client::new();
+
+    // A long streamed answer occupies the model ...
+    let mut long_body = question("Write a very long story about a dragon.", 120);
+    long_body["stream"] = json!(true);
+    let mut long = client
+        .post(&url)
+        .header("x-colony-tenant", "acme")
+        .json(&long_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    assert!(long.chunk().await.unwrap().is_some(), "the answer started");
+
+    // ... one more request may wait (it is answered later), the next is refused at once.
+    let waiting = runtime.spawn({
+        let handle_url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(handle_url)
+                .header("x-colony-tenant", "acme")
+                .json(&question("Say hello.", 4))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let refused = colony_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "a request refused by the full queue",
+        || async {
+            let (status, body) = chat(&handle, question("Say hello.", 4)).await;
+            (status == 429).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "rate_limit_exceeded", "{refused}");
+
+    // The long answer's client goes away: the model stops it and answers the waiting one.
+    drop(long);
+    assert_eq!(waiting.await.unwrap(), 200);
+
+    stop(runtime, handle).await;
+}
