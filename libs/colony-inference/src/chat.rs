@@ -18,7 +18,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::worker::{Job, ModelQueue};
@@ -27,7 +27,7 @@ use crate::{InferenceError, Loading, ModelError, check_gguf, metrics};
 const KIND: &str = "chat";
 
 /// How the local chat model is run.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatConfig {
     /// The GGUF file (`make models` fetches SmolLM2-135M-Instruct).

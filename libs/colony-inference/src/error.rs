@@ -3,7 +3,7 @@
 use crate::ModelError;
 
 /// Why a request to a local model was not answered.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InferenceError {
     /// The model's queue is full: the caller should back off (RESOURCE_EXHAUSTED / HTTP 429).
     #[error("the local {kind} model is busy: {capacity} requests are already waiting")]

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Why a model could not be loaded. Each message tells the user what to do.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
     #[error(
         "{what} model file {path} is missing: run `make models` to fetch it, or point the config at it"

@@ -4,14 +4,14 @@
 //! async runtime worker, and the queue in front of it has a fixed bound so a burst is refused at
 //! once (the caller sees [`InferenceError::QueueFull`]) instead of piling up unbounded latency.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::metrics;
 use crate::{InferenceError, ModelError};
 
 /// When a model is read into memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Loading {
     /// At start: a missing or corrupt model stops the service with a clear error.
