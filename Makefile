@@ -9,6 +9,8 @@ SHELL := bash
 .NOTPARALLEL:
 
 CARGO ?= cargo
+# apt-get runs through sudo unless make already runs as root.
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 COMPOSE ?= docker compose
 # Extra arguments for `make bench`, e.g. make bench ARGS="--runs 5000 --workers 4"
 ARGS ?=
@@ -17,7 +19,7 @@ PEER_ARGS ?=
 # Extra arguments for the router bench, e.g. make bench-router ROUTER_ARGS="--rate 500 --skip-litellm"
 ROUTER_ARGS ?=
 
-.PHONY: help deps sdk-env models fmt lint build test run bench bench-router up down proto
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router up down proto
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -42,6 +44,14 @@ help: ## List the targets
 deps: ## Make sure PostgreSQL (127.0.0.1:5432) and NATS+JetStream (127.0.0.1:4222) are up
 	scripts/ensure-services.sh
 
+# llama.cpp is compiled into the router (the embedded chat model): its build needs cmake, and
+# libclang for the generated bindings. Installed from Debian's packages when missing.
+build-deps: ## Install what compiling llama.cpp needs (cmake, libclang-dev) when missing
+	@if ! command -v cmake >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
+		echo "installing cmake and libclang-dev (needed to compile llama.cpp)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libclang-dev; \
+	fi
+
 # OpenAI's official Python client, for the router's compatibility test (version pinned).
 SDK_ENV := target/sdk-env
 OPENAI_SDK := openai==3.57.0
@@ -58,14 +68,14 @@ models: ## Fetch the embedded default's models (SmolLM2-135M GGUF, all-MiniLM-L6
 fmt: ## Format all code
 	$(CARGO) fmt --all
 
-lint: ## Check formatting and run clippy with warnings denied
+lint: build-deps ## Check formatting and run clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-build: ## Build every binary in the workspace (debug)
+build: build-deps ## Build every binary in the workspace (debug)
 	$(CARGO) build --workspace --bins
 
-test: deps sdk-env lint build ## deps, sdk-env, lint, build, then the whole test suite (nextest if installed)
+test: deps build-deps models sdk-env lint build ## deps, build-deps, models, sdk-env, lint, build, then the whole test suite (nextest if installed)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
@@ -74,10 +84,10 @@ test: deps sdk-env lint build ## deps, sdk-env, lint, build, then the whole test
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
-run: ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
+run: build-deps models ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps ## Dispatch bench (Colony), peer-queue bench (apalis-postgres) and router bench on release builds, then a summary (docs/benchmarks.md)
+bench: deps build-deps models ## Dispatch bench (Colony), peer-queue bench (apalis-postgres) and router bench on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
@@ -92,7 +102,7 @@ bench: deps ## Dispatch bench (Colony), peer-queue bench (apalis-postgres) and r
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
 
-bench-router: deps ## Router overhead bench only (0-ms stub: direct, router, LiteLLM proxy), then its summary
+bench-router: deps build-deps ## Router overhead bench only (0-ms stub: direct, router, LiteLLM proxy), then its summary
 	$(ROUTER_BENCH)
 	@$(call bench_summary,$(ROUTER_KEYS))
 

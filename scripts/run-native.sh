@@ -162,8 +162,8 @@ for svc in "${SERVICES[@]}"; do
 done
 echo "  logs                       $RUN_DIR/<service>.log   (tail -f $RUN_DIR/*.log)"
 echo "  config                     $CONFIG_DIR/<service>.toml"
-echo "  LLM                        default is the scripted demo deployment; configure a real"
-echo "                             provider in $CONFIG_DIR/router.toml"
+echo "  LLM                        default is SmolLM2-135M run inside the router (offline, small);"
+echo "                             add or choose providers in $CONFIG_DIR/router.toml"
 echo
 echo "Submit a goal:  $BIN_DIR/colony run \"summarise this repository\" --follow"
 echo "Stop:           Ctrl-C"

@@ -64,6 +64,10 @@ pub struct Handle {
 /// addresses are in the handle), starts the gRPC server, the health endpoints and the outbox
 /// relay, and marks the runtime ready.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
+    // The recorder first: what is described or recorded before it exists is lost (the local
+    // model records its size while the deployments are built).
+    colony_telemetry::prometheus();
+    colony_inference::metrics::describe();
     metrics::describe();
     resilience::describe();
     ledger::describe_metrics();
