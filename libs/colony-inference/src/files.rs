@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 /// Why a model could not be loaded. Each message tells the user what to do.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
-    #[error("{what} model file {path} is missing: run `make models` to fetch it, or point the config at it")]
+    #[error(
+        "{what} model file {path} is missing: run `make models` to fetch it, or point the config at it"
+    )]
     Missing { what: &'static str, path: PathBuf },
-    #[error("{what} model file {path} is not usable ({reason}): it may be truncated or corrupt; run `make models` to fetch it again")]
+    #[error(
+        "{what} model file {path} is not usable ({reason}): it may be truncated or corrupt; run `make models` to fetch it again"
+    )]
     Corrupt {
         what: &'static str,
         path: PathBuf,
@@ -55,7 +59,9 @@ pub fn check_gguf(path: &Path, what: &'static str) -> Result<(), ModelError> {
         .and_then(|mut file| file.read_exact(&mut magic))
         .map_err(|err| corrupt(format!("cannot read its header: {err}")))?;
     if &magic != GGUF_MAGIC {
-        return Err(corrupt("it does not start with the GGUF magic bytes".into()));
+        return Err(corrupt(
+            "it does not start with the GGUF magic bytes".into(),
+        ));
     }
     Ok(())
 }

@@ -13,14 +13,21 @@ pub const TOKENS: &str = "colony_inference_tokens_total";
 
 /// Describes the metrics once, so `/metrics` carries their help text.
 pub fn describe() {
-    metrics::describe_gauge!(MODEL_BYTES, metrics::Unit::Bytes, "Bytes of a loaded model's weights");
+    metrics::describe_gauge!(
+        MODEL_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of a loaded model's weights"
+    );
     metrics::describe_gauge!(
         RESIDENT_BYTES,
         metrics::Unit::Bytes,
         "Resident memory of the process, read after each model load"
     );
     metrics::describe_gauge!(QUEUE_DEPTH, "Requests waiting for a local model");
-    metrics::describe_counter!(QUEUE_REFUSED, "Requests refused because a local model's queue was full");
+    metrics::describe_counter!(
+        QUEUE_REFUSED,
+        "Requests refused because a local model's queue was full"
+    );
     metrics::describe_counter!(TOKENS, "Tokens processed by a local model");
 }
 
