@@ -1,6 +1,7 @@
-//! Sentence embeddings with all-MiniLM-L6-v2, run in process through candle's BERT.
+//! Sentence embeddings with all-MiniLM-L6-v2, run in process on candle tensors.
 //!
-//! [`MiniLm`] is the synchronous model: tokenise, run the encoder, mean-pool the token vectors
+//! [`MiniLm`] is the synchronous model: tokenise, run the BERT encoder (`embed/bert.rs`: candle's
+//! maths with the passes between the multiplies fused), mean-pool the token vectors
 //! over the attention mask and L2-normalise — the same recipe as the sentence-transformers
 //! library, so vectors from it and from Python are interchangeable. [`Embedder`] puts one
 //! `MiniLm` on its own thread behind a bounded queue and batches concurrent requests into one
@@ -11,12 +12,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::worker::{Job, ModelQueue};
+
+mod bert;
 use crate::{InferenceError, Loading, ModelError, metrics, require_file};
 
 /// The `kind` label of this engine in errors, metrics and thread names.
@@ -91,7 +94,7 @@ struct Tokens {
 /// all-MiniLM-L6-v2 in memory: the synchronous model. Not shared between threads; [`Embedder`]
 /// gives it a thread of its own.
 pub struct MiniLm {
-    model: BertModel,
+    encoder: bert::Encoder,
     tokenizer: Tokenizer,
     device: Device,
     dimensions: usize,
@@ -135,7 +138,7 @@ impl MiniLm {
         let device = Device::Cpu;
         let vars = VarBuilder::from_slice_safetensors(&weights, DType::F32, &device)
             .map_err(|err| corrupt(&weights_path, err.to_string()))?;
-        let model = BertModel::load(vars, &bert_config)
+        let encoder = bert::Encoder::load(vars, &bert_config)
             .map_err(|err| corrupt(&weights_path, format!("it does not hold this model: {err}")))?;
 
         let name = config.model_name();
@@ -147,7 +150,7 @@ impl MiniLm {
             "embedding model loaded"
         );
         Ok(Self {
-            model,
+            encoder,
             tokenizer,
             device,
             dimensions: bert_config.hidden_size,
@@ -204,18 +207,17 @@ impl MiniLm {
         let rows = batch.len();
         let width = batch.iter().map(|text| text.ids.len()).max().unwrap_or(0);
         let mut ids = vec![0u32; rows * width];
-        let mut mask = vec![0u32; rows * width];
+        // Added to the attention scores: padded keys get the lowest float, so their weight after
+        // the softmax is exactly zero and a text's vector does not depend on its batch.
+        let mut mask_bias = vec![f32::MIN; rows * width];
         for (row, text) in batch.iter().enumerate() {
             let start = row * width;
             ids[start..start + text.ids.len()].copy_from_slice(&text.ids);
-            mask[start..start + text.ids.len()].fill(1);
+            mask_bias[start..start + text.ids.len()].fill(0.0);
         }
         let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, width), &self.device)?;
-        let token_types = ids.zeros_like()?;
-        // BERT turns the mask into a large negative bias on padded keys, so a text's vector does
-        // not depend on what it was batched with.
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
+        let mask_bias = Tensor::from_vec(mask_bias, (rows, width), &self.device)?;
+        let hidden = self.encoder.forward(&ids, &mask_bias)?;
         let hidden = hidden.to_vec3::<f32>()?;
         Ok(batch
             .iter()
