@@ -223,3 +223,63 @@ fn corrupt_weights_are_reported_as_corrupt() {
     assert!(text.contains("make models"), "{text}");
     assert!(text.contains("model.safetensors"), "{text}");
 }
+
+/// Throughput, for people tuning the encoder — not a pass/fail check (timings depend on the
+/// machine and its load). Run it in release mode:
+/// `cargo test --release -p colony-inference --test embed -- --ignored --nocapture throughput`
+#[test]
+#[ignore = "a measurement, not a check; run in release mode"]
+fn throughput() {
+    let words = [
+        "the",
+        "orchestrator",
+        "assigns",
+        "a",
+        "task",
+        "to",
+        "every",
+        "idle",
+        "agent",
+        "worker",
+        "and",
+        "waits",
+        "for",
+        "its",
+        "answer",
+        "before",
+        "the",
+        "memory",
+        "service",
+        "stores",
+        "it",
+        "in",
+        "postgres",
+        "queue",
+    ];
+    // ~10-15 words each, like chat messages and memory snippets.
+    let sentences: Vec<String> = (0..640)
+        .map(|i| {
+            let length = 10 + i % 6;
+            let mut sentence: Vec<&str> = (0..length)
+                .map(|j| words[(i * 7 + j * j + 3 * j) % words.len()])
+                .collect();
+            sentence.push("today.");
+            sentence.join(" ")
+        })
+        .collect();
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let model = model();
+    let _ = model.embed(&texts[..32]).expect("warm up");
+    for batch in [32, 1] {
+        let count = if batch == 1 { 160 } else { texts.len() };
+        let started = std::time::Instant::now();
+        for chunk in texts[..count].chunks(batch) {
+            model.embed(chunk).expect("embed");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "batch {batch:>2}: {count} sentences in {seconds:.2} s = {:.0} sentences/s",
+            count as f64 / seconds
+        );
+    }
+}
