@@ -217,27 +217,32 @@ impl MiniLm {
         }
         let ids = Tensor::from_vec(ids, (rows, width), &self.device)?;
         let mask_bias = Tensor::from_vec(mask_bias, (rows, width), &self.device)?;
-        let hidden = self.encoder.forward(&ids, &mask_bias)?;
-        let hidden = hidden.to_vec3::<f32>()?;
+        // One flat copy out of the tensor; pooling reads each text's rows from it in place.
+        let hidden = self
+            .encoder
+            .forward(&ids, &mask_bias)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(batch
             .iter()
-            .zip(hidden)
-            .map(|(text, states)| mean_pool_normalised(&states[..text.ids.len()]))
+            .zip(hidden.chunks_exact(width * self.dimensions))
+            .map(|(text, states)| {
+                mean_pool_normalised(&states[..text.ids.len() * self.dimensions], self.dimensions)
+            })
             .collect())
     }
 }
 
 /// The mean of the real tokens' vectors (padding excluded), scaled to unit length. The norm is
 /// floored at 1e-12 as in PyTorch's `normalize`, so a zero vector stays zero instead of NaN.
-fn mean_pool_normalised(states: &[Vec<f32>]) -> Vec<f32> {
-    let width = states.first().map_or(0, Vec::len);
+fn mean_pool_normalised(states: &[f32], width: usize) -> Vec<f32> {
     let mut mean = vec![0f32; width];
-    for state in states {
+    for state in states.chunks_exact(width) {
         for (sum, value) in mean.iter_mut().zip(state) {
             *sum += value;
         }
     }
-    let count = states.len().max(1) as f32;
+    let count = (states.len() / width).max(1) as f32;
     mean.iter_mut().for_each(|value| *value /= count);
     let norm = mean.iter().map(|value| value * value).sum::<f32>().sqrt();
     let norm = norm.max(1e-12);
