@@ -91,8 +91,9 @@ struct Tokens {
     ids: Vec<u32>,
 }
 
-/// all-MiniLM-L6-v2 in memory: the synchronous model. Not shared between threads; [`Embedder`]
-/// gives it a thread of its own.
+/// all-MiniLM-L6-v2 in memory: the synchronous model. A call runs on the caller's thread (and
+/// rayon's pool, for the matrix multiplies) until the vectors are ready; [`Embedder`] gives the
+/// model a thread of its own so that async callers never block a runtime worker on it.
 pub struct MiniLm {
     encoder: bert::Encoder,
     tokenizer: Tokenizer,
@@ -119,7 +120,8 @@ impl MiniLm {
         // The shipped tokenizer pads every input to 128 tokens; padding is done here per batch
         // instead (to the longest text in it), so short sentences cost what they are.
         tokenizer.with_padding(None);
-        // Two positions go to [CLS] and [SEP]; the model has no positions past its maximum.
+        // At least the two positions of [CLS] and [SEP] (the tokenizer subtracts them from the
+        // limit), at most the positions the model has embeddings for.
         let max_tokens = config
             .max_tokens
             .clamp(2, bert_config.max_position_embeddings);
@@ -297,8 +299,8 @@ impl Embedder {
     /// corrupt file is returned here; with [`Loading::Lazy`] it is loaded on the first request.
     pub fn start(config: EmbedConfig) -> Result<Self, ModelError> {
         let model: Arc<str> = config.model_name().into();
-        // Known before the model is loaded (a lazy model reports it from the first call on); the
-        // model's own value wins when the config cannot be read yet and it is loaded later.
+        // Read now, so that a lazy embedder can report its width before it loads (callers size
+        // storage by it); all-MiniLM-L6-v2's 384 when config.json cannot be read yet.
         let dimensions = read_config(&config.model_dir.join(CONFIG_FILE))
             .map_or(DEFAULT_DIMENSIONS, |bert| bert.hidden_size);
         let batch_size = config.batch_size.max(1);
@@ -352,8 +354,8 @@ fn serve(
     queue: &mut mpsc::Receiver<EmbedJob>,
     batch_size: usize,
 ) {
+    let mut texts = first.texts.len();
     let mut jobs = vec![first];
-    let mut texts = jobs[0].texts.len();
     while texts < batch_size {
         match queue.try_recv() {
             Ok(job) => {
