@@ -14,10 +14,10 @@ pipeline is assembled here from the library's own modules with those settings.
 Run it from the repository root, in a throwaway virtual environment (torch from PyPI is a CUDA
 build of several GB; the CPU is all it uses here):
 
-    python3 -m venv /tmp/st-venv
-    /tmp/st-venv/bin/pip install torch sentence-transformers
+    python3 -m venv "$VENV"        # any directory outside the repository
+    "$VENV"/bin/pip install torch sentence-transformers
     make models
-    /tmp/st-venv/bin/python scripts/embedding-reference.py [MODELS_DIR]
+    "$VENV"/bin/python scripts/embedding-reference.py [MODELS_DIR]
 
 MODELS_DIR defaults to $COLONY_MODELS_DIR, else .cache/models.
 
