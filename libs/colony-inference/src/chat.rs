@@ -9,6 +9,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -149,6 +150,13 @@ pub struct ChatUsage {
     pub finish: FinishReason,
 }
 
+/// Where the time of the last answer went: reading the prompt, then writing the answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatTimings {
+    pub prompt: Duration,
+    pub generation: Duration,
+}
+
 /// A streamed piece of an answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChatEvent {
@@ -191,6 +199,7 @@ pub struct ChatModel {
     context_tokens: u32,
     batch_tokens: usize,
     default_max_tokens: u32,
+    last_timings: ChatTimings,
 }
 
 impl ChatModel {
@@ -239,12 +248,18 @@ impl ChatModel {
             context_tokens,
             batch_tokens: batch_tokens as usize,
             default_max_tokens: config.default_max_tokens.max(1),
+            last_timings: ChatTimings::default(),
         })
     }
 
     /// The model's name: its file name without the extension.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How long the last answer took to read its prompt and to generate.
+    pub fn last_timings(&self) -> ChatTimings {
+        self.last_timings
     }
 
     /// Tokens the context holds.
@@ -313,6 +328,8 @@ impl ChatModel {
         let max_tokens = max_tokens.min(room);
         let mut sampler = sampler(request);
 
+        self.last_timings = ChatTimings::default();
+        let prompt_started = Instant::now();
         self.context.clear_kv_cache();
         let mut batch = LlamaBatch::new(self.batch_tokens, 1);
         let last = prompt_tokens.len() - 1;
@@ -334,6 +351,8 @@ impl ChatModel {
         ::metrics::counter!(metrics::TOKENS, "kind" => KIND, "phase" => "prompt")
             .increment(prompt_tokens.len() as u64);
 
+        self.last_timings.prompt = prompt_started.elapsed();
+        let generation_started = Instant::now();
         let mut text = StopScanner::new(&request.stop);
         let mut generated = 0usize;
         let mut position = prompt_tokens.len();
@@ -372,6 +391,7 @@ impl ChatModel {
                 .decode(&mut batch)
                 .map_err(|err| engine(format!("decode failed: {err}")))?;
         };
+        self.last_timings.generation = generation_started.elapsed();
         if finish != FinishReason::Cancelled {
             let rest = text.finish();
             if !rest.is_empty() {

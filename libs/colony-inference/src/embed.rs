@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::{Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,7 +33,7 @@ const TOKENIZER_FILE: &str = "tokenizer.json";
 const CONFIG_FILE: &str = "config.json";
 
 /// Where the embedding model lives and how it is served.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedConfig {
     /// The directory holding `model.safetensors`, `tokenizer.json` and `config.json`.
@@ -168,6 +168,11 @@ impl MiniLm {
     /// One unit-length vector per text, in the order of `texts`: the mean of the token vectors
     /// over the attention mask, L2-normalised. Texts longer than `max_tokens` are truncated.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        Ok(self.embed_counted(texts)?.vectors)
+    }
+
+    /// [`MiniLm::embed`], with the number of tokens the model read for each text.
+    pub fn embed_counted(&self, texts: &[&str]) -> Result<Embedded, InferenceError> {
         if texts.is_empty() {
             return Err(InferenceError::InvalidRequest(
                 "no input to embed: send at least one text".into(),
@@ -201,7 +206,11 @@ impl MiniLm {
                 vectors[index] = vector;
             }
         }
-        Ok(vectors)
+        let tokens = tokens
+            .iter()
+            .map(|text| u32::try_from(text.ids.len()).unwrap_or(u32::MAX))
+            .collect();
+        Ok(Embedded { vectors, tokens })
     }
 
     /// Runs one batch through the encoder, padded to its longest text, and pools it.
@@ -270,7 +279,23 @@ fn engine(reason: String) -> InferenceError {
     InferenceError::Engine { kind: KIND, reason }
 }
 
-type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, InferenceError>>;
+/// Vectors and the token count behind each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One unit-length vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the model read for each text (after truncation), in order.
+    pub tokens: Vec<u32>,
+}
+
+impl Embedded {
+    /// Tokens read for all the texts together.
+    pub fn total_tokens(&self) -> u64 {
+        self.tokens.iter().map(|&count| u64::from(count)).sum()
+    }
+}
+
+type Reply = oneshot::Sender<Result<Embedded, InferenceError>>;
 
 /// One request on the model thread's queue: its texts and where the vectors go.
 pub(crate) struct EmbedJob {
@@ -323,6 +348,11 @@ impl Embedder {
     /// One unit-length vector per text, in order. Refused at once with
     /// [`InferenceError::QueueFull`] when too many requests are already waiting.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
+        Ok(self.embed_counted(texts).await?.vectors)
+    }
+
+    /// [`Embedder::embed`], with the number of tokens the model read for each text.
+    pub async fn embed_counted(&self, texts: Vec<String>) -> Result<Embedded, InferenceError> {
         if texts.is_empty() {
             return Err(InferenceError::InvalidRequest(
                 "no input to embed: send at least one text".into(),
@@ -375,11 +405,16 @@ fn serve(
         .iter()
         .flat_map(|job| job.texts.iter().map(String::as_str))
         .collect();
-    match model.embed(&inputs) {
-        Ok(vectors) => {
-            let mut vectors = vectors.into_iter();
+    match model.embed_counted(&inputs) {
+        Ok(embedded) => {
+            let mut vectors = embedded.vectors.into_iter();
+            let mut tokens = embedded.tokens.into_iter();
             for job in jobs {
-                let own: Vec<Vec<f32>> = vectors.by_ref().take(job.texts.len()).collect();
+                let count = job.texts.len();
+                let own = Embedded {
+                    vectors: vectors.by_ref().take(count).collect(),
+                    tokens: tokens.by_ref().take(count).collect(),
+                };
                 let _ = job.reply.send(Ok(own));
             }
         }

@@ -297,6 +297,13 @@ impl Memory for FakeMemory {
     ) -> Result<Response<v1::ListMessagesResponse>, Status> {
         Ok(Response::new(v1::ListMessagesResponse::default()))
     }
+
+    async fn embed(
+        &self,
+        _: Request<v1::EmbedRequest>,
+    ) -> Result<Response<v1::EmbedResponse>, Status> {
+        Err(Status::unimplemented("the worker does not embed"))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! Configuration: defaults → file → `MEMORY__…` environment → overrides, then [`Validate`].
 
+use std::path::Path;
 use std::time::Duration;
 
 use colony_bus::BusConfig;
@@ -32,6 +33,10 @@ pub struct Config {
     /// How long in-flight requests may take to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The embedding model, run in this process (all-MiniLM-L6-v2 from `make models`).
+    pub embedding: colony_inference::embed::EmbedConfig,
+    /// Most texts one `Embed` call may carry.
+    pub max_texts_per_embed: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +66,14 @@ impl Default for Config {
             max_request_bytes: 4 * 1024 * 1024,
             max_page_bytes: 2 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            embedding: colony_inference::embed::EmbedConfig {
+                // Loaded on first use: sessions work even where the model is not fetched.
+                loading: colony_inference::Loading::Lazy,
+                ..colony_inference::embed::EmbedConfig::new(
+                    Path::new(".cache/models").join(colony_inference::DEFAULT_EMBEDDING_MODEL),
+                )
+            },
+            max_texts_per_embed: 256,
         }
     }
 }
@@ -108,6 +121,12 @@ impl Validate for Config {
         }
         if self.max_page_bytes == 0 {
             problems.push("max_page_bytes: must be at least 1".into());
+        }
+        if self.max_texts_per_embed == 0 {
+            problems.push("max_texts_per_embed: must be at least 1".into());
+        }
+        if self.embedding.batch_size == 0 || self.embedding.queue_capacity == 0 {
+            problems.push("embedding: batch_size and queue_capacity must be at least 1".into());
         }
         if self.shutdown_grace.is_zero() {
             problems.push("shutdown_grace: must be more than 0s".into());

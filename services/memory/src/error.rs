@@ -8,6 +8,9 @@ pub enum Error {
     InvalidArgument { field: String, reason: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The embedding model could not answer (busy, not loaded, failed).
+    #[error("embedding model: {0}")]
+    Embedding(colony_inference::InferenceError),
 }
 
 impl Error {
@@ -22,6 +25,10 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "invalid_argument",
+            Error::Embedding(colony_inference::InferenceError::QueueFull { .. }) => {
+                "resource_exhausted"
+            }
+            Error::Embedding(_) => "unavailable",
             Error::Database(_) if self.is_retryable() => "unavailable",
             Error::Database(_) => "internal",
         }
@@ -31,6 +38,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::InvalidArgument { .. } => false,
+            Error::Embedding(error) => !matches!(
+                error,
+                colony_inference::InferenceError::InvalidRequest(_)
+                    | colony_inference::InferenceError::ContextOverflow { .. }
+            ),
             Error::Database(error) => matches!(
                 error,
                 sqlx::Error::Io(_)
@@ -51,6 +63,17 @@ impl From<Error> for tonic::Status {
                 tonic::Status::unavailable("the memory database is unavailable; retry later")
             }
             Error::Database(_) => tonic::Status::internal("internal error"),
+            // The model's errors are the user's to act on (`make models`, back off).
+            Error::Embedding(inner) => match inner {
+                colony_inference::InferenceError::QueueFull { .. } => {
+                    tonic::Status::resource_exhausted(error.to_string())
+                }
+                colony_inference::InferenceError::InvalidRequest(_)
+                | colony_inference::InferenceError::ContextOverflow { .. } => {
+                    tonic::Status::invalid_argument(error.to_string())
+                }
+                _ => tonic::Status::unavailable(error.to_string()),
+            },
         }
     }
 }

@@ -9,6 +9,8 @@ use colony_proto::v1::memory_server::Memory;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use colony_inference::embed::Embedder;
+
 use crate::session::{Limits, StoredMessage};
 use crate::store::Store;
 use crate::{Error, metrics};
@@ -17,11 +19,16 @@ use crate::{Error, metrics};
 pub struct MemoryService {
     store: Store,
     limits: Limits,
+    embedder: Embedder,
 }
 
 impl MemoryService {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Store, limits: Limits, embedder: Embedder) -> Self {
+        Self {
+            store,
+            limits,
+            embedder,
+        }
     }
 }
 
@@ -63,7 +70,9 @@ async fn observe<T>(
                 Error::InvalidArgument { .. } => {
                     tracing::debug!(%error, method, "request rejected");
                 }
-                Error::Database(_) => tracing::warn!(%error, method, "request failed"),
+                Error::Database(_) | Error::Embedding(_) => {
+                    tracing::warn!(%error, method, "request failed");
+                }
             }
             Err(error.into())
         }
@@ -111,6 +120,21 @@ impl MemoryService {
         })
     }
 
+    async fn embed(&self, request: v1::EmbedRequest) -> Result<v1::EmbedResponse, Error> {
+        tracing::Span::current().record("tenant", request.tenant.as_str());
+        let texts = self.limits.embed(&request.tenant, request.texts)?;
+        let vectors = self.embedder.embed(texts).await.map_err(Error::Embedding)?;
+        ::metrics::counter!(metrics::TEXTS_EMBEDDED).increment(vectors.len() as u64);
+        Ok(v1::EmbedResponse {
+            embeddings: vectors
+                .into_iter()
+                .map(|values| v1::Embedding { values })
+                .collect(),
+            dimensions: u32::try_from(self.embedder.dimensions()).unwrap_or(u32::MAX),
+            model: self.embedder.model_name().to_owned(),
+        })
+    }
+
     async fn list(
         &self,
         request: v1::ListMessagesRequest,
@@ -140,6 +164,16 @@ impl Memory for MemoryService {
     ) -> Result<Response<v1::AppendMessagesResponse>, Status> {
         let span = server_span("AppendMessages", &request);
         observe("AppendMessages", self.append(request.into_inner()))
+            .instrument(span)
+            .await
+    }
+
+    async fn embed(
+        &self,
+        request: Request<v1::EmbedRequest>,
+    ) -> Result<Response<v1::EmbedResponse>, Status> {
+        let span = server_span("Embed", &request);
+        observe("Embed", self.embed(request.into_inner()))
             .instrument(span)
             .await
     }

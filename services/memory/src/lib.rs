@@ -55,6 +55,8 @@ pub struct Handle {
 /// binds both listeners (port 0 picks a free port; the bound addresses are in the handle) and
 /// marks the runtime ready.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
+    // The recorder first: what is described or recorded before it exists is lost.
+    colony_telemetry::prometheus();
     metrics::describe();
     let pool = colony_store::connect(&config.database).await?;
     // v1 consumes nothing; later versions consume run and task events.
@@ -76,10 +78,14 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         max_message_bytes: config.max_message_bytes,
         max_messages_per_append: config.max_messages_per_append,
         max_page_bytes: config.max_page_bytes,
+        max_texts_per_embed: config.max_texts_per_embed,
     };
+    let embedder = colony_inference::embed::Embedder::start(config.embedding.clone())
+        .context("embedding model")?;
     let service = MemoryServer::new(grpc::MemoryService::new(
         store::Store::new(pool.clone()),
         limits,
+        embedder,
     ))
     .max_decoding_message_size(config.max_request_bytes);
     // Stops accepting at cancellation and lets in-flight requests finish.

@@ -111,6 +111,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_messages_per_append: usize,
     pub max_page_bytes: usize,
+    pub max_texts_per_embed: usize,
 }
 
 /// The token count of `content`, estimated without a tokenizer: one token per four characters
@@ -148,6 +149,37 @@ fn optional_id(field: &str, value: String) -> Result<Option<String>, Error> {
 }
 
 impl Limits {
+    /// Validates an embed request: a tenant, 1 to `max_texts_per_embed` texts, none empty or
+    /// longer than a message may be.
+    pub fn embed(&self, tenant: &str, texts: Vec<String>) -> Result<Vec<String>, Error> {
+        check_id("tenant", tenant)?;
+        if texts.is_empty() || texts.len() > self.max_texts_per_embed {
+            return Err(Error::invalid(
+                "texts",
+                format!("between 1 and {} texts per call", self.max_texts_per_embed),
+            ));
+        }
+        for (index, text) in texts.iter().enumerate() {
+            if text.trim().is_empty() {
+                return Err(Error::invalid(
+                    format!("texts[{index}]"),
+                    "must not be empty",
+                ));
+            }
+            if text.len() > self.max_message_bytes {
+                return Err(Error::invalid(
+                    format!("texts[{index}]"),
+                    format!(
+                        "is {} bytes long; the limit is {}",
+                        text.len(),
+                        self.max_message_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(texts)
+    }
+
     /// Validates an append request given as plain strings; `messages` are `(role, content)`.
     pub fn append(
         &self,
@@ -275,6 +307,7 @@ mod tests {
         max_message_bytes: 10,
         max_messages_per_append: 2,
         max_page_bytes: 100,
+        max_texts_per_embed: 2,
     };
 
     fn msg(role: &str, content: &str) -> (String, String) {

@@ -483,3 +483,94 @@ async fn readiness_turns_off_at_shutdown() {
     assert!(!service.runtime.is_ready());
     service.stop().await;
 }
+
+fn with_workspace_models(config: &mut Config) {
+    config.embedding.model_dir =
+        colony_inference::workspace_models_dir().join(colony_inference::DEFAULT_EMBEDDING_MODEL);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embed_gives_unit_vectors_that_rank_meaning() {
+    let mut service = Service::start(with_workspace_models).await;
+    let response = service
+        .client
+        .embed(v1::EmbedRequest {
+            tenant: "acme".into(),
+            texts: vec![
+                "The cat sits on the mat.".into(),
+                "A kitten is lying on a rug.".into(),
+                "Quarterly revenue grew by four percent.".into(),
+            ],
+        })
+        .await
+        .expect("embedded")
+        .into_inner();
+    assert_eq!(response.dimensions, 384);
+    assert_eq!(response.model, "all-minilm-l6-v2");
+    let vectors: Vec<&[f32]> = response
+        .embeddings
+        .iter()
+        .map(|e| e.values.as_slice())
+        .collect();
+    assert_eq!(vectors.len(), 3);
+    for vector in &vectors {
+        assert_eq!(vector.len(), 384);
+        assert!((dot(vector, vector) - 1.0).abs() < 1e-4, "unit length");
+    }
+    let similar = dot(vectors[0], vectors[1]);
+    let unrelated = dot(vectors[0], vectors[2]);
+    assert!(
+        similar > unrelated + 0.2,
+        "cat/kitten {similar} vs cat/revenue {unrelated}"
+    );
+
+    for (texts, field) in [
+        (vec![], "texts"),
+        (vec!["fine".to_owned(), "  ".to_owned()], "texts[1]"),
+    ] {
+        let status = service
+            .client
+            .embed(v1::EmbedRequest {
+                tenant: "acme".into(),
+                texts,
+            })
+            .await
+            .expect_err("bad input");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with(field), "{}", status.message());
+    }
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embed_without_the_model_says_to_run_make_models() {
+    let mut service = Service::start(|config| {
+        config.embedding.model_dir = "/nonexistent/all-minilm-l6-v2".into();
+    })
+    .await;
+    // Sessions work without the model (it loads on first use) ...
+    service
+        .append("acme", "s1", &[("user", "hello")])
+        .await
+        .expect("append works");
+    // ... and Embed says what to do.
+    let status = service
+        .client
+        .embed(v1::EmbedRequest {
+            tenant: "acme".into(),
+            texts: vec!["hello".into()],
+        })
+        .await
+        .expect_err("no model");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("make models"),
+        "{}",
+        status.message()
+    );
+    service.stop().await;
+}

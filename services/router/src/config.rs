@@ -37,6 +37,26 @@ pub struct Config {
     pub resilience: crate::resilience::ResilienceConfig,
     /// How the usage ledger is written (in batches, off the request path).
     pub ledger: crate::ledger::LedgerConfig,
+    /// Embedding models served on `POST /v1/embeddings`, by name.
+    pub embeddings: Vec<EmbeddingDeploymentConfig>,
+}
+
+/// An embedding model of the router. Only the embedded one exists: all-MiniLM-L6-v2 run in
+/// process (`provider = "local"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingDeploymentConfig {
+    /// What clients pass as `model`.
+    pub name: String,
+    pub provider: EmbeddingProviderKind,
+    /// Model directory, batch size, token limit, queue bound, loading.
+    pub local: colony_inference::embed::EmbedConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingProviderKind {
+    Local,
 }
 
 /// A tenant of the HTTP API.
@@ -79,6 +99,7 @@ impl Default for Config {
             tenants: Vec::new(),
             resilience: crate::resilience::ResilienceConfig::default(),
             ledger: crate::ledger::LedgerConfig::default(),
+            embeddings: Vec::new(),
         }
     }
 }
@@ -429,6 +450,23 @@ impl Validate for Config {
                         label(index, deployment)
                     ));
                 }
+            }
+        }
+        let mut embedding_names = HashSet::new();
+        for (index, embedding) in self.embeddings.iter().enumerate() {
+            let label = format!("embeddings[{index}] ({:?})", embedding.name);
+            if embedding.name.trim().is_empty() {
+                problems.push(format!("{label}.name: must not be empty"));
+            }
+            if !embedding_names.insert(embedding.name.as_str()) {
+                problems.push(format!(
+                    "{label}: the name is used by another embedding model"
+                ));
+            }
+            if embedding.local.batch_size == 0 || embedding.local.queue_capacity == 0 {
+                problems.push(format!(
+                    "{label}.local: batch_size and queue_capacity must be more than 0"
+                ));
             }
         }
         let mut tenants = HashSet::new();

@@ -73,6 +73,12 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     ledger::describe_metrics();
     let pool = colony_store::connect(&config.database).await?;
     let deployments = Deployments::from_config(&config, Some(&pool))?;
+    let mut embedders = openai_http::Embedders::new();
+    for embedding in &config.embeddings {
+        let embedder = colony_inference::embed::Embedder::start(embedding.local.clone())
+            .map_err(|err| anyhow::anyhow!("embedding model {}: {err}", embedding.name))?;
+        embedders.insert(embedding.name.clone(), embedder);
+    }
     for deployment in deployments
         .iter()
         .filter(|d| d.provider_kind == ProviderKind::Scripted)
@@ -133,6 +139,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             openai_http::routes(
                 service.clone(),
                 openai_http::Tenants::from_config(&config.tenants),
+                embedders,
             ),
         ),
     );

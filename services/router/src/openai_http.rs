@@ -13,6 +13,7 @@
 //! name hard budgets. The response names the deployment that served it and why in
 //! `x-colony-deployment` and `x-colony-route-reason`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use colony_inference::InferenceError;
+use colony_inference::embed::Embedder;
 use colony_proto::v1;
 use futures::StreamExt as _;
 use secrecy::{ExposeSecret, SecretString};
@@ -110,20 +113,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Debug)]
+/// The router's embedding models by name, each on its own model thread.
+pub type Embedders = HashMap<String, Embedder>;
+
 struct Edge {
     service: Arc<Service>,
     tenants: Tenants,
+    embedders: Embedders,
 }
 
 /// The routes of this edge, for the router's HTTP listener.
-pub fn routes(service: Arc<Service>, tenants: Tenants) -> Router {
+pub fn routes(service: Arc<Service>, tenants: Tenants, embedders: Embedders) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Arc::new(Edge { service, tenants }))
+        .with_state(Arc::new(Edge {
+            service,
+            tenants,
+            embedders,
+        }))
 }
 
 /// An OpenAI chat completion request: the fields the router acts on. Other fields OpenAI
@@ -744,21 +754,173 @@ async fn models(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// `POST /v1/embeddings`: no embedding deployment exists yet (the local embedding model
-/// arrives with the embedded-inference work), so every request gets a clear 404.
-async fn embeddings(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
-    if let Err(error) = edge.tenants.authenticate(&headers) {
-        return error.into_response();
+/// Inputs one embeddings request may carry (OpenAI's limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// An OpenAI embeddings request. Token-id inputs and other dimensions than the model's are
+/// refused with a clear error.
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    /// A string or an array of strings.
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+/// `POST /v1/embeddings`: vectors from an embedding model of the router (the embedded
+/// all-MiniLM-L6-v2 by default), as floats or, when asked, base64 little-endian `f32`s.
+async fn embeddings(
+    State(edge): State<Arc<Edge>>,
+    headers: HeaderMap,
+    body: Result<axum::Json<EmbeddingsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match embed(&edge, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
     }
+}
+
+async fn embed(
+    edge: &Edge,
+    headers: &HeaderMap,
+    body: Result<axum::Json<EmbeddingsRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    edge.tenants.authenticate(headers)?;
+    let axum::Json(request) =
+        body.map_err(|rejection| ApiError::invalid(rejection.body_text(), None))?;
+    let Some(embedder) = edge.embedders.get(&request.model) else {
+        let mut known: Vec<&str> = edge.embedders.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+            message: if known.is_empty() {
+                "no embedding model is configured on this router".into()
+            } else {
+                format!(
+                    "{:?} is not an embedding model of this router (it has: {})",
+                    request.model,
+                    known.join(", ")
+                )
+            },
+            retry_after_secs: None,
+        });
+    };
+    let not_text = || {
+        ApiError::invalid(
+            "input: expected a string or an array of strings (token ids are not supported)",
+            Some("input"),
+        )
+    };
+    let inputs: Vec<String> = match request.input {
+        Value::String(text) => vec![text],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                _ => Err(not_text()),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(not_text()),
+    };
+    if inputs.is_empty() || inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::invalid(
+            format!("input: between 1 and {MAX_EMBEDDING_INPUTS} texts"),
+            Some("input"),
+        ));
+    }
+    if inputs.iter().any(|text| text.is_empty()) {
+        return Err(ApiError::invalid(
+            "input: texts must not be empty",
+            Some("input"),
+        ));
+    }
+    if let Some(dimensions) = request.dimensions
+        && dimensions != embedder.dimensions()
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "dimensions: {} gives {}-dimensional vectors only",
+                request.model,
+                embedder.dimensions()
+            ),
+            Some("dimensions"),
+        ));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("encoding_format: {other:?} is not float or base64"),
+                Some("encoding_format"),
+            ));
+        }
+    };
+    let embedded = embedder
+        .embed_counted(inputs)
+        .await
+        .map_err(|error| embedding_error(&request.model, &error))?;
+    let data: Vec<Value> = embedded
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    bytes,
+                ))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": request.model,
+        "usage": {
+            "prompt_tokens": embedded.total_tokens(),
+            "total_tokens": embedded.total_tokens(),
+        },
+    }))
+    .into_response())
+}
+
+fn embedding_error(model: &str, error: &InferenceError) -> ApiError {
+    let (status, kind, code, retry_after_secs) = match error {
+        InferenceError::QueueFull { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+            Some(1),
+        ),
+        InferenceError::InvalidRequest(_) | InferenceError::ContextOverflow { .. } => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error", None, None)
+        }
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            Some("upstream_unavailable"),
+            None,
+        ),
+    };
     ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "invalid_request_error",
-        code: Some("model_not_found"),
-        param: Some("model"),
-        message: "no embedding deployment is configured on this router".into(),
-        retry_after_secs: None,
+        status,
+        kind,
+        code,
+        param: None,
+        message: format!("embedding model {model}: {error}"),
+        retry_after_secs,
     }
-    .into_response()
 }
 
 /// A message's text: a string, or the concatenated `text` parts of an array (`null` is

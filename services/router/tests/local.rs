@@ -303,3 +303,95 @@ async fn a_full_local_queue_is_a_rate_limit_and_a_gone_client_frees_the_model() 
 
     stop(runtime, handle).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_endpoint_serves_the_local_embedding_model() {
+    use base64::Engine as _;
+    use colony_router::config::{EmbeddingDeploymentConfig, EmbeddingProviderKind};
+
+    let db = TestDb::new().await;
+    let bus = TestBus::new();
+    let (runtime, handle) = common::start_with(&db, &bus, |config| {
+        config.default_deployment = "smol".into();
+        config.deployments = vec![local_deployment(2)];
+        config.embeddings = vec![EmbeddingDeploymentConfig {
+            name: "minilm".into(),
+            provider: EmbeddingProviderKind::Local,
+            local: colony_inference::embed::EmbedConfig::new(
+                workspace_models_dir().join(colony_inference::DEFAULT_EMBEDDING_MODEL),
+            ),
+        }];
+    })
+    .await;
+    let url = format!("http://{}/v1/embeddings", handle.http_addr);
+    let post = |body: Value| {
+        let url = url.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("x-colony-tenant", "acme")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let texts = [
+        "The cat sits on the mat.",
+        "A kitten is lying on a rug.",
+        "Quarterly revenue grew by four percent.",
+    ];
+    let (status, body) = post(json!({"model": "minilm", "input": texts})).await;
+    assert_eq!(status, 200, "{body}");
+    let vectors: Vec<Vec<f32>> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| serde_json::from_value(item["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(vectors.len(), 3);
+    assert!(vectors.iter().all(|v| v.len() == 384));
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!(dot(&vectors[0], &vectors[1]) > dot(&vectors[0], &vectors[2]) + 0.2);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() >= 3 * 5);
+
+    // base64: the same floats, little-endian.
+    let (_, encoded) =
+        post(json!({"model": "minilm", "input": texts[0], "encoding_format": "base64"})).await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(decoded, vectors[0]);
+
+    // Clear errors: unknown model, empty text, token ids, wrong dimensions.
+    let (status, body) = post(json!({"model": "smol", "input": "hi"})).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("minilm")
+    );
+    for (request, param) in [
+        (json!({"model": "minilm", "input": ""}), "input"),
+        (json!({"model": "minilm", "input": [[1, 2, 3]]}), "input"),
+        (
+            json!({"model": "minilm", "input": "hi", "dimensions": 128}),
+            "dimensions",
+        ),
+    ] {
+        let (status, body) = post(request).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
+
+    stop(runtime, handle).await;
+}
