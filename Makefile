@@ -18,8 +18,10 @@ ARGS ?=
 PEER_ARGS ?=
 # Extra arguments for the router bench, e.g. make bench-router ROUTER_ARGS="--rate 500 --skip-litellm"
 ROUTER_ARGS ?=
+# Extra arguments for the inference bench, e.g. make bench-inference INFERENCE_ARGS="--runs 9"
+INFERENCE_ARGS ?=
 
-.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router up down proto
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference up down proto
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -28,6 +30,18 @@ define ROUTER_BENCH
 	scripts/litellm-venv.sh || echo "LiteLLM could not be installed: router-bench reports the router alone"
 	target/release/router-bench $(ROUTER_ARGS)
 endef
+
+# The embedded inference bench, in `bench` and `bench-inference`. llama.cpp's Python build goes
+# into a venv under target/ for the side-by-side (about 7 minutes the first time); if that fails
+# the bench still runs and reports llama.cpp as missing.
+define INFERENCE_BENCH
+	$(CARGO) build --release -p colony-e2e --bin inference-bench
+	scripts/llamacpp-venv.sh >/dev/null || echo "llama-cpp-python could not be installed: inference-bench reports Colony alone"
+	target/release/inference-bench $(INFERENCE_ARGS)
+endef
+
+INFERENCE_KEYS := local_llm_tokens_per_s llamacpp_tokens_per_s local_llm_vs_llamacpp local_llm_prompt_tokens_per_s \
+	llamacpp_prompt_tokens_per_s embed_sentences_per_s inference_rss_mb
 
 # $(call bench_summary,KEY...): those figures of target/bench/results.json, "-" when absent.
 bench_summary = python3 -c 'import json,sys; r=json.load(open("target/bench/results.json")); \
@@ -39,7 +53,7 @@ ROUTER_KEYS := router_overhead_p50_ms router_overhead_p99_ms router_internal_ove
 
 help: ## List the targets
 	@echo "Colony — make targets:"
-	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "  %-13s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z-]*:.*## / { printf "  %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 deps: ## Make sure PostgreSQL (127.0.0.1:5432) and NATS+JetStream (127.0.0.1:4222) are up
 	scripts/ensure-services.sh
@@ -87,17 +101,18 @@ test: deps build-deps models sdk-env lint build ## deps, build-deps, models, sdk
 run: build-deps models ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps build-deps models ## Dispatch bench (Colony), peer-queue bench (apalis-postgres) and router bench on release builds, then a summary (docs/benchmarks.md)
+bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router and inference benches on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
 	target/release/dispatch-bench --work model --phases drain --drain-runs 3000
 	benches/peer-queue/target/release/peer-queue-bench $(PEER_ARGS)
 	$(ROUTER_BENCH)
+	$(INFERENCE_BENCH)
 	@$(call bench_summary,dispatch_p50_ms dispatch_p99_ms dispatch_p99_loaded_ms \
 		dispatch_loaded_completed_per_s throughput_tasks_per_s drain_cpu_us_per_task_total \
 		drain_cpu_us_per_task_postgres drain_cpu_us_per_task_nats model_throughput_tasks_per_s \
-		peer_queue_tasks_per_s $(ROUTER_KEYS))
+		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS))
 	@python3 -c 'import json; r=json.load(open("target/bench/results.json")); \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
@@ -105,6 +120,10 @@ bench: deps build-deps models ## Dispatch bench (Colony), peer-queue bench (apal
 bench-router: deps build-deps ## Router overhead bench only (0-ms stub: direct, router, LiteLLM proxy), then its summary
 	$(ROUTER_BENCH)
 	@$(call bench_summary,$(ROUTER_KEYS))
+
+bench-inference: deps build-deps models ## Embedded inference bench only (chat next to llama.cpp, embeddings, memory), then its summary
+	$(INFERENCE_BENCH)
+	@$(call bench_summary,$(INFERENCE_KEYS))
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build
