@@ -9,7 +9,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use colony_router::config::{Capability, TenantConfig, Tier};
+use colony_router::config::{
+    Capability, EmbeddingDeploymentConfig, EmbeddingProviderKind, TenantConfig, Tier,
+};
 use colony_testkit::{TestBus, TestDb};
 use common::{rule, rule_from, scripted, start_with, stop};
 use secrecy::SecretString;
@@ -46,6 +48,14 @@ async fn openais_python_client_works_unchanged() {
         ];
         config.deployments = vec![canned];
         config.default_deployment = "canned".into();
+        config.embeddings = vec![EmbeddingDeploymentConfig {
+            name: "minilm".into(),
+            provider: EmbeddingProviderKind::Local,
+            local: colony_inference::embed::EmbedConfig::new(
+                colony_inference::workspace_models_dir()
+                    .join(colony_inference::DEFAULT_EMBEDDING_MODEL),
+            ),
+        }];
         config.tenants = vec![TenantConfig {
             name: "acme".into(),
             api_key_env: "UNUSED".into(),
@@ -82,6 +92,13 @@ async fn openais_python_client_works_unchanged() {
     assert_eq!(seen["tools"]["answer"], "Sunny in Oslo.");
     assert_eq!(seen["stream_tool_arguments"], "{\"city\": \"Oslo\"}");
     assert_eq!(seen["models"], json!(["canned"]));
+    assert_eq!(seen["embeddings"]["count"], 2);
+    assert_eq!(seen["embeddings"]["dimensions"], 384);
+    assert!(
+        seen["embeddings"]["similarity"].as_f64().unwrap() > 0.5,
+        "{seen}"
+    );
+    assert!(seen["embeddings"]["prompt_tokens"].as_u64().unwrap() > 5);
     assert_eq!(seen["bad_model"]["status"], 400);
     assert!(
         seen["bad_model"]["message"]

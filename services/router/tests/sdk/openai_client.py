@@ -91,6 +91,17 @@ seen["stream_tool_arguments"] = "".join(streamed_args)
 
 seen["models"] = [model.id for model in client.models.list()]
 
+# The client asks for base64 unless told otherwise and decodes it itself.
+embedded = client.embeddings.create(
+    model="minilm", input=["The cat sits on the mat.", "A kitten is lying on a rug."]
+)
+seen["embeddings"] = {
+    "count": len(embedded.data),
+    "dimensions": len(embedded.data[0].embedding),
+    "similarity": sum(a * b for a, b in zip(embedded.data[0].embedding, embedded.data[1].embedding)),
+    "prompt_tokens": embedded.usage.prompt_tokens,
+}
+
 try:
     client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     seen["bad_model"] = "no error"
