@@ -65,14 +65,19 @@ async fn start(
     .await
 }
 
-async fn chat(handle: &colony_router::Handle, body: Value) -> (reqwest::StatusCode, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", handle.http_addr))
+/// POSTs `body` to `path` of the router's HTTP API as tenant acme.
+async fn send(addr: std::net::SocketAddr, path: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
         .header("x-colony-tenant", "acme")
-        .json(&body)
+        .json(body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn chat(handle: &colony_router::Handle, body: Value) -> (reqwest::StatusCode, Value) {
+    let response = send(handle.http_addr, "/v1/chat/completions", &body).await;
     let status = response.status();
     (status, response.json().await.unwrap())
 }
@@ -81,13 +86,8 @@ async fn chat(handle: &colony_router::Handle, body: Value) -> (reqwest::StatusCo
 async fn chat_streamed(handle: &colony_router::Handle, mut body: Value) -> (String, Value) {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let text = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", handle.http_addr))
-        .header("x-colony-tenant", "acme")
-        .json(&body)
-        .send()
+    let text = send(handle.http_addr, "/v1/chat/completions", &body)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -256,35 +256,20 @@ async fn a_full_local_queue_is_a_rate_limit_and_a_gone_client_frees_the_model() 
     let db = TestDb::new().await;
     let bus = TestBus::new();
     let (runtime, handle) = start(&db, &bus, 1).await;
-    let url = format!("http://{}/v1/chat/completions", handle.http_addr);
-    let client = reqwest::Client::new();
+    let addr = handle.http_addr;
 
     // A long streamed answer occupies the model ...
     let mut long_body = question("Write a very long story about a dragon.", 120);
     long_body["stream"] = json!(true);
-    let mut long = client
-        .post(&url)
-        .header("x-colony-tenant", "acme")
-        .json(&long_body)
-        .send()
-        .await
-        .unwrap();
+    let mut long = send(addr, "/v1/chat/completions", &long_body).await;
     assert_eq!(long.status(), 200);
     assert!(long.chunk().await.unwrap().is_some(), "the answer started");
 
     // ... one more request may wait (it is answered later), the next is refused at once.
-    let waiting = runtime.spawn({
-        let handle_url = url.clone();
-        async move {
-            reqwest::Client::new()
-                .post(handle_url)
-                .header("x-colony-tenant", "acme")
-                .json(&question("Say hello.", 4))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
+    let waiting = runtime.spawn(async move {
+        send(addr, "/v1/chat/completions", &question("Say hello.", 4))
+            .await
+            .status()
     });
     let refused = colony_testkit::eventually(
         std::time::Duration::from_secs(10),
@@ -323,20 +308,11 @@ async fn embeddings_endpoint_serves_the_local_embedding_model() {
         }];
     })
     .await;
-    let url = format!("http://{}/v1/embeddings", handle.http_addr);
-    let post = |body: Value| {
-        let url = url.clone();
-        async move {
-            let response = reqwest::Client::new()
-                .post(url)
-                .header("x-colony-tenant", "acme")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            (status, response.json::<Value>().await.unwrap())
-        }
+    let addr = handle.http_addr;
+    let post = |body: Value| async move {
+        let response = send(addr, "/v1/embeddings", &body).await;
+        let status = response.status();
+        (status, response.json::<Value>().await.unwrap())
     };
 
     let texts = [
