@@ -47,6 +47,14 @@ pub struct ChatConfig {
     pub queue_capacity: usize,
     #[serde(default)]
     pub loading: Loading,
+    /// Divides the score of tokens already written among the last `repeat_last_n` (1.0: off).
+    /// A small model decoding greedily otherwise falls into loops ("a tapestry of threads, a
+    /// tapestry of threads, ..."); it applies to greedy and sampled answers alike and keeps
+    /// greedy answers deterministic.
+    #[serde(default = "default_repeat_penalty")]
+    pub repeat_penalty: f32,
+    #[serde(default = "default_repeat_last_n")]
+    pub repeat_last_n: u32,
 }
 
 fn default_context_tokens() -> u32 {
@@ -61,6 +69,14 @@ fn default_queue_capacity() -> usize {
     16
 }
 
+fn default_repeat_penalty() -> f32 {
+    1.1
+}
+
+fn default_repeat_last_n() -> u32 {
+    64
+}
+
 impl ChatConfig {
     /// The defaults for the model at `model_path`.
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
@@ -71,6 +87,8 @@ impl ChatConfig {
             default_max_tokens: default_max_tokens(),
             queue_capacity: default_queue_capacity(),
             loading: Loading::Eager,
+            repeat_penalty: default_repeat_penalty(),
+            repeat_last_n: default_repeat_last_n(),
         }
     }
 
@@ -199,6 +217,8 @@ pub struct ChatModel {
     context_tokens: u32,
     batch_tokens: usize,
     default_max_tokens: u32,
+    repeat_penalty: f32,
+    repeat_last_n: i32,
     last_timings: ChatTimings,
 }
 
@@ -248,6 +268,8 @@ impl ChatModel {
             context_tokens,
             batch_tokens: batch_tokens as usize,
             default_max_tokens: config.default_max_tokens.max(1),
+            repeat_penalty: config.repeat_penalty,
+            repeat_last_n: i32::try_from(config.repeat_last_n).unwrap_or(i32::MAX),
             last_timings: ChatTimings::default(),
         })
     }
@@ -326,7 +348,7 @@ impl ChatModel {
         let room = capacity - prompt_tokens.len();
         let max_tokens = request.max_tokens.unwrap_or(self.default_max_tokens).max(1) as usize;
         let max_tokens = max_tokens.min(room);
-        let mut sampler = sampler(request);
+        let mut sampler = self.sampler(request);
 
         self.last_timings = ChatTimings::default();
         let prompt_started = Instant::now();
@@ -403,6 +425,37 @@ impl ChatModel {
         Ok(usage(&prompt_tokens, generated, finish))
     }
 
+    /// The repetition penalty, then greedy without a temperature; otherwise top-p,
+    /// temperature, then a seeded draw.
+    fn sampler(&self, request: &ChatRequest) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if self.repeat_penalty != 1.0 && self.repeat_last_n != 0 {
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                self.repeat_last_n,
+                self.repeat_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        let temperature = request.temperature.unwrap_or(0.0);
+        if temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            // llama.cpp draws a fresh random seed for this value.
+            const RANDOM_SEED: u32 = u32::MAX;
+            let seed = request.seed.map_or(RANDOM_SEED, |seed| {
+                // Fold the 64-bit seed so distinct seeds stay distinct in the common small range.
+                (seed ^ (seed >> 32)) as u32
+            });
+            let top_p = request.top_p.unwrap_or(1.0).clamp(0.0, 1.0);
+            chain.push(LlamaSampler::top_p(top_p, 1));
+            chain.push(LlamaSampler::temp(temperature));
+            chain.push(LlamaSampler::dist(seed));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+
     /// Answers `request` as a whole (the same text [`ChatModel::generate`] streams).
     pub fn complete(&mut self, request: &ChatRequest) -> Result<ChatCompletion, InferenceError> {
         let mut text = String::new();
@@ -432,26 +485,6 @@ fn to_pos(position: usize) -> i32 {
 
 fn engine(reason: String) -> InferenceError {
     InferenceError::Engine { kind: KIND, reason }
-}
-
-/// Greedy without a temperature; otherwise top-p, temperature, then a seeded draw.
-fn sampler(request: &ChatRequest) -> LlamaSampler {
-    let temperature = request.temperature.unwrap_or(0.0);
-    if temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
-    // llama.cpp draws a fresh random seed for this value.
-    const RANDOM_SEED: u32 = u32::MAX;
-    let seed = request.seed.map_or(RANDOM_SEED, |seed| {
-        // Fold the 64-bit seed so distinct seeds stay distinct in the common small range.
-        (seed ^ (seed >> 32)) as u32
-    });
-    let top_p = request.top_p.unwrap_or(1.0).clamp(0.0, 1.0);
-    LlamaSampler::chain_simple([
-        LlamaSampler::top_p(top_p, 1),
-        LlamaSampler::temp(temperature),
-        LlamaSampler::dist(seed),
-    ])
 }
 
 /// Turns token bytes into text that is safe to hand out: whole UTF-8 characters only, and
