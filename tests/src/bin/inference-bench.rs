@@ -278,6 +278,8 @@ fn main() -> anyhow::Result<()> {
     let mut chat = ChatModel::load(&ChatConfig {
         threads: flags.threads,
         context_tokens: 2048,
+        // Plain greedy, as the llama.cpp side decodes: the same tokens, the same work per token.
+        repeat_penalty: 1.0,
         ..ChatConfig::new(&chat_path)
     })?;
     let embedder = MiniLm::load(&EmbedConfig::new(models.join(DEFAULT_EMBEDDING_MODEL)))?;
