@@ -187,7 +187,8 @@ async fn dropping_the_stream_cancels_generation_and_a_full_queue_refuses() {
     })
     .expect("starts");
     let mut long = chat
-        .stream(ask("Tell me a very long story about a dragon.", 600))
+        // Counting to 1,000 takes far longer than this test.
+        .stream(ask("Count from 1 to 1000, one number per line.", 600))
         .expect("queued");
     assert!(matches!(long.next().await, Some(Ok(ChatEvent::Text(_)))));
 

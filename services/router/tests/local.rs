@@ -35,7 +35,7 @@ fn local_deployment(queue_capacity: usize) -> DeploymentConfig {
     DeploymentConfig {
         tier: Tier::Budget,
         context_window: 1024,
-        max_output_tokens: 128,
+        max_output_tokens: 900,
         capabilities: vec![Capability::Streaming],
         local: Some(chat_config(queue_capacity)),
         ..DeploymentConfig::new("smol", ProviderKind::Local, "smollm2-135m-instruct")
@@ -258,28 +258,39 @@ async fn a_full_local_queue_is_a_rate_limit_and_a_gone_client_frees_the_model() 
     let (runtime, handle) = start(&db, &bus, 1).await;
     let addr = handle.http_addr;
 
-    // A long streamed answer occupies the model ...
-    let mut long_body = question("Write a very long story about a dragon.", 120);
+    // A long streamed answer occupies the model (counting to 1,000 takes far longer than
+    // this test) ...
+    let mut long_body = question("Count from 1 to 1000, one number per line.", 900);
     long_body["stream"] = json!(true);
     let mut long = send(addr, "/v1/chat/completions", &long_body).await;
     assert_eq!(long.status(), 200);
     assert!(long.chunk().await.unwrap().is_some(), "the answer started");
 
-    // ... one more request may wait (it is answered later), the next is refused at once.
+    // ... one more request may wait (it is answered later) ...
     let waiting = runtime.spawn(async move {
         send(addr, "/v1/chat/completions", &question("Say hello.", 4))
             .await
             .status()
     });
-    let refused = colony_testkit::eventually(
+    colony_testkit::eventually(
         std::time::Duration::from_secs(10),
-        "a request refused by the full queue",
+        "the second request waiting in the model's queue",
         || async {
-            let (status, body) = chat(&handle, question("Say hello.", 4)).await;
-            (status == 429).then_some(body)
+            let metrics = reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metrics
+                .contains("colony_inference_queue_depth{kind=\"chat\"} 1")
+                .then_some(())
         },
     )
     .await;
+    // ... and the next is refused at once.
+    let (status, refused) = chat(&handle, question("Say hello.", 4)).await;
+    assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["code"], "rate_limit_exceeded", "{refused}");
 
     // The long answer's client goes away: the model stops it and answers the waiting one.
