@@ -1,0 +1,727 @@
+//! The Hierarchical Navigable Small World graph (Malkov & Yashunin, 2016).
+//!
+//! Every vector is a node of layer 0; a node reaches layer `l` with probability `m^-l`, so each
+//! layer up is about `m` times sparser. A search walks greedily down the sparse layers to land
+//! near the query, then runs a beam search of width `ef` on layer 0.
+//!
+//! Nodes are numbered by slot, in insertion order; the slot indexes the vector arena, the key
+//! table and the link tables. Removing a key only marks its slot dead (a tombstone): the node
+//! stays in the graph as a stepping stone, since unlinking it would cut paths other nodes rely
+//! on, but it is never returned. Once dead slots make up more than
+//! [`COMPACT_AT_DEAD_FRACTION`] of the nodes, the graph is rebuilt from the live vectors.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::kernel::Kernel;
+use crate::{AnnError, Hit};
+
+/// When dead (removed or replaced) nodes exceed this fraction of all nodes, the next insert or
+/// remove rebuilds the graph from the live vectors. Dead nodes cost memory and make each search
+/// step through more nodes it cannot return; a rebuild costs about as much as inserting every
+/// live vector again, so a quarter keeps that cost to a few inserts per removal.
+pub const COMPACT_AT_DEAD_FRACTION: f64 = 0.25;
+
+/// No node is placed above this layer. With `m = 16` a node reaches layer 8 with probability
+/// 16⁻⁸, so the cap only matters for tiny `m`, where it keeps the layer count bounded.
+const MAX_LAYER: usize = 16;
+
+/// The graph's tuning knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HnswParams {
+    /// Links kept per node on the layers above 0; layer 0 keeps `2 * m`. More links raise
+    /// recall and memory and slow inserts. At least 2 (smaller values are raised to 2).
+    pub m: usize,
+    /// Beam width while inserting: how many near nodes a new node chooses its links from.
+    /// Higher builds a better graph, more slowly. At least `m`.
+    pub ef_construction: usize,
+    /// Default beam width while searching ([`Hnsw::search`]); a search for `k` results uses at
+    /// least `k`. Higher raises recall and latency.
+    pub ef_search: usize,
+    /// Seeds the draw of each node's top layer, so that the same inserts in the same order build
+    /// the same graph.
+    pub seed: u64,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        Self {
+            m: 16,
+            ef_construction: 100,
+            ef_search: 64,
+            seed: 0x636f_6c6f_6e79,
+        }
+    }
+}
+
+/// A node number paired with its similarity to the vector being searched for.
+#[derive(Debug, Clone, Copy)]
+struct Scored {
+    score: f32,
+    slot: u32,
+}
+
+impl PartialEq for Scored {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Scored {}
+
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scored {
+    /// Higher score is greater; on equal scores the older node is greater, so every ordering is
+    /// total and results do not depend on heap internals.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.slot.cmp(&self.slot))
+    }
+}
+
+/// One bit per node: has this search scored it yet.
+struct Visited {
+    words: Vec<u64>,
+}
+
+impl Visited {
+    fn new(nodes: usize) -> Self {
+        Self {
+            words: vec![0; nodes.div_ceil(64)],
+        }
+    }
+
+    fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Marks `slot`; true if it was not marked before.
+    fn mark(&mut self, slot: u32) -> bool {
+        let word = &mut self.words[slot as usize / 64];
+        let bit = 1u64 << (slot % 64);
+        let fresh = *word & bit == 0;
+        *word |= bit;
+        fresh
+    }
+}
+
+/// Buffers one insert or search reuses across the layers it visits.
+struct Scratch {
+    visited: Visited,
+    slots: Vec<u32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(nodes: usize) -> Self {
+        Self {
+            visited: Visited::new(nodes),
+            slots: Vec::new(),
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// An HNSW index of unit-length `f32` vectors under `u64` keys, scored by dot product (higher is
+/// more similar).
+///
+/// Searches take `&self` and may run concurrently (behind an `RwLock`, say); inserts and removes
+/// take `&mut self`. `Clone` gives an independent copy, so a caller can compact or rebuild a copy
+/// without holding a write lock and then swap it in.
+#[derive(Debug, Clone)]
+pub struct Hnsw {
+    dimensions: usize,
+    params: HnswParams,
+    /// Links per node on layer 0.
+    max_links_bottom: usize,
+    /// `1 / ln(m)`: scales the exponential draw of a node's top layer.
+    layer_scale: f64,
+    kernel: Kernel,
+    rng: StdRng,
+
+    /// Every node's vector, `dimensions` values each, in slot order.
+    vectors: Vec<f32>,
+    /// Every node's key, in slot order (dead nodes keep theirs).
+    keys: Vec<u64>,
+    /// Whether each node's key was removed or replaced.
+    dead: Vec<bool>,
+    dead_count: usize,
+    /// The slot of each live key.
+    slot_of: HashMap<u64, u32>,
+    /// Layer-0 links: `1 + max_links_bottom` numbers per node, a count and then the links.
+    bottom_links: Vec<u32>,
+    /// Links above layer 0: per node, `1 + m` numbers for each layer from 1 to its top layer
+    /// (empty for the many nodes that live on layer 0 only).
+    upper_links: Vec<Vec<u32>>,
+    /// Where every search starts: a node on the top layer.
+    entry: Option<u32>,
+    top_layer: usize,
+}
+
+impl Hnsw {
+    /// An empty index of `dimensions`-long vectors.
+    ///
+    /// # Panics
+    /// If `dimensions` is 0.
+    pub fn new(dimensions: usize, params: HnswParams) -> Self {
+        assert!(dimensions > 0, "an index needs at least one dimension");
+        let m = params.m.max(2);
+        let params = HnswParams {
+            m,
+            ef_construction: params.ef_construction.max(m),
+            ef_search: params.ef_search.max(1),
+            seed: params.seed,
+        };
+        Self {
+            dimensions,
+            params,
+            max_links_bottom: 2 * m,
+            layer_scale: 1.0 / (m as f64).ln(),
+            kernel: Kernel::default(),
+            rng: StdRng::seed_from_u64(params.seed),
+            vectors: Vec::new(),
+            keys: Vec::new(),
+            dead: Vec::new(),
+            dead_count: 0,
+            slot_of: HashMap::new(),
+            bottom_links: Vec::new(),
+            upper_links: Vec::new(),
+            entry: None,
+            top_layer: 0,
+        }
+    }
+
+    /// The length every vector must have.
+    pub fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    /// The parameters in force (after raising any that were too small).
+    pub fn params(&self) -> HnswParams {
+        self.params
+    }
+
+    /// How many keys the index holds.
+    pub fn len(&self) -> usize {
+        self.slot_of.len()
+    }
+
+    /// True if the index holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.slot_of.is_empty()
+    }
+
+    /// True if `key` is in the index.
+    pub fn contains(&self, key: u64) -> bool {
+        self.slot_of.contains_key(&key)
+    }
+
+    /// The vector stored under `key`.
+    pub fn get(&self, key: u64) -> Option<&[f32]> {
+        self.slot_of.get(&key).map(|&slot| self.vector(slot))
+    }
+
+    /// Every key in the index, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slot_of.keys().copied()
+    }
+
+    /// Nodes still in the graph whose key was removed or replaced; compaction drops them.
+    pub fn dead_nodes(&self) -> usize {
+        self.dead_count
+    }
+
+    /// Stores `vector` under `key`, replacing the key's previous vector if it had one. The
+    /// vector should have unit length (the index does not check).
+    ///
+    /// # Errors
+    /// [`AnnError::Dimension`] or [`AnnError::NonFinite`] for a malformed vector;
+    /// [`AnnError::Full`] when no node number is left.
+    pub fn insert(&mut self, key: u64, vector: &[f32]) -> Result<(), AnnError> {
+        self.check(vector)?;
+        if let Some(&slot) = self.slot_of.get(&key) {
+            if self.vector(slot) == vector {
+                return Ok(());
+            }
+            self.slot_of.remove(&key);
+            self.kill(slot);
+        }
+        if self.keys.len() >= u32::MAX as usize {
+            return Err(AnnError::Full);
+        }
+        self.add(key, vector);
+        self.compact_if_worn();
+        Ok(())
+    }
+
+    /// Removes `key`; false if it was not there. Searches stop returning it at once.
+    pub fn remove(&mut self, key: u64) -> bool {
+        let Some(slot) = self.slot_of.remove(&key) else {
+            return false;
+        };
+        self.kill(slot);
+        self.compact_if_worn();
+        true
+    }
+
+    /// Rebuilds the graph from the live vectors, dropping every dead node. Inserts and removes
+    /// do this on their own when dead nodes pass [`COMPACT_AT_DEAD_FRACTION`]; it costs about as
+    /// much as inserting every live vector again.
+    pub fn compact(&mut self) {
+        let mut rebuilt = Self {
+            rng: self.rng.clone(),
+            ..Self::new(self.dimensions, self.params)
+        };
+        let live = self.keys.len() - self.dead_count;
+        rebuilt.vectors.reserve_exact(live * self.dimensions);
+        rebuilt.keys.reserve_exact(live);
+        for slot in 0..self.keys.len() {
+            if !self.dead[slot] {
+                let slot = slot as u32;
+                rebuilt.add(self.keys[slot as usize], self.vector(slot));
+            }
+        }
+        *self = rebuilt;
+    }
+
+    /// The `k` stored vectors most similar to `query` whose key passes `filter`, best first,
+    /// found through the graph with the default beam width (`ef_search`, or `k` if larger).
+    /// See [`Hnsw::search_with_ef`].
+    ///
+    /// # Errors
+    /// [`AnnError::Dimension`] or [`AnnError::NonFinite`] for a malformed query.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, AnnError> {
+        self.search_with_ef(query, k, self.params.ef_search, filter)
+    }
+
+    /// As [`Hnsw::search`] with a beam of `ef` nodes (at least `k`): wider finds more of the
+    /// true nearest neighbours and takes longer.
+    ///
+    /// The filter does not steer the walk: nodes it rejects are stepped through like any other,
+    /// and the results are the passing keys among the `ef` nearest live nodes the beam found.
+    /// Those are the true nearest passing keys as far as the beam is right. When fewer than `k`
+    /// of them pass (a selective filter, or an index with fewer than `k` live keys), the beam
+    /// says little about where the passing keys are, so the search falls back to
+    /// [`Hnsw::exact_search`] with the same filter, which scores only the keys that pass.
+    ///
+    /// # Errors
+    /// [`AnnError::Dimension`] or [`AnnError::NonFinite`] for a malformed query.
+    pub fn search_with_ef(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, AnnError> {
+        self.check(query)?;
+        let Some(entry) = self.entry else {
+            return Ok(Vec::new());
+        };
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut scratch = Scratch::new(self.keys.len());
+        let mut nearest = self.score_node(query, entry);
+        for layer in (1..=self.top_layer).rev() {
+            nearest = self.closest_on_layer(query, nearest, layer, &mut scratch);
+        }
+        let beam = self.search_layer(query, &[nearest], ef.max(k), 0, &mut scratch);
+        let hits: Vec<Hit> = beam
+            .iter()
+            .map(|found| Hit {
+                key: self.keys[found.slot as usize],
+                score: found.score,
+            })
+            .filter(|hit| filter(hit.key))
+            .take(k)
+            .collect();
+        if hits.len() < k {
+            return self.exact_search(query, k, filter);
+        }
+        Ok(hits)
+    }
+
+    /// The `k` stored vectors most similar to `query` whose key passes `filter`, best first, by
+    /// scoring every live vector that passes: exact, and linear in the index's size.
+    ///
+    /// # Errors
+    /// [`AnnError::Dimension`] or [`AnnError::NonFinite`] for a malformed query.
+    pub fn exact_search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Hit>, AnnError> {
+        self.check(query)?;
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Scored in batches so the kernel's dispatch is paid once per batch, not per vector.
+        const BATCH: usize = 256;
+        let mut best: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
+        let mut batch: Vec<u32> = Vec::with_capacity(BATCH);
+        let mut scores: Vec<f32> = Vec::with_capacity(BATCH);
+        let mut flush = |batch: &mut Vec<u32>, best: &mut BinaryHeap<Reverse<Scored>>| {
+            scores.clear();
+            self.kernel
+                .dot_slots(query, &self.vectors, batch, &mut scores);
+            for (&slot, &score) in batch.iter().zip(&scores) {
+                push_bounded(best, Scored { score, slot }, k);
+            }
+            batch.clear();
+        };
+        for (slot, &key) in self.keys.iter().enumerate() {
+            if self.dead[slot] || !filter(key) {
+                continue;
+            }
+            batch.push(slot as u32);
+            if batch.len() == BATCH {
+                flush(&mut batch, &mut best);
+            }
+        }
+        flush(&mut batch, &mut best);
+        Ok(self.to_hits(best))
+    }
+
+    /// The key of the node every search starts from (dead or alive).
+    #[cfg(test)]
+    pub(crate) fn entry_key(&self) -> Option<u64> {
+        self.entry.map(|slot| self.keys[slot as usize])
+    }
+
+    fn check(&self, vector: &[f32]) -> Result<(), AnnError> {
+        if vector.len() != self.dimensions {
+            return Err(AnnError::Dimension {
+                expected: self.dimensions,
+                got: vector.len(),
+            });
+        }
+        match vector.iter().position(|value| !value.is_finite()) {
+            Some(position) => Err(AnnError::NonFinite { position }),
+            None => Ok(()),
+        }
+    }
+
+    fn vector(&self, slot: u32) -> &[f32] {
+        let start = slot as usize * self.dimensions;
+        &self.vectors[start..start + self.dimensions]
+    }
+
+    fn score_node(&self, query: &[f32], slot: u32) -> Scored {
+        Scored {
+            score: self.kernel.dot(query, self.vector(slot)),
+            slot,
+        }
+    }
+
+    fn max_links(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.max_links_bottom
+        } else {
+            self.params.m
+        }
+    }
+
+    /// Where a node's link list on `layer` starts: its count, then room for `max_links(layer)`.
+    fn link_table(&self, slot: u32, layer: usize) -> (&[u32], usize) {
+        if layer == 0 {
+            (
+                &self.bottom_links,
+                slot as usize * (1 + self.max_links_bottom),
+            )
+        } else {
+            (
+                &self.upper_links[slot as usize],
+                (layer - 1) * (1 + self.params.m),
+            )
+        }
+    }
+
+    fn links(&self, slot: u32, layer: usize) -> &[u32] {
+        let (table, start) = self.link_table(slot, layer);
+        let count = table[start] as usize;
+        &table[start + 1..start + 1 + count]
+    }
+
+    fn set_links(&mut self, slot: u32, layer: usize, links: impl ExactSizeIterator<Item = u32>) {
+        let (table, start) = if layer == 0 {
+            (
+                &mut self.bottom_links,
+                slot as usize * (1 + self.max_links_bottom),
+            )
+        } else {
+            (
+                &mut self.upper_links[slot as usize],
+                (layer - 1) * (1 + self.params.m),
+            )
+        };
+        table[start] = links.len() as u32;
+        for (place, link) in table[start + 1..].iter_mut().zip(links) {
+            *place = link;
+        }
+    }
+
+    /// Marks a node whose key has already left `slot_of` as dead.
+    fn kill(&mut self, slot: u32) {
+        self.dead[slot as usize] = true;
+        self.dead_count += 1;
+        if self.slot_of.is_empty() {
+            // Nothing live is left to route to; start afresh rather than route through the dead.
+            let params = self.params;
+            let rng = self.rng.clone();
+            *self = Self {
+                rng,
+                ..Self::new(self.dimensions, params)
+            };
+        }
+    }
+
+    fn compact_if_worn(&mut self) {
+        if self.dead_count as f64 > COMPACT_AT_DEAD_FRACTION * self.keys.len() as f64 {
+            self.compact();
+        }
+    }
+
+    /// A node's top layer: exponentially distributed, so layer `l` holds about `m^-l` of them.
+    fn draw_layer(&mut self) -> usize {
+        let uniform: f64 = self.rng.random();
+        let layer = (-(1.0 - uniform).ln() * self.layer_scale).floor();
+        (layer as usize).min(MAX_LAYER)
+    }
+
+    /// Appends a node for a key that is not live and links it into the graph.
+    fn add(&mut self, key: u64, vector: &[f32]) {
+        let slot = self.keys.len() as u32;
+        let layer = self.draw_layer();
+        self.vectors.extend_from_slice(vector);
+        self.keys.push(key);
+        self.dead.push(false);
+        self.slot_of.insert(key, slot);
+        self.bottom_links
+            .resize(self.bottom_links.len() + 1 + self.max_links_bottom, 0);
+        self.upper_links.push(vec![0; layer * (1 + self.params.m)]);
+
+        let Some(entry) = self.entry else {
+            self.entry = Some(slot);
+            self.top_layer = layer;
+            return;
+        };
+        let mut scratch = Scratch::new(self.keys.len());
+        let mut nearest = self.score_node(vector, entry);
+        for upper in (layer + 1..=self.top_layer).rev() {
+            nearest = self.closest_on_layer(vector, nearest, upper, &mut scratch);
+        }
+        let mut starts = vec![nearest];
+        for link_layer in (0..=layer.min(self.top_layer)).rev() {
+            let near = self.search_layer(
+                vector,
+                &starts,
+                self.params.ef_construction,
+                link_layer,
+                &mut scratch,
+            );
+            let chosen = self.diverse(&near, self.max_links(link_layer), &mut scratch);
+            self.set_links(slot, link_layer, chosen.iter().map(|node| node.slot));
+            for node in &chosen {
+                self.link_back(
+                    node.slot,
+                    Scored {
+                        score: node.score,
+                        slot,
+                    },
+                    link_layer,
+                    &mut scratch,
+                );
+            }
+            if !near.is_empty() {
+                starts = near;
+            }
+        }
+        if layer > self.top_layer {
+            self.entry = Some(slot);
+            self.top_layer = layer;
+        }
+    }
+
+    /// Adds a link from `from` to `to`. A full list is re-chosen with the diversity rule from
+    /// its live links plus `to`; dead links are dropped then, since they lead nowhere useful.
+    fn link_back(&mut self, from: u32, to: Scored, layer: usize, scratch: &mut Scratch) {
+        let max = self.max_links(layer);
+        let current = self.links(from, layer);
+        if current.len() < max {
+            let grown: Vec<u32> = current.iter().copied().chain([to.slot]).collect();
+            self.set_links(from, layer, grown.into_iter());
+            return;
+        }
+        let live: Vec<u32> = current
+            .iter()
+            .copied()
+            .filter(|&slot| !self.dead[slot as usize])
+            .collect();
+        scratch.scores.clear();
+        self.kernel
+            .dot_slots(self.vector(from), &self.vectors, &live, &mut scratch.scores);
+        let mut candidates: Vec<Scored> = live
+            .iter()
+            .zip(&scratch.scores)
+            .map(|(&slot, &score)| Scored { score, slot })
+            .chain([to])
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        let chosen = self.diverse(&candidates, max, scratch);
+        self.set_links(from, layer, chosen.iter().map(|node| node.slot));
+    }
+
+    /// Picks up to `max` links from `candidates` (best first, scored against the node being
+    /// linked). A candidate is kept only if it is more similar to that node than to every
+    /// link already kept: links then point in different directions, which keeps clusters
+    /// connected to each other instead of spending every link inside the nearest cluster.
+    fn diverse(&self, candidates: &[Scored], max: usize, scratch: &mut Scratch) -> Vec<Scored> {
+        let mut chosen: Vec<Scored> = Vec::with_capacity(max);
+        scratch.slots.clear();
+        for &candidate in candidates {
+            if chosen.len() == max {
+                break;
+            }
+            scratch.scores.clear();
+            self.kernel.dot_slots(
+                self.vector(candidate.slot),
+                &self.vectors,
+                &scratch.slots,
+                &mut scratch.scores,
+            );
+            if scratch
+                .scores
+                .iter()
+                .all(|&to_kept| to_kept < candidate.score)
+            {
+                chosen.push(candidate);
+                scratch.slots.push(candidate.slot);
+            }
+        }
+        chosen
+    }
+
+    /// Greedy walk on one layer: move to the best-scoring link until none improves.
+    fn closest_on_layer(
+        &self,
+        query: &[f32],
+        mut nearest: Scored,
+        layer: usize,
+        scratch: &mut Scratch,
+    ) -> Scored {
+        loop {
+            scratch.scores.clear();
+            let links = self.links(nearest.slot, layer);
+            self.kernel
+                .dot_slots(query, &self.vectors, links, &mut scratch.scores);
+            let best = links
+                .iter()
+                .zip(&scratch.scores)
+                .map(|(&slot, &score)| Scored { score, slot })
+                .max();
+            match best {
+                Some(best) if best > nearest => nearest = best,
+                _ => return nearest,
+            }
+        }
+    }
+
+    /// Beam search on one layer from `starts`: up to `ef` live nodes most similar to `query`,
+    /// best first. Dead nodes are expanded like live ones but never enter the result.
+    fn search_layer(
+        &self,
+        query: &[f32],
+        starts: &[Scored],
+        ef: usize,
+        layer: usize,
+        scratch: &mut Scratch,
+    ) -> Vec<Scored> {
+        scratch.visited.clear();
+        // To expand, best first.
+        let mut frontier: BinaryHeap<Scored> = BinaryHeap::new();
+        // The best live nodes so far, worst on top so it can be evicted.
+        let mut found: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(ef + 1);
+        for &start in starts {
+            if scratch.visited.mark(start.slot) {
+                frontier.push(start);
+                if !self.dead[start.slot as usize] {
+                    push_bounded(&mut found, start, ef);
+                }
+            }
+        }
+        while let Some(current) = frontier.pop() {
+            let worst = worst_if_full(&found, ef);
+            if worst.is_some_and(|worst| current < worst) {
+                // Everything left on the frontier is worse than all the results.
+                break;
+            }
+            scratch.slots.clear();
+            for &link in self.links(current.slot, layer) {
+                if scratch.visited.mark(link) {
+                    scratch.slots.push(link);
+                }
+            }
+            scratch.scores.clear();
+            self.kernel
+                .dot_slots(query, &self.vectors, &scratch.slots, &mut scratch.scores);
+            for (&slot, &score) in scratch.slots.iter().zip(&scratch.scores) {
+                let node = Scored { score, slot };
+                if worst_if_full(&found, ef).is_some_and(|worst| node <= worst) {
+                    continue;
+                }
+                frontier.push(node);
+                if !self.dead[slot as usize] {
+                    push_bounded(&mut found, node, ef);
+                }
+            }
+        }
+        let mut found: Vec<Scored> = found.into_iter().map(|Reverse(node)| node).collect();
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        found
+    }
+
+    fn to_hits(&self, best: BinaryHeap<Reverse<Scored>>) -> Vec<Hit> {
+        let mut best: Vec<Scored> = best.into_iter().map(|Reverse(node)| node).collect();
+        best.sort_unstable_by(|a, b| b.cmp(a));
+        best.into_iter()
+            .map(|node| Hit {
+                key: self.keys[node.slot as usize],
+                score: node.score,
+            })
+            .collect()
+    }
+}
+
+/// The worst of `found` if it already holds `capacity` nodes.
+fn worst_if_full(found: &BinaryHeap<Reverse<Scored>>, capacity: usize) -> Option<Scored> {
+    if found.len() < capacity {
+        return None;
+    }
+    found.peek().map(|Reverse(worst)| *worst)
+}
+
+/// Adds `node` to `best`, evicting the worst if that makes more than `capacity`.
+fn push_bounded(best: &mut BinaryHeap<Reverse<Scored>>, node: Scored, capacity: usize) {
+    if best.len() < capacity {
+        best.push(Reverse(node));
+    } else if let Some(mut worst) = best.peek_mut()
+        && node > worst.0
+    {
+        *worst = Reverse(node);
+    }
+}
