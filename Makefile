@@ -20,8 +20,10 @@ PEER_ARGS ?=
 ROUTER_ARGS ?=
 # Extra arguments for the inference bench, e.g. make bench-inference INFERENCE_ARGS="--runs 9"
 INFERENCE_ARGS ?=
+# Extra arguments for the memory bench, e.g. make bench-memory MEMORY_ARGS="--memories 20000"
+MEMORY_ARGS ?=
 
-.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference up down proto
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory up down proto
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -39,6 +41,16 @@ define INFERENCE_BENCH
 	scripts/llamacpp-venv.sh >/dev/null || echo "llama-cpp-python could not be installed: inference-bench reports Colony alone"
 	target/release/inference-bench $(INFERENCE_ARGS)
 endef
+
+# The memory bench, in `bench` and `bench-memory`: search over 100,000 vectors and writes
+# through the release memory service.
+define MEMORY_BENCH
+	$(CARGO) build --release -p colony-memory -p colony-e2e --bin memory-bench
+	target/release/memory-bench $(MEMORY_ARGS)
+endef
+
+MEMORY_KEYS := memory_search_p50_ms memory_search_p99_ms memory_recall_at_10 memory_writes_per_s \
+	memory_index_rebuild_s memory_rss_mb
 
 INFERENCE_KEYS := local_llm_tokens_per_s llamacpp_tokens_per_s local_llm_vs_llamacpp local_llm_prompt_tokens_per_s \
 	llamacpp_prompt_tokens_per_s embed_sentences_per_s inference_rss_mb
@@ -101,7 +113,7 @@ test: deps build-deps models sdk-env lint build ## deps, build-deps, models, sdk
 run: build-deps models ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router and inference benches on release builds, then a summary (docs/benchmarks.md)
+bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router, inference and memory benches on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
@@ -109,10 +121,11 @@ bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router 
 	benches/peer-queue/target/release/peer-queue-bench $(PEER_ARGS)
 	$(ROUTER_BENCH)
 	$(INFERENCE_BENCH)
+	$(MEMORY_BENCH)
 	@$(call bench_summary,dispatch_p50_ms dispatch_p99_ms dispatch_p99_loaded_ms \
 		dispatch_loaded_completed_per_s throughput_tasks_per_s drain_cpu_us_per_task_total \
 		drain_cpu_us_per_task_postgres drain_cpu_us_per_task_nats model_throughput_tasks_per_s \
-		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS))
+		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS) $(MEMORY_KEYS))
 	@python3 -c 'import json; r=json.load(open("target/bench/results.json")); \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
@@ -124,6 +137,10 @@ bench-router: deps build-deps ## Router overhead bench only (0-ms stub: direct, 
 bench-inference: deps build-deps models ## Embedded inference bench only (chat next to llama.cpp, embeddings, memory), then its summary
 	$(INFERENCE_BENCH)
 	@$(call bench_summary,$(INFERENCE_KEYS))
+
+bench-memory: deps build-deps models ## Memory bench only (search p50/p99 and recall@10 over 100,000 vectors, writes/s), then its summary
+	$(MEMORY_BENCH)
+	@$(call bench_summary,$(MEMORY_KEYS))
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build

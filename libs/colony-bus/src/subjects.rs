@@ -8,6 +8,10 @@ pub const EVENT_TASK: &str = "colony.v1.event.task";
 pub const WORKER_HEARTBEAT: &str = "colony.v1.worker.heartbeat";
 pub const USAGE_RECORDED: &str = "colony.v1.usage.recorded";
 pub const DEAD_LETTER: &str = "colony.v1.deadletter";
+/// A step of a task attempt, for the memory service's replay log.
+pub const TRAJECTORY_STEP: &str = "colony.v1.event.trajectory.step";
+/// Memories changed on one memory replica; the others refresh their index.
+pub const MEMORY_CHANGED: &str = "colony.v1.event.memory.changed";
 
 /// `colony.v1.task.dispatch.<role>`.
 pub fn dispatch(role: &str) -> String {

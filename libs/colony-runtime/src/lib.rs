@@ -2,6 +2,7 @@
 //! and the `/healthz`, `/readyz`, `/metrics` endpoints.
 
 pub mod batch;
+pub mod clock;
 mod service;
 
 use std::future::Future;

@@ -270,6 +270,34 @@ impl Router for FakeRouter {
     }
 }
 
+/// A memory method the worker does not call: UNIMPLEMENTED.
+macro_rules! unused {
+    ($method:ident, $request:ty, $response:ty) => {
+        // The shape `#[tonic::async_trait]` gives trait methods: it does not see into macros.
+        fn $method<'life0, 'async_trait>(
+            &'life0 self,
+            _: Request<$request>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<Response<$response>, Status>>
+                    + Send
+                    + 'async_trait,
+            >,
+        >
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                Err(Status::unimplemented(concat!(
+                    "the worker does not call ",
+                    stringify!($method)
+                )))
+            })
+        }
+    };
+}
+
 /// Records every append.
 #[derive(Default)]
 struct FakeMemory {
@@ -303,6 +331,55 @@ impl Memory for FakeMemory {
         _: Request<v1::EmbedRequest>,
     ) -> Result<Response<v1::EmbedResponse>, Status> {
         Err(Status::unimplemented("the worker does not embed"))
+    }
+
+    unused!(
+        compress_session,
+        v1::CompressSessionRequest,
+        v1::CompressSessionResponse
+    );
+    unused!(get_context, v1::GetContextRequest, v1::GetContextResponse);
+    unused!(
+        write_memories,
+        v1::WriteMemoriesRequest,
+        v1::WriteMemoriesResponse
+    );
+    unused!(
+        search_memories,
+        v1::SearchMemoriesRequest,
+        v1::SearchMemoriesResponse
+    );
+    unused!(get_memory, v1::GetMemoryRequest, v1::MemoryRecord);
+    unused!(update_memory, v1::UpdateMemoryRequest, v1::MemoryRecord);
+    unused!(
+        delete_memory,
+        v1::DeleteMemoryRequest,
+        v1::DeleteMemoryResponse
+    );
+    unused!(add_strategy, v1::AddStrategyRequest, v1::StrategyRecord);
+    unused!(
+        suggest_strategies,
+        v1::SuggestStrategiesRequest,
+        v1::SuggestStrategiesResponse
+    );
+    unused!(
+        record_strategy_outcome,
+        v1::RecordStrategyOutcomeRequest,
+        v1::RecordStrategyOutcomeResponse
+    );
+    unused!(
+        list_strategies,
+        v1::ListStrategiesRequest,
+        v1::ListStrategiesResponse
+    );
+
+    type ExportTrajectoriesStream = futures::stream::Empty<Result<v1::TrajectoryChunk, Status>>;
+
+    async fn export_trajectories(
+        &self,
+        _: Request<v1::ExportTrajectoriesRequest>,
+    ) -> Result<Response<Self::ExportTrajectoriesStream>, Status> {
+        Err(Status::unimplemented("the worker does not export"))
     }
 }
 

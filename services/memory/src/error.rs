@@ -6,6 +6,15 @@ pub enum Error {
     /// The request itself is wrong; retrying it unchanged cannot help.
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
+    /// No such thing for this tenant.
+    #[error("{0}")]
+    NotFound(String),
+    /// The tenant's limits do not allow it.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// A service this one depends on (the router) did not answer usefully; retry later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     /// The embedding model could not answer (busy, not loaded, failed).
@@ -25,6 +34,9 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "invalid_argument",
+            Error::NotFound(_) => "not_found",
+            Error::LimitExceeded(_) => "resource_exhausted",
+            Error::Unavailable(_) => "unavailable",
             Error::Embedding(colony_inference::InferenceError::QueueFull { .. }) => {
                 "resource_exhausted"
             }
@@ -37,7 +49,8 @@ impl Error {
     /// Whether the same request may succeed later (the database was unreachable or busy).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::InvalidArgument { .. } => false,
+            Error::InvalidArgument { .. } | Error::NotFound(_) | Error::LimitExceeded(_) => false,
+            Error::Unavailable(_) => true,
             Error::Embedding(error) => !matches!(
                 error,
                 colony_inference::InferenceError::InvalidRequest(_)
@@ -58,6 +71,9 @@ impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         match &error {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(error.to_string()),
+            Error::NotFound(_) => tonic::Status::not_found(error.to_string()),
+            Error::LimitExceeded(_) => tonic::Status::resource_exhausted(error.to_string()),
+            Error::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
             // Database details stay in the logs; clients learn only whether to retry.
             Error::Database(_) if error.is_retryable() => {
                 tonic::Status::unavailable("the memory database is unavailable; retry later")

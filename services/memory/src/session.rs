@@ -123,7 +123,7 @@ pub fn estimate_tokens(content: &str) -> u32 {
 }
 
 /// Checks a tenant or session id: required, bounded, storable.
-fn check_id(field: &str, value: &str) -> Result<(), Error> {
+pub fn check_id(field: &str, value: &str) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }

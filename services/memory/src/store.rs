@@ -164,4 +164,13 @@ impl Store {
             next_after_seq,
         })
     }
+
+    /// Deletes sessions (messages and summaries with them) not appended to since `before`.
+    pub async fn expire_sessions(&self, before: DateTime<Utc>) -> Result<u64, Error> {
+        let result = sqlx::query("DELETE FROM memory.sessions WHERE updated_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
 }

@@ -1,138 +1,12 @@
 //! In-process service tests: the real gRPC server on port 0 against a fresh database.
 
+mod common;
+
 use std::time::Duration;
 
-use colony_memory::Config;
 use colony_proto::v1;
-use colony_proto::v1::memory_client::MemoryClient;
-use colony_runtime::Runtime;
-use colony_testkit::{TestBus, TestDb};
-use tokio_util::sync::CancellationToken;
+use common::{Service, with_workspace_models};
 use tonic::Code;
-use tonic::transport::Channel;
-
-struct Service {
-    client: MemoryClient<Channel>,
-    http: String,
-    runtime: Runtime,
-    handle: Option<colony_memory::Handle>,
-    _db: TestDb,
-    _bus: TestBus,
-}
-
-impl Service {
-    async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
-        let db = TestDb::new().await;
-        let bus = TestBus::new();
-        let mut config = Config {
-            database: db.config(),
-            bus: bus.config(),
-            ..Config::default()
-        };
-        config.http.addr = "127.0.0.1:0".into();
-        config.grpc.addr = "127.0.0.1:0".into();
-        tweak(&mut config);
-        let runtime = Runtime::new(CancellationToken::new());
-        let handle = colony_memory::spawn(config, &runtime)
-            .await
-            .expect("the service starts");
-        let channel = Channel::from_shared(format!("http://{}", handle.grpc_addr))
-            .expect("a valid endpoint")
-            .connect()
-            .await
-            .expect("the gRPC server accepts connections");
-        let client = MemoryClient::new(channel);
-        Self {
-            client,
-            http: format!("http://{}", handle.http_addr),
-            runtime,
-            handle: Some(handle),
-            _db: db,
-            _bus: bus,
-        }
-    }
-
-    async fn append(
-        &mut self,
-        tenant: &str,
-        session: &str,
-        messages: &[(&str, &str)],
-    ) -> Result<v1::AppendMessagesResponse, tonic::Status> {
-        self.client
-            .append_messages(v1::AppendMessagesRequest {
-                tenant: tenant.into(),
-                session_id: session.into(),
-                run_id: "run-1".into(),
-                task_id: "task-1".into(),
-                messages: messages
-                    .iter()
-                    .map(|(role, content)| v1::ChatMessage {
-                        role: (*role).into(),
-                        content: (*content).into(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    async fn list(
-        &mut self,
-        tenant: &str,
-        session: &str,
-        after_seq: u64,
-        page_size: u32,
-    ) -> Result<v1::ListMessagesResponse, tonic::Status> {
-        self.client
-            .list_messages(v1::ListMessagesRequest {
-                tenant: tenant.into(),
-                session_id: session.into(),
-                page_size,
-                after_seq,
-            })
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    /// Every message of a session, fetched page by page.
-    async fn list_all(
-        &mut self,
-        tenant: &str,
-        session: &str,
-        page_size: u32,
-    ) -> Vec<v1::StoredMessage> {
-        let mut all = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = self
-                .list(tenant, session, after, page_size)
-                .await
-                .expect("list succeeds");
-            all.extend(page.messages);
-            if page.next_after_seq == 0 {
-                return all;
-            }
-            after = page.next_after_seq;
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http))
-            .await
-            .expect("/metrics answers")
-            .text()
-            .await
-            .expect("/metrics has a body")
-    }
-
-    async fn stop(mut self) {
-        self.runtime.shutdown.cancel();
-        if let Some(handle) = self.handle.take() {
-            handle.wait().await.expect("a clean shutdown");
-        }
-    }
-}
 
 fn seqs(messages: &[v1::StoredMessage]) -> Vec<u64> {
     messages.iter().map(|m| m.seq).collect()
@@ -482,11 +356,6 @@ async fn readiness_turns_off_at_shutdown() {
     service.runtime.shutdown.cancel();
     assert!(!service.runtime.is_ready());
     service.stop().await;
-}
-
-fn with_workspace_models(config: &mut Config) {
-    config.embedding.model_dir =
-        colony_inference::workspace_models_dir().join(colony_inference::DEFAULT_EMBEDDING_MODEL);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -10,10 +10,9 @@
 //!   replicas both think they lead.
 //! - [`leader`]: leadership through a PostgreSQL advisory lock held on a dedicated connection.
 //! - [`api`]: the REST routes under `/v1/schedules`.
-//! - [`clock`]: the time source, so tests move through DST changes and outages without waiting.
+//! - `colony_runtime::clock`: the time source, so tests move through DST changes and outages without waiting.
 
 pub mod api;
-pub mod clock;
 pub mod leader;
 pub mod schedule;
 pub mod store;
@@ -29,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{ApiState, routes};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use colony_runtime::clock::{Clock, ManualClock, SystemClock};
 pub use leader::Leadership;
 pub use schedule::{CronSpec, FireKind, Missed, SpecError};
 pub use store::{Firing, NewSchedule, ScheduleRow, Schedules, TickReport};

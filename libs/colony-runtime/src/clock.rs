@@ -1,4 +1,4 @@
-//! Where the firing loop and the API read the time, so tests can drive it.
+//! Where services read the time, so tests can drive it (schedules, expiry).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
