@@ -119,6 +119,25 @@ async fn a_goal_flows_through_all_five_services() {
         .await,
         1
     );
+    // Memory's replay log recorded the attempt from the bus: its steps and its outcome.
+    eventually(
+        Duration::from_secs(10),
+        "the attempt in the replay log",
+        || async {
+            let succeeded = count(
+                &stack,
+                "SELECT count(*) FROM memory.trajectories WHERE outcome = 'succeeded'",
+            )
+            .await;
+            let assistant_steps = count(
+                &stack,
+                "SELECT count(*) FROM memory.trajectory_steps WHERE message->>'role' = 'assistant'",
+            )
+            .await;
+            (succeeded == 1 && assistant_steps == 1).then_some(())
+        },
+    )
+    .await;
     // The router writes its ledger in batches just after answering.
     eventually(
         Duration::from_secs(10),

@@ -9,7 +9,7 @@ use colony_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::task::{Dispatch, Report, TaskOutcome, Usage};
+use crate::task::{ChatMessage, Dispatch, Report, TaskOutcome, TaskSpec, Usage};
 use crate::worker::{Disposition, Peers, Progress, Reporter, Slots, Worker};
 
 /// The durable consumer every replica shares for `role`, so replicas split the work queue.
@@ -128,6 +128,39 @@ impl Reporter for BusReporter {
             )
             .await
             .map_err(Error::from)
+    }
+
+    async fn steps(
+        &self,
+        task: &TaskSpec,
+        first: u32,
+        messages: &[ChatMessage],
+    ) -> Result<(), Error> {
+        for (step, message) in (first..).zip(messages) {
+            let event = v1::TrajectoryStep {
+                tenant: task.tenant.clone(),
+                run_id: task.run_id.clone(),
+                task_id: task.task_id.clone(),
+                attempt: task.attempt,
+                role: task.role.clone(),
+                step,
+                message: Some(v1::ChatMessage {
+                    role: message.role.clone(),
+                    content: message.content.clone(),
+                    ..Default::default()
+                }),
+                occurred_at: Some(colony_proto::now()),
+            };
+            // One id per step of an attempt: a retried publish is a duplicate, not a new step.
+            let msg_id = format!(
+                "step-{}-{}-{}-{}-{step}",
+                task.tenant, task.run_id, task.task_id, task.attempt
+            );
+            self.bus
+                .publish(subjects::TRAJECTORY_STEP, &msg_id, &event)
+                .await?;
+        }
+        Ok(())
     }
 }
 

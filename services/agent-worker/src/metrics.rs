@@ -17,6 +17,8 @@ pub const SLOTS_BUSY: &str = "colony_agent_worker_slots_busy";
 pub const SLOTS_TOTAL: &str = "colony_agent_worker_slots_total";
 /// Failed memory appends, by `step` (`prompt`, `reply`). They do not fail the task.
 pub const MEMORY_FAILURES: &str = "colony_agent_worker_memory_failures_total";
+/// Trajectory steps (for memory's replay log) that could not be published, by `step`.
+pub const TRAJECTORY_FAILURES: &str = "colony_agent_worker_trajectory_failures_total";
 /// Failed lease heartbeats (`Orchestrator.HeartbeatTask`); retried on the next tick.
 pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_failures_total";
 /// Failed report publishes; retried with backoff while the task is live.
@@ -56,6 +58,10 @@ pub fn describe() {
     describe_counter!(
         MEMORY_FAILURES,
         "Failed Memory.AppendMessages calls, by step (prompt, reply); the task goes on."
+    );
+    describe_counter!(
+        TRAJECTORY_FAILURES,
+        "Trajectory steps for the replay log that could not be published, by step (prompt, reply); the task goes on."
     );
     describe_counter!(
         LEASE_HEARTBEAT_FAILURES,

@@ -59,9 +59,16 @@ pub trait Peers: Send + Sync + 'static {
     ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
 }
 
-/// Where reports go (the REPORTS stream).
+/// Where reports go (the REPORTS stream), and the attempt's steps (for memory's replay log).
 pub trait Reporter: Send + Sync + 'static {
     fn publish(&self, report: &Report) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Publishes `messages` as steps `first`, `first + 1`, … of the attempt.
+    fn steps(
+        &self,
+        task: &TaskSpec,
+        first: u32,
+        messages: &[ChatMessage],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// Tells the bus that work on a delivered message is still going on.
@@ -330,11 +337,12 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             }
         };
         prompt.push(ChatMessage::new("user", task.instructions.clone()));
-        self.remember(task, &prompt, "prompt").await;
+        self.remember(task, &prompt, "prompt", 1).await;
         match self.peers.complete(task, &prompt).await {
             Ok(completion) => {
                 let reply = [ChatMessage::new("assistant", completion.content.clone())];
-                self.remember(task, &reply, "reply").await;
+                let next_step = u32::try_from(prompt.len()).unwrap_or(u32::MAX - 1) + 1;
+                self.remember(task, &reply, "reply", next_step).await;
                 TaskOutcome::Succeeded {
                     output: completion.content,
                     usage: completion.usage,
@@ -352,12 +360,23 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         }
     }
 
-    /// Appends to the run's conversation. v1: a failure is logged and counted, and the task
-    /// goes on without it.
-    async fn remember(&self, task: &TaskSpec, messages: &[ChatMessage], step: &'static str) {
+    /// Appends to the run's conversation and publishes the messages as the attempt's steps
+    /// from `first_step` on. v1: a failure is logged and counted, and the task goes on without
+    /// it.
+    async fn remember(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+        step: &'static str,
+        first_step: u32,
+    ) {
         if let Err(error) = self.peers.append(task, messages).await {
             ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => step).increment(1);
             tracing::warn!(%error, step, "memory append failed; continuing without it");
+        }
+        if let Err(error) = self.reporter.steps(task, first_step, messages).await {
+            ::metrics::counter!(metrics::TRAJECTORY_FAILURES, "step" => step).increment(1);
+            tracing::warn!(%error, step, "trajectory publish failed; continuing without it");
         }
     }
 
@@ -500,6 +519,8 @@ mod tests {
         failures: AtomicUsize,
         attempts: AtomicUsize,
         published: Mutex<Vec<Report>>,
+        /// First and last step number of each `steps` call.
+        steps: Mutex<Vec<(u32, u32)>>,
     }
 
     impl Reporter for FakeReporter {
@@ -516,6 +537,17 @@ mod tests {
                 }));
             }
             self.published.lock().unwrap().push(report.clone());
+            Ok(())
+        }
+
+        async fn steps(
+            &self,
+            _: &TaskSpec,
+            first: u32,
+            messages: &[ChatMessage],
+        ) -> Result<(), Error> {
+            let last = first + messages.len() as u32 - 1;
+            self.steps.lock().unwrap().push((first, last));
             Ok(())
         }
     }
@@ -587,6 +619,7 @@ mod tests {
             }
         );
         assert!(worker.peers.appends.lock().unwrap().is_empty());
+        assert!(worker.reporter.steps.lock().unwrap().is_empty());
         assert_eq!(worker.slots.busy(), 0);
     }
 
@@ -625,6 +658,8 @@ mod tests {
                 vec![ChatMessage::new("assistant", "hi")],
             ]
         );
+        // The same messages are the attempt's steps 1-2 (prompt) and 3 (reply).
+        assert_eq!(*worker.reporter.steps.lock().unwrap(), [(1, 2), (3, 3)]);
         assert_eq!(worker.slots.busy(), 0);
     }
 
