@@ -222,7 +222,6 @@ impl LongTerm {
         self.memories
             .get(tenant, id, self.clock.now())
             .await?
-            .map(|(record, _)| record)
             .ok_or_else(|| not_found(id))
     }
 

@@ -246,26 +246,14 @@ impl Memories {
         Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
     }
 
-    /// One live memory with its vector, or `None`.
+    /// One live memory, or `None`.
     pub async fn get(
         &self,
         tenant: &str,
         id: i64,
         now: DateTime<Utc>,
-    ) -> Result<Option<(MemoryRecord, Vec<f32>)>, Error> {
-        let row = sqlx::query(&format!(
-            "SELECT {RECORD_COLUMNS}, embedding FROM memory.memories \
-             WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL \
-               AND (expires_at IS NULL OR expires_at > $3)"
-        ))
-        .bind(tenant)
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let embedding = decode_vector(row.try_get::<&[u8], _>("embedding")?)?;
-        Ok(Some((record(&row)?, embedding)))
+    ) -> Result<Option<MemoryRecord>, Error> {
+        Ok(self.records(tenant, &[id], now).await?.pop())
     }
 
     /// Applies `changes` to a live memory; `None` when there is none. A new text must not

@@ -103,6 +103,25 @@ async fn search_vector(
         .results
 }
 
+async fn context(
+    service: &mut Service,
+    tenant: &str,
+    session_id: &str,
+    token_budget: u64,
+) -> v1::GetContextResponse {
+    service
+        .client
+        .get_context(v1::GetContextRequest {
+            tenant: tenant.into(),
+            session_id: session_id.into(),
+            token_budget,
+            ..Default::default()
+        })
+        .await
+        .expect("context answers")
+        .into_inner()
+}
+
 fn ids(results: &[v1::ScoredMemory]) -> Vec<i64> {
     results
         .iter()
@@ -203,17 +222,7 @@ async fn tenants_are_isolated_in_every_method() {
         messages[0].message.as_ref().map(|m| m.content.as_str()),
         Some("globex talk")
     );
-    let context = service
-        .client
-        .get_context(v1::GetContextRequest {
-            tenant: "initech".into(),
-            session_id: "shared-name".into(),
-            token_budget: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("context answers")
-        .into_inner();
+    let context = context(&mut service, "initech", "shared-name", 1000).await;
     assert!(context.messages.is_empty() && context.full_context);
     let compress = service
         .client
@@ -997,10 +1006,10 @@ mod fake_router {
 async fn compression_keeps_the_originals_and_context_fits_the_budget() {
     let stop = tokio_util::sync::CancellationToken::new();
     let (router, calls) = fake_router::start(stop.clone()).await;
-    let mut service = Service::start(|config| {
+    let mut service = Service::start(with_models_and(|config| {
         config.compression.router_url = format!("http://{router}");
         config.compression.max_messages_per_summary = 10;
-    })
+    }))
     .await;
     let turns: Vec<(String, String)> = (1..=30)
         .map(|i| {
@@ -1018,17 +1027,7 @@ async fn compression_keeps_the_originals_and_context_fits_the_budget() {
         .expect("append succeeds");
 
     // Everything fits: the whole history, nothing summarised, no router call.
-    let full = service
-        .client
-        .get_context(v1::GetContextRequest {
-            tenant: "acme".into(),
-            session_id: "long".into(),
-            token_budget: appended.token_count,
-            ..Default::default()
-        })
-        .await
-        .expect("context")
-        .into_inner();
+    let full = context(&mut service, "acme", "long", appended.token_count).await;
     assert!(full.full_context);
     assert_eq!(full.messages.len(), 30);
     assert_eq!(full.token_count, appended.token_count);
@@ -1058,17 +1057,7 @@ async fn compression_keeps_the_originals_and_context_fits_the_budget() {
     assert_eq!(all.len(), 30);
 
     // A tight budget: summaries and the newest turns, the rest accounted for.
-    let tight = service
-        .client
-        .get_context(v1::GetContextRequest {
-            tenant: "acme".into(),
-            session_id: "long".into(),
-            token_budget: 60,
-            ..Default::default()
-        })
-        .await
-        .expect("context")
-        .into_inner();
+    let tight = context(&mut service, "acme", "long", 60).await;
     assert!(!tight.full_context);
     assert!(tight.token_count <= 60, "{}", tight.token_count);
     let covered: u64 = tight
@@ -1087,6 +1076,37 @@ async fn compression_keeps_the_originals_and_context_fits_the_budget() {
         Some(30),
         "the newest message is given verbatim"
     );
+    assert!(tight.memories.is_empty(), "no query, no retrieval");
+
+    // With a query, relevant memories of the named scope come along.
+    let session_scope = scope(v1::ScopeKind::Session, "long");
+    write(
+        &mut service,
+        "acme",
+        vec![v1::MemoryInput {
+            scope: session_scope.clone(),
+            text: "The customer wants every invoice in euros.".into(),
+            ..Default::default()
+        }],
+    )
+    .await
+    .expect("write succeeds");
+    let retrieved = service
+        .client
+        .get_context(v1::GetContextRequest {
+            tenant: "acme".into(),
+            session_id: "long".into(),
+            token_budget: 120,
+            query: "which currency should the invoice use?".into(),
+            scopes: session_scope.into_iter().collect(),
+            memory_limit: 3,
+        })
+        .await
+        .expect("context")
+        .into_inner();
+    assert!(!retrieved.full_context);
+    assert_eq!(retrieved.memories.len(), 1);
+    assert!(retrieved.token_count <= 120, "{}", retrieved.token_count);
 
     // The router failing: a clear, retryable error, and nothing changes.
     calls.1.store(true, std::sync::atomic::Ordering::SeqCst);
