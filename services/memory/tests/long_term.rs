@@ -1444,3 +1444,88 @@ async fn the_replay_log_records_attempts_from_the_bus_and_exports_json_lines() {
     assert!(other.message().await.expect("stream").is_none());
     service.stop().await;
 }
+
+/// An OpenAI-style `/v1/embeddings` that answers `unit(text length)` vectors of `dimensions`.
+async fn fake_embeddings(dimensions: usize, stop: tokio_util::sync::CancellationToken) -> String {
+    use axum::Json;
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/v1/embeddings",
+        post(move |Json(body): Json<serde_json::Value>| async move {
+            let inputs = body["input"].as_array().cloned().unwrap_or_default();
+            let data: Vec<serde_json::Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(index, text)| {
+                    let length = text.as_str().map_or(0, str::len) as u64;
+                    let mut vector = unit(length);
+                    vector.resize(dimensions, 0.0);
+                    serde_json::json!({ "object": "embedding", "index": index, "embedding": vector })
+                })
+                .collect();
+            Json(serde_json::json!({ "object": "list", "data": data, "model": body["model"] }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    colony_runtime::Runtime::new(stop).spawn(async move { server.await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn embeddings_can_come_from_the_router() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let good = fake_embeddings(DIMENSIONS, stop.clone()).await;
+    let mut service = Service::start(|config| {
+        config.embedding_provider = colony_memory::config::EmbeddingProvider::Router;
+        config.router_embeddings.url = good;
+    })
+    .await;
+    let text = v1::MemoryInput {
+        scope: tenant_scope(),
+        text: "twelve chars".into(),
+        ..Default::default()
+    };
+    let written = write(&mut service, "acme", vec![text])
+        .await
+        .expect("write succeeds");
+    // The fake embeds by length: a query of the same length finds it with similarity 1.
+    let found = service
+        .client
+        .search_memories(v1::SearchMemoriesRequest {
+            tenant: "acme".into(),
+            query: "same length!".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("search succeeds")
+        .into_inner()
+        .results;
+    assert_eq!(ids(&found), [written[0].id]);
+    assert!((found[0].similarity - 1.0).abs() < 1e-5);
+    service.stop().await;
+
+    // A router model of other dimensions than configured: a clear error, nothing stored.
+    let wrong = fake_embeddings(12, stop.clone()).await;
+    let mut service = Service::start(|config| {
+        config.embedding_provider = colony_memory::config::EmbeddingProvider::Router;
+        config.router_embeddings.url = wrong;
+    })
+    .await;
+    let refused = write(&mut service, "acme", vec![input("any", vec![])])
+        .await
+        .expect_err("wrong dimensions");
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(
+        refused
+            .message()
+            .contains("a vector of 12 dimensions; configured for 384"),
+        "{}",
+        refused.message()
+    );
+    service.stop().await;
+    stop.cancel();
+}
