@@ -165,13 +165,14 @@ impl WithSimd for ManyCodeSlots<'_> {
 
 /// A plain loop: integer sums are exact in any order, so the compiler vectorises it on its own
 /// (16-bit products summed pairwise into 32 bits) for whatever instructions `with_simd` enabled.
-/// 384 products of at most 127² cannot overflow an `i32`.
+/// A product of two codes fits an `i16` and over 100,000 of them fit an `i32`, so nothing
+/// wraps; the wrapping operations only keep debug builds' overflow checks, which would stop the
+/// loop from vectorising, out of it.
 #[inline(always)]
 fn code_dot_in(a: &[i8], b: &[i8]) -> i32 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| i32::from(i16::from(x) * i16::from(y)))
-        .sum()
+    a.iter().zip(b).fold(0i32, |sum, (&x, &y)| {
+        sum.wrapping_add(i32::from(i16::from(x).wrapping_mul(i16::from(y))))
+    })
 }
 
 /// Four independent accumulators so consecutive fused multiply-adds do not wait on each other
