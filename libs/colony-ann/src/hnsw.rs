@@ -164,6 +164,10 @@ pub struct Hnsw {
     params: HnswParams,
     /// Links per node on layer 0.
     max_links_bottom: usize,
+    /// Where in a node's block its code's scale is; its code follows.
+    scale_word: usize,
+    /// `u32`s per node in `nodes`.
+    node_words: usize,
     /// `1 / ln(m)`: scales the exponential draw of a node's top layer.
     layer_scale: f64,
     kernel: Kernel,
@@ -171,10 +175,12 @@ pub struct Hnsw {
 
     /// Every node's vector, `dimensions` values each, in slot order.
     vectors: Vec<f32>,
-    /// Every node's vector rounded to 8 bits, `dimensions` codes each, in slot order.
-    codes: Vec<i8>,
-    /// What each node's codes are multiplied by to approximate its vector.
-    code_scales: Vec<f32>,
+    /// What the walk reads of each node, in one block per node in slot order: its layer-0
+    /// link count and `max_links_bottom` links, the scale of its code (`f32` bits), then its
+    /// code (`dimensions` bytes, zero-padded to whole words). Keeping them together means a
+    /// node's links are usually in cache by the time the walk expands it, since scoring it
+    /// fetched the block.
+    nodes: Vec<u32>,
     /// Every node's key, in slot order (dead nodes keep theirs).
     keys: Vec<u64>,
     /// Whether each node's key was removed or replaced.
@@ -182,8 +188,6 @@ pub struct Hnsw {
     dead_count: usize,
     /// The slot of each live key.
     slot_of: HashMap<u64, u32>,
-    /// Layer-0 links: `1 + max_links_bottom` numbers per node, a count and then the links.
-    bottom_links: Vec<u32>,
     /// Links above layer 0: per node, `1 + m` numbers for each layer from 1 to its top layer
     /// (empty for the many nodes that live on layer 0 only).
     upper_links: Vec<Vec<u32>>,
@@ -210,17 +214,17 @@ impl Hnsw {
             dimensions,
             params,
             max_links_bottom: 2 * m,
+            scale_word: 1 + 2 * m,
+            node_words: 2 + 2 * m + dimensions.div_ceil(4),
             layer_scale: 1.0 / (m as f64).ln(),
             kernel: Kernel::default(),
             rng: StdRng::seed_from_u64(params.seed),
             vectors: Vec::new(),
-            codes: Vec::new(),
-            code_scales: Vec::new(),
+            nodes: Vec::new(),
             keys: Vec::new(),
             dead: Vec::new(),
             dead_count: 0,
             slot_of: HashMap::new(),
-            bottom_links: Vec::new(),
             upper_links: Vec::new(),
             entry: None,
             top_layer: 0,
@@ -310,7 +314,7 @@ impl Hnsw {
         };
         let live = self.keys.len() - self.dead_count;
         rebuilt.vectors.reserve_exact(live * self.dimensions);
-        rebuilt.codes.reserve_exact(live * self.dimensions);
+        rebuilt.nodes.reserve_exact(live * self.node_words);
         rebuilt.keys.reserve_exact(live);
         for slot in 0..self.keys.len() {
             if !self.dead[slot] {
@@ -459,15 +463,24 @@ impl Hnsw {
         &self.vectors[start..start + self.dimensions]
     }
 
+    fn block(&self, slot: u32) -> &[u32] {
+        let start = slot as usize * self.node_words;
+        &self.nodes[start..start + self.node_words]
+    }
+
     fn code(&self, slot: u32) -> &[i8] {
-        let start = slot as usize * self.dimensions;
-        &self.codes[start..start + self.dimensions]
+        let words = &self.block(slot)[self.scale_word + 1..];
+        &pulp::bytemuck::cast_slice(words)[..self.dimensions]
+    }
+
+    fn code_scale(&self, slot: u32) -> f32 {
+        f32::from_bits(self.nodes[slot as usize * self.node_words + self.scale_word])
     }
 
     /// The approximate score of a node from its code dot product with a probe of `scale`.
     fn approximate(&self, raw: i32, scale: f32, slot: u32) -> Scored {
         Scored {
-            score: raw as f32 * scale * self.code_scales[slot as usize],
+            score: raw as f32 * scale * self.code_scale(slot),
             slot,
         }
     }
@@ -481,7 +494,7 @@ impl Hnsw {
     fn score_codes(&self, probe: &Probe, slots: &[u32], raw: &mut Vec<i32>) {
         raw.clear();
         self.kernel
-            .code_dot_slots(&probe.code, &self.codes, slots, raw);
+            .code_dots(&probe.code, slots, |slot| self.code(slot), raw);
     }
 
     fn max_links(&self, layer: usize) -> usize {
@@ -495,10 +508,7 @@ impl Hnsw {
     /// Where a node's link list on `layer` starts: its count, then room for `max_links(layer)`.
     fn link_table(&self, slot: u32, layer: usize) -> (&[u32], usize) {
         if layer == 0 {
-            (
-                &self.bottom_links,
-                slot as usize * (1 + self.max_links_bottom),
-            )
+            (&self.nodes, slot as usize * self.node_words)
         } else {
             (
                 &self.upper_links[slot as usize],
@@ -515,10 +525,7 @@ impl Hnsw {
 
     fn set_links(&mut self, slot: u32, layer: usize, links: impl ExactSizeIterator<Item = u32>) {
         let (table, start) = if layer == 0 {
-            (
-                &mut self.bottom_links,
-                slot as usize * (1 + self.max_links_bottom),
-            )
+            (&mut self.nodes, slot as usize * self.node_words)
         } else {
             (
                 &mut self.upper_links[slot as usize],
@@ -565,13 +572,15 @@ impl Hnsw {
         let layer = self.draw_layer();
         self.vectors.extend_from_slice(vector);
         let probe = Probe::new(vector);
-        self.codes.extend_from_slice(&probe.code);
-        self.code_scales.push(probe.scale);
+        let start = self.nodes.len();
+        self.nodes.resize(start + self.node_words, 0);
+        let block = &mut self.nodes[start..];
+        block[self.scale_word] = probe.scale.to_bits();
+        pulp::bytemuck::cast_slice_mut(&mut block[self.scale_word + 1..])[..self.dimensions]
+            .copy_from_slice(&probe.code);
         self.keys.push(key);
         self.dead.push(false);
         self.slot_of.insert(key, slot);
-        self.bottom_links
-            .resize(self.bottom_links.len() + 1 + self.max_links_bottom, 0);
         self.upper_links.push(vec![0; layer * (1 + self.params.m)]);
 
         let Some(entry) = self.entry else {
@@ -616,63 +625,85 @@ impl Hnsw {
         }
     }
 
-    /// Adds a link from `from` to `to`. A full list is re-chosen with the diversity rule from
-    /// its live links plus `to`; dead links are dropped then, since they lead nowhere useful.
+    /// Adds a link from `from` to `to` (scored against `from`) if the diversity rule allows.
+    ///
+    /// Every link list is kept as the diversity rule ([`Hnsw::diverse`]) would choose it from
+    /// its own links: no link is covered by a better one. Then choosing again from the list plus
+    /// `to` needs no full rerun, which would cost up to `max²/2` dot products per list and was
+    /// most of an insert's time. The better links stay as they were; `to` joins unless one of
+    /// them covers it; worse links stay unless `to` covers them; the worst beyond `max` go.
+    /// That is exactly the rerun's result, for about `2·max` dot products. Dead links are
+    /// dropped on the way, since they lead nowhere useful.
     fn link_back(&mut self, from: u32, to: Scored, layer: usize, scratch: &mut Scratch) {
         let max = self.max_links(layer);
-        let current = self.links(from, layer);
-        if current.len() < max {
-            let grown: Vec<u32> = current.iter().copied().chain([to.slot]).collect();
-            self.set_links(from, layer, grown.into_iter());
-            return;
-        }
+        let stored = self.links(from, layer).len();
         scratch.slots.clear();
         scratch.slots.extend(
-            current
+            self.links(from, layer)
                 .iter()
                 .copied()
                 .filter(|&slot| !self.dead[slot as usize]),
         );
         scratch.raw.clear();
-        self.kernel.code_dot_slots(
+        self.kernel.code_dots(
             self.code(from),
-            &self.codes,
             &scratch.slots,
+            |slot| self.code(slot),
             &mut scratch.raw,
         );
-        let scale = self.code_scales[from as usize];
-        let mut candidates: Vec<Scored> = scratch
+        let scale = self.code_scale(from);
+        let mut links: Vec<Scored> = scratch
             .slots
             .iter()
             .zip(&scratch.raw)
             .map(|(&slot, &raw)| self.approximate(raw, scale, slot))
-            .chain([to])
             .collect();
-        candidates.sort_unstable_by(|a, b| b.cmp(a));
-        let chosen = self.diverse(&candidates, max);
-        self.set_links(from, layer, chosen.iter().map(|node| node.slot));
+        links.sort_unstable_by(|a, b| b.cmp(a));
+        let better = links.partition_point(|&link| link > to);
+        if links[..better]
+            .iter()
+            .any(|&link| self.covers(link.slot, to))
+        {
+            if links.len() < stored {
+                self.set_links(from, layer, links.iter().map(|link| link.slot));
+            }
+            return;
+        }
+        let worse = links.split_off(better);
+        links.push(to);
+        links.extend(
+            worse
+                .into_iter()
+                .filter(|&link| !self.covers(to.slot, link)),
+        );
+        links.truncate(max);
+        self.set_links(from, layer, links.iter().map(|link| link.slot));
+    }
+
+    /// True if `candidate`, scored against some node, is at least as similar to the node `kept`
+    /// as to that node: a link to it would add no direction that the link to `kept` lacks.
+    fn covers(&self, kept: u32, candidate: Scored) -> bool {
+        let raw = self
+            .kernel
+            .code_dot(self.code(candidate.slot), self.code(kept));
+        let scale = self.code_scale(candidate.slot);
+        self.approximate(raw, scale, kept).score >= candidate.score
     }
 
     /// Picks up to `max` links from `candidates` (best first, scored against the node being
-    /// linked). A candidate is kept only if it is more similar to that node than to every
-    /// link already kept: links then point in different directions, which keeps clusters
-    /// connected to each other instead of spending every link inside the nearest cluster.
+    /// linked). A candidate is kept only if no link already kept covers it ([`Hnsw::covers`]):
+    /// links then point in different directions, which keeps clusters connected to each other
+    /// instead of spending every link inside the nearest cluster.
     fn diverse(&self, candidates: &[Scored], max: usize) -> Vec<Scored> {
         let mut chosen: Vec<Scored> = Vec::with_capacity(max);
         for &candidate in candidates {
             if chosen.len() == max {
                 break;
             }
-            let code = self.code(candidate.slot);
-            let scale = self.code_scales[candidate.slot as usize];
             // Most candidates that fail, fail against one of the first links kept (the
             // nearest), so checking one link at a time and stopping early beats scoring the
             // candidate against all of them in one batch.
-            let covered = chosen.iter().any(|kept| {
-                let raw = self.kernel.code_dot(code, self.code(kept.slot));
-                self.approximate(raw, scale, kept.slot).score >= candidate.score
-            });
-            if !covered {
+            if !chosen.iter().any(|kept| self.covers(kept.slot, candidate)) {
                 chosen.push(candidate);
             }
         }
@@ -739,7 +770,7 @@ impl Hnsw {
             for &link in self.links(current.slot, layer) {
                 if scratch.visited.mark(link) {
                     scratch.slots.push(link);
-                    self.kernel.prefetch(self.code(link));
+                    self.kernel.prefetch(&self.block(link)[self.scale_word..]);
                 }
             }
             self.score_codes(probe, &scratch.slots, &mut scratch.raw);
@@ -788,5 +819,84 @@ fn push_bounded(best: &mut BinaryHeap<Reverse<Scored>>, node: Scored, capacity: 
         && node > worst.0
     {
         *worst = Reverse(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{clustered_unit_vectors, uniform_unit_vectors};
+
+    /// Every live node's live links, on every layer it is on, are as [`Hnsw::diverse`] would
+    /// choose them from themselves (none covered by a better one), and no more than the layer
+    /// allows.
+    fn assert_lists_are_diverse(graph: &Hnsw) {
+        for slot in 0..graph.keys.len() as u32 {
+            if graph.dead[slot as usize] {
+                continue;
+            }
+            let layers = graph.upper_links[slot as usize].len() / (1 + graph.params.m);
+            for layer in 0..=layers {
+                let links = graph.links(slot, layer);
+                assert!(links.len() <= graph.max_links(layer));
+                let probe = Probe {
+                    code: graph.code(slot).to_vec(),
+                    scale: graph.code_scale(slot),
+                };
+                let mut scored: Vec<Scored> = links
+                    .iter()
+                    .filter(|&&link| !graph.dead[link as usize])
+                    .map(|&link| graph.score_code(&probe, link))
+                    .collect();
+                scored.sort_unstable_by(|a, b| b.cmp(a));
+                for (rank, &link) in scored.iter().enumerate() {
+                    assert!(
+                        !scored[..rank]
+                            .iter()
+                            .any(|better| graph.covers(better.slot, link)),
+                        "node {slot} layer {layer}: link {} is covered by a better one",
+                        link.slot
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn link_lists_stay_diverse_through_inserts_and_removes() {
+        // Clustered vectors exercise links covering each other; uniform ones, where little
+        // covers anything, fill lists up so that the worst links must go.
+        for vectors in [
+            clustered_unit_vectors(1_500, 64, 15, 3),
+            uniform_unit_vectors(1_500, 64, 3),
+        ] {
+            let mut graph = Hnsw::new(64, HnswParams::default());
+            for (key, vector) in vectors.iter().enumerate() {
+                graph.insert(key as u64, vector).expect("insert");
+            }
+            assert_lists_are_diverse(&graph);
+
+            for key in (0..1_500).step_by(7) {
+                graph.remove(key);
+            }
+            for (key, vector) in vectors.iter().enumerate().take(300) {
+                graph.insert(10_000 + key as u64, vector).expect("insert");
+            }
+            assert_lists_are_diverse(&graph);
+        }
+        let graph = {
+            let mut graph = Hnsw::new(64, HnswParams::default());
+            for (key, vector) in uniform_unit_vectors(1_500, 64, 4).iter().enumerate() {
+                graph.insert(key as u64, vector).expect("insert");
+            }
+            graph
+        };
+        let full = (0..graph.keys.len() as u32)
+            .filter(|&slot| graph.links(slot, 0).len() == graph.max_links(0))
+            .count();
+        assert!(
+            full > 0,
+            "no list filled up, so the truncation went untested"
+        );
     }
 }

@@ -52,21 +52,21 @@ impl Kernel {
         self.arch.dispatch(OneCodePair { a, b })
     }
 
-    /// Appends to `scores` the dot product of the code `query` with the code of each slot in
-    /// `slots`, in order, in code units. `codes` holds the codes back to back, `query.len()`
-    /// each.
-    pub(crate) fn code_dot_slots(
+    /// Appends to `scores` the dot product of the code `query` with `code_of(slot)` for each
+    /// slot in `slots`, in order, in code units.
+    pub(crate) fn code_dots<'a>(
         self,
         query: &[i8],
-        codes: &[i8],
         slots: &[u32],
+        code_of: impl Fn(u32) -> &'a [i8],
         scores: &mut Vec<i32>,
     ) {
-        self.arch.dispatch(ManyCodeSlots {
+        self.arch.dispatch(ManyCodes {
             query,
-            codes,
             slots,
+            code_of,
             scores,
+            _codes: std::marker::PhantomData,
         });
     }
 
@@ -141,24 +141,23 @@ impl WithSimd for OneCodePair<'_> {
     }
 }
 
-struct ManyCodeSlots<'a> {
+struct ManyCodes<'a, 'b, F> {
     query: &'a [i8],
-    codes: &'a [i8],
     slots: &'a [u32],
+    code_of: F,
     scores: &'a mut Vec<i32>,
+    _codes: std::marker::PhantomData<&'b [i8]>,
 }
 
-impl WithSimd for ManyCodeSlots<'_> {
+impl<'b, F: Fn(u32) -> &'b [i8]> WithSimd for ManyCodes<'_, 'b, F> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _simd: S) {
-        let dimensions = self.query.len();
         self.scores.reserve(self.slots.len());
         for &slot in self.slots {
-            let start = slot as usize * dimensions;
-            let stored = &self.codes[start..start + dimensions];
-            self.scores.push(code_dot_in(self.query, stored));
+            self.scores
+                .push(code_dot_in(self.query, (self.code_of)(slot)));
         }
     }
 }
@@ -277,7 +276,8 @@ mod tests {
 
         let codes: Vec<i8> = (0..4 * dimensions as i8).collect();
         let mut code_scores = vec![-1];
-        kernel.code_dot_slots(&[1, 0, 0, 0, 1], &codes, &[3, 0, 2], &mut code_scores);
+        let code_of = |slot: u32| &codes[slot as usize * dimensions..][..dimensions];
+        kernel.code_dots(&[1, 0, 0, 0, 1], &[3, 0, 2], code_of, &mut code_scores);
         assert_eq!(code_scores, vec![-1, 15 + 19, 4, 10 + 14]);
     }
 }
