@@ -5,7 +5,8 @@
 //!
 //! Options: `--count N` vectors (100000), `--queries N` (1000), `--dimensions N` (384),
 //! `--clusters N` (count / 100: about a hundred vectors per topic), `--k N` (10),
-//! `--ef A,B,..` (16,32,64,128), `--data clustered,isotropic,uniform` (all three), `--seed N`.
+//! `--ef A,B,..` (16,32,64,128), `--data clustered,isotropic,uniform` (all three), `--seed N`,
+//! `--m N` and `--ef-construction N` (the defaults of [`HnswParams`]).
 //!
 //! Data sets: `clustered` is the default [`Mixture`] (noise concentrated on a few directions per
 //! cluster, as in sentence embeddings); `isotropic` is the same mixture with the noise spread
@@ -28,6 +29,7 @@ struct Options {
     efs: Vec<usize>,
     data: Vec<String>,
     seed: u64,
+    params: HnswParams,
 }
 
 fn parse() -> Result<Options, Box<dyn Error>> {
@@ -40,6 +42,7 @@ fn parse() -> Result<Options, Box<dyn Error>> {
         efs: vec![16, 32, 64, 128],
         data: vec!["clustered".into(), "isotropic".into(), "uniform".into()],
         seed: 42,
+        params: HnswParams::default(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -51,6 +54,8 @@ fn parse() -> Result<Options, Box<dyn Error>> {
             "--clusters" => options.clusters = Some(value.parse()?),
             "--k" => options.k = value.parse()?,
             "--seed" => options.seed = value.parse()?,
+            "--m" => options.params.m = value.parse()?,
+            "--ef-construction" => options.params.ef_construction = value.parse()?,
             "--ef" => options.efs = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--data" => options.data = value.split(',').map(String::from).collect(),
             other => return Err(format!("unknown option {other}").into()),
@@ -106,8 +111,8 @@ fn probe(
     options: &Options,
 ) -> Result<(), Box<dyn Error>> {
     println!("\n== {label}");
-    let params = HnswParams::default();
-    let mut graph = Hnsw::new(options.dimensions, params);
+    let mut graph = Hnsw::new(options.dimensions, options.params);
+    let params = graph.params();
     let started = Instant::now();
     for (key, vector) in vectors.iter().enumerate() {
         graph.insert(key as u64, vector)?;
