@@ -6,15 +6,16 @@
 //!
 //! The walk compares 8-bit codes of the vectors rather than the vectors: a code is a quarter of
 //! the memory, and at a hundred thousand vectors the walk's time goes mostly into fetching each
-//! node it scores from main memory. Rounding moves a score by about a thousandth, which can
-//! swap near-ties in the walk's order but not lose the neighbourhood; the nodes the walk ends
-//! with are then scored exactly from the `f32` vectors, and those are the scores returned.
+//! node it scores from main memory. Rounding moves scores slightly, which can swap near-ties in
+//! the walk's order but not lose the neighbourhood; the nodes the walk ends with are then scored
+//! exactly from the `f32` vectors, and those are the scores returned.
 //!
-//! Nodes are numbered by slot, in insertion order; the slot indexes the vector arena, the code
-//! arena, the key table and the link tables. Removing a key only marks its slot dead (a tombstone): the node
-//! stays in the graph as a stepping stone, since unlinking it would cut paths other nodes rely
-//! on, but it is never returned. Once dead slots make up more than
-//! [`COMPACT_AT_DEAD_FRACTION`] of the nodes, the graph is rebuilt from the live vectors.
+//! Nodes are numbered by slot, in insertion order; the slot indexes the vector arena, the node
+//! blocks (links and code), the key table and the upper layers' links. Removing a key only
+//! marks its slot dead (a tombstone): the node stays in the graph as a stepping stone, since
+//! unlinking it would cut paths other nodes rely on, but it is never returned. Once dead slots
+//! make up more than [`COMPACT_AT_DEAD_FRACTION`] of the nodes, the graph is rebuilt from the
+//! live vectors.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
@@ -177,9 +178,8 @@ pub struct Hnsw {
     vectors: Vec<f32>,
     /// What the walk reads of each node, in one block per node in slot order: its layer-0
     /// link count and `max_links_bottom` links, the scale of its code (`f32` bits), then its
-    /// code (`dimensions` bytes, zero-padded to whole words). Keeping them together means a
-    /// node's links are usually in cache by the time the walk expands it, since scoring it
-    /// fetched the block.
+    /// code (`dimensions` bytes, zero-padded to whole words). One place in memory per node
+    /// rather than three: the scale, needed with every code, shares the code's first cache line.
     nodes: Vec<u32>,
     /// Every node's key, in slot order (dead nodes keep theirs).
     keys: Vec<u64>,
@@ -279,15 +279,15 @@ impl Hnsw {
     /// [`AnnError::Full`] when no node number is left.
     pub fn insert(&mut self, key: u64, vector: &[f32]) -> Result<(), AnnError> {
         self.check(vector)?;
+        if self.keys.len() >= u32::MAX as usize {
+            return Err(AnnError::Full);
+        }
         if let Some(&slot) = self.slot_of.get(&key) {
             if self.vector(slot) == vector {
                 return Ok(());
             }
             self.slot_of.remove(&key);
             self.kill(slot);
-        }
-        if self.keys.len() >= u32::MAX as usize {
-            return Err(AnnError::Full);
         }
         self.add(key, vector);
         self.compact_if_worn();
