@@ -6,7 +6,8 @@
 //! Options: `--count N` vectors (100000), `--queries N` (1000), `--dimensions N` (384),
 //! `--clusters N` (count / 100: about a hundred vectors per topic), `--k N` (10),
 //! `--ef A,B,..` (16,32,64,128), `--data clustered,isotropic,uniform` (all three), `--seed N`,
-//! `--m N` and `--ef-construction N` (the defaults of [`HnswParams`]).
+//! `--m N` and `--ef-construction N` (the defaults of [`HnswParams`]), `--insert many|one`
+//! (build with one `insert_many` call, on every core, or with one `insert` per vector).
 //!
 //! Data sets: `clustered` is the default [`Mixture`] (noise concentrated on a few directions per
 //! cluster, as in sentence embeddings); `isotropic` is the same mixture with the noise spread
@@ -30,6 +31,7 @@ struct Options {
     data: Vec<String>,
     seed: u64,
     params: HnswParams,
+    one_by_one: bool,
 }
 
 fn parse() -> Result<Options, Box<dyn Error>> {
@@ -43,6 +45,7 @@ fn parse() -> Result<Options, Box<dyn Error>> {
         data: vec!["clustered".into(), "isotropic".into(), "uniform".into()],
         seed: 42,
         params: HnswParams::default(),
+        one_by_one: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -56,6 +59,13 @@ fn parse() -> Result<Options, Box<dyn Error>> {
             "--seed" => options.seed = value.parse()?,
             "--m" => options.params.m = value.parse()?,
             "--ef-construction" => options.params.ef_construction = value.parse()?,
+            "--insert" => {
+                options.one_by_one = match value.as_str() {
+                    "one" => true,
+                    "many" => false,
+                    other => return Err(format!("--insert one or many, not {other}").into()),
+                }
+            }
             "--ef" => options.efs = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--data" => options.data = value.split(',').map(String::from).collect(),
             other => return Err(format!("unknown option {other}").into()),
@@ -114,15 +124,30 @@ fn probe(
     let mut graph = Hnsw::new(options.dimensions, options.params);
     let params = graph.params();
     let started = Instant::now();
-    for (key, vector) in vectors.iter().enumerate() {
-        graph.insert(key as u64, vector)?;
+    if options.one_by_one {
+        for (key, vector) in vectors.iter().enumerate() {
+            graph.insert(key as u64, vector)?;
+        }
+    } else {
+        graph.insert_many(
+            vectors
+                .iter()
+                .enumerate()
+                .map(|(key, vector)| (key as u64, vector.as_slice())),
+        )?;
     }
     let build = started.elapsed();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     println!(
-        "build: {:.2} s for {} inserts ({:.0} µs each; m {}, ef_construction {})",
+        "build: {:.2} s for {} vectors ({:.0} µs each; {}; m {}, ef_construction {})",
         build.as_secs_f64(),
         vectors.len(),
         build.as_secs_f64() * 1e6 / vectors.len().max(1) as f64,
+        if options.one_by_one {
+            "one insert each".to_string()
+        } else {
+            format!("insert_many on {cores} cores")
+        },
         params.m,
         params.ef_construction
     );

@@ -32,6 +32,15 @@ use crate::{AnnError, Hit};
 /// live vector again, so a quarter keeps that cost to a few inserts per removal.
 pub const COMPACT_AT_DEAD_FRACTION: f64 = 0.25;
 
+/// How many new nodes [`Hnsw::insert_many`] links per batch. Within a batch the nodes are
+/// compared pairwise (about `BATCH / 2` code dot products per node, cheap next to a walk) and
+/// their walks run in parallel; between batches the threads are joined.
+const BATCH: usize = 256;
+
+/// Fewer plans than this per thread are made on the calling thread: a thread costs more to
+/// start than a few walks.
+const MIN_PLANS_PER_THREAD: usize = 16;
+
 /// No node is placed above this layer. With `m = 16` a node reaches layer 8 with probability
 /// 16⁻⁸, so the cap only matters for tiny `m`, where it keeps the layer count bounded.
 const MAX_LAYER: usize = 16;
@@ -279,18 +288,52 @@ impl Hnsw {
     /// [`AnnError::Full`] when no node number is left.
     pub fn insert(&mut self, key: u64, vector: &[f32]) -> Result<(), AnnError> {
         self.check(vector)?;
-        if self.keys.len() >= u32::MAX as usize {
-            return Err(AnnError::Full);
+        self.check_room(1)?;
+        self.insert_checked(vec![(key, vector)], 1);
+        Ok(())
+    }
+
+    /// Stores many vectors, as [`Hnsw::insert`] would one after another (for a key given twice,
+    /// the last vector counts), but faster: the walks that find each new node's neighbours run
+    /// on every core, in batches. Meant for loading an index; it blocks until done.
+    ///
+    /// The graph differs from the one single inserts would build, since the nodes of a batch
+    /// find each other by comparing every pair rather than through the graph, but it is as
+    /// good, and the same items give the same graph whatever the number of cores.
+    ///
+    /// # Errors
+    /// As [`Hnsw::insert`]; every vector is checked before any is stored, so on an error the
+    /// index is unchanged.
+    pub fn insert_many<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (u64, &'a [f32])>,
+    ) -> Result<(), AnnError> {
+        self.insert_many_on(items, cores())
+    }
+
+    /// [`Hnsw::insert_many`] with its walks spread over `threads` threads.
+    pub(crate) fn insert_many_on<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (u64, &'a [f32])>,
+        threads: usize,
+    ) -> Result<(), AnnError> {
+        let items: Vec<(u64, &[f32])> = items.into_iter().collect();
+        for (_, vector) in &items {
+            self.check(vector)?;
         }
-        if let Some(&slot) = self.slot_of.get(&key) {
-            if self.vector(slot) == vector {
-                return Ok(());
-            }
-            self.slot_of.remove(&key);
-            self.kill(slot);
+        self.check_room(items.len())?;
+        // The last vector given for a key is the one that stays.
+        let mut last = HashMap::with_capacity(items.len());
+        for (position, (key, _)) in items.iter().enumerate() {
+            last.insert(*key, position);
         }
-        self.add(key, vector);
-        self.compact_if_worn();
+        let items = items
+            .into_iter()
+            .enumerate()
+            .filter(|(position, (key, _))| last.get(key) == Some(position))
+            .map(|(_, item)| item)
+            .collect();
+        self.insert_checked(items, threads);
         Ok(())
     }
 
@@ -299,14 +342,14 @@ impl Hnsw {
         let Some(slot) = self.slot_of.remove(&key) else {
             return false;
         };
-        self.kill(slot);
+        self.mark_dead(slot);
         self.compact_if_worn();
         true
     }
 
     /// Rebuilds the graph from the live vectors, dropping every dead node. Inserts and removes
     /// do this on their own when dead nodes pass [`COMPACT_AT_DEAD_FRACTION`]; it costs about as
-    /// much as inserting every live vector again.
+    /// much as [`Hnsw::insert_many`] of every live vector.
     pub fn compact(&mut self) {
         let mut rebuilt = Self {
             rng: self.rng.clone(),
@@ -316,12 +359,11 @@ impl Hnsw {
         rebuilt.vectors.reserve_exact(live * self.dimensions);
         rebuilt.nodes.reserve_exact(live * self.node_words);
         rebuilt.keys.reserve_exact(live);
-        for slot in 0..self.keys.len() {
-            if !self.dead[slot] {
-                let slot = slot as u32;
-                rebuilt.add(self.keys[slot as usize], self.vector(slot));
-            }
-        }
+        let items = (0..self.keys.len() as u32)
+            .filter(|&slot| !self.dead[slot as usize])
+            .map(|slot| (self.keys[slot as usize], self.vector(slot)))
+            .collect();
+        rebuilt.insert_checked(items, cores());
         *self = rebuilt;
     }
 
@@ -445,6 +487,14 @@ impl Hnsw {
         self.entry.map(|slot| self.keys[slot as usize])
     }
 
+    /// Fails if `more` nodes would not fit the 32-bit slot numbers.
+    fn check_room(&self, more: usize) -> Result<(), AnnError> {
+        if self.keys.len().saturating_add(more) > u32::MAX as usize {
+            return Err(AnnError::Full);
+        }
+        Ok(())
+    }
+
     fn check(&self, vector: &[f32]) -> Result<(), AnnError> {
         if vector.len() != self.dimensions {
             return Err(AnnError::Dimension {
@@ -539,23 +589,175 @@ impl Hnsw {
     }
 
     /// Marks a node whose key has already left `slot_of` as dead.
-    fn kill(&mut self, slot: u32) {
+    fn mark_dead(&mut self, slot: u32) {
         self.dead[slot as usize] = true;
         self.dead_count += 1;
-        if self.slot_of.is_empty() {
-            // Nothing live is left to route to; start afresh rather than route through the dead.
-            let params = self.params;
-            let rng = self.rng.clone();
-            *self = Self {
-                rng,
-                ..Self::new(self.dimensions, params)
-            };
+    }
+
+    /// Compacts when dead nodes pass [`COMPACT_AT_DEAD_FRACTION`], and when nothing is left
+    /// alive: then there is nothing to route to, and compacting just empties the graph.
+    fn compact_if_worn(&mut self) {
+        let worn = self.dead_count as f64 > COMPACT_AT_DEAD_FRACTION * self.keys.len() as f64;
+        if self.dead_count > 0 && (worn || self.slot_of.is_empty()) {
+            self.compact();
         }
     }
 
-    fn compact_if_worn(&mut self) {
-        if self.dead_count as f64 > COMPACT_AT_DEAD_FRACTION * self.keys.len() as f64 {
-            self.compact();
+    /// Stores checked, distinct-keyed items: replaced vectors die first, then the new nodes are
+    /// linked in batches, their walks spread over `threads` threads.
+    fn insert_checked(&mut self, items: Vec<(u64, &[f32])>, threads: usize) {
+        let items: Vec<(u64, &[f32])> = items
+            .into_iter()
+            .filter(|&(key, vector)| self.get(key) != Some(vector))
+            .collect();
+        for &(key, _) in &items {
+            if let Some(slot) = self.slot_of.remove(&key) {
+                self.mark_dead(slot);
+            }
+        }
+        self.compact_if_worn();
+        for batch in items.chunks(BATCH) {
+            self.insert_batch(batch, threads);
+        }
+    }
+
+    /// Adds nodes for keys that are not live. First every node of the batch is stored, and where
+    /// each should link is found by walking the graph as it was before the batch, on every core
+    /// at once (the walks only read). Then, one node at a time in order, each is linked to the
+    /// best of what its walk found and of the batch's earlier nodes, which the walk could not see
+    /// and which are compared with it directly. A batch of one is an ordinary HNSW insert.
+    fn insert_batch(&mut self, batch: &[(u64, &[f32])], threads: usize) {
+        let first = self.keys.len() as u32;
+        let mut placed = Vec::with_capacity(batch.len());
+        for &(key, vector) in batch {
+            let layer = self.draw_layer();
+            placed.push((self.append(key, vector, layer), layer));
+        }
+        let plans = self.plan_all(&placed, threads);
+        let mut scratch = Scratch::new(self.keys.len());
+        for (position, ((slot, layer), plan)) in placed.iter().zip(plans).enumerate() {
+            let earlier = first..first + position as u32;
+            self.link(*slot, *layer, plan, earlier, &mut scratch);
+        }
+    }
+
+    /// The plans of `placed` nodes ([`Hnsw::plan`]), in order, spread over up to `threads`
+    /// threads when there are enough nodes to be worth a thread each.
+    fn plan_all(&self, placed: &[(u32, usize)], threads: usize) -> Vec<Vec<Vec<Scored>>> {
+        let plan_part = |part: &[(u32, usize)]| -> Vec<Vec<Vec<Scored>>> {
+            let mut scratch = Scratch::new(self.keys.len());
+            part.iter()
+                .map(|&(slot, layer)| self.plan(slot, layer, &mut scratch))
+                .collect()
+        };
+        let threads = threads.min(placed.len() / MIN_PLANS_PER_THREAD).max(1);
+        if threads == 1 {
+            return plan_part(placed);
+        }
+        let part_size = placed.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = placed
+                .chunks(part_size)
+                .map(|part| scope.spawn(move || plan_part(part)))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|part| {
+                    part.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    }
+
+    /// Where the node in `slot` (stored but not linked) should link: for each layer from 0 to
+    /// its top `layer` that the graph reaches, the `ef_construction` live nodes most similar to
+    /// it found by walking down from the entry point, best first. Only reads the graph.
+    fn plan(&self, slot: u32, layer: usize, scratch: &mut Scratch) -> Vec<Vec<Scored>> {
+        let Some(entry) = self.entry else {
+            return Vec::new();
+        };
+        let probe = Probe {
+            code: self.code(slot).to_vec(),
+            scale: self.code_scale(slot),
+        };
+        let mut nearest = self.score_code(&probe, entry);
+        for upper in (layer + 1..=self.top_layer).rev() {
+            nearest = self.closest_on_layer(&probe, nearest, upper, scratch);
+        }
+        let reached = layer.min(self.top_layer);
+        let mut plan = vec![Vec::new(); reached + 1];
+        let mut starts = vec![nearest];
+        for link_layer in (0..=reached).rev() {
+            let near = self.search_layer(
+                &probe,
+                &starts,
+                self.params.ef_construction,
+                link_layer,
+                scratch,
+            );
+            if !near.is_empty() {
+                starts.clone_from(&near);
+            }
+            plan[link_layer] = near;
+        }
+        plan
+    }
+
+    /// Links the node in `slot`, whose top layer is `layer`, on every layer it is on: to the most
+    /// diverse of the best of its `plan` and of the `earlier` nodes of its batch, with links
+    /// back from those. It becomes the entry point if it tops every other node.
+    fn link(
+        &mut self,
+        slot: u32,
+        layer: usize,
+        mut plan: Vec<Vec<Scored>>,
+        earlier: std::ops::Range<u32>,
+        scratch: &mut Scratch,
+    ) {
+        scratch.slots.clear();
+        scratch.slots.extend(earlier);
+        scratch.raw.clear();
+        self.kernel.code_dots(
+            self.code(slot),
+            &scratch.slots,
+            |other| self.code(other),
+            &mut scratch.raw,
+        );
+        let scale = self.code_scale(slot);
+        let earlier: Vec<Scored> = scratch
+            .slots
+            .iter()
+            .zip(&scratch.raw)
+            .map(|(&other, &raw)| self.approximate(raw, scale, other))
+            .collect();
+        for link_layer in (0..=layer).rev() {
+            let mut candidates = plan
+                .get_mut(link_layer)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            if !earlier.is_empty() {
+                candidates.extend(
+                    earlier
+                        .iter()
+                        .filter(|node| self.top_layer_of(node.slot) >= link_layer),
+                );
+                candidates.sort_unstable_by(|a, b| b.cmp(a));
+                candidates.truncate(self.params.ef_construction);
+            }
+            let chosen = self.diverse(&candidates, self.max_links(link_layer));
+            self.set_links(slot, link_layer, chosen.iter().map(|node| node.slot));
+            for node in &chosen {
+                let back = Scored {
+                    score: node.score,
+                    slot,
+                };
+                self.link_back(node.slot, back, link_layer, scratch);
+            }
+        }
+        if self.entry.is_none() || layer > self.top_layer {
+            self.entry = Some(slot);
+            self.top_layer = layer;
         }
     }
 
@@ -566,10 +768,13 @@ impl Hnsw {
         (layer as usize).min(MAX_LAYER)
     }
 
-    /// Appends a node for a key that is not live and links it into the graph.
-    fn add(&mut self, key: u64, vector: &[f32]) {
+    fn top_layer_of(&self, slot: u32) -> usize {
+        self.upper_links[slot as usize].len() / (1 + self.params.m)
+    }
+
+    /// Stores a node for a key that is not live, with no links yet, and returns its slot.
+    fn append(&mut self, key: u64, vector: &[f32], layer: usize) -> u32 {
         let slot = self.keys.len() as u32;
-        let layer = self.draw_layer();
         self.vectors.extend_from_slice(vector);
         let probe = Probe::new(vector);
         let start = self.nodes.len();
@@ -582,47 +787,7 @@ impl Hnsw {
         self.dead.push(false);
         self.slot_of.insert(key, slot);
         self.upper_links.push(vec![0; layer * (1 + self.params.m)]);
-
-        let Some(entry) = self.entry else {
-            self.entry = Some(slot);
-            self.top_layer = layer;
-            return;
-        };
-        let mut scratch = Scratch::new(self.keys.len());
-        let mut nearest = self.score_code(&probe, entry);
-        for upper in (layer + 1..=self.top_layer).rev() {
-            nearest = self.closest_on_layer(&probe, nearest, upper, &mut scratch);
-        }
-        let mut starts = vec![nearest];
-        for link_layer in (0..=layer.min(self.top_layer)).rev() {
-            let near = self.search_layer(
-                &probe,
-                &starts,
-                self.params.ef_construction,
-                link_layer,
-                &mut scratch,
-            );
-            let chosen = self.diverse(&near, self.max_links(link_layer));
-            self.set_links(slot, link_layer, chosen.iter().map(|node| node.slot));
-            for node in &chosen {
-                self.link_back(
-                    node.slot,
-                    Scored {
-                        score: node.score,
-                        slot,
-                    },
-                    link_layer,
-                    &mut scratch,
-                );
-            }
-            if !near.is_empty() {
-                starts = near;
-            }
-        }
-        if layer > self.top_layer {
-            self.entry = Some(slot);
-            self.top_layer = layer;
-        }
+        slot
     }
 
     /// Adds a link from `from` to `to` (scored against `from`) if the diversity rule allows.
@@ -803,6 +968,11 @@ impl Hnsw {
     }
 }
 
+/// How many threads the machine runs at once.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 /// The worst of `found` if it already holds `capacity` nodes.
 fn worst_if_full(found: &BinaryHeap<Reverse<Scored>>, capacity: usize) -> Option<Scored> {
     if found.len() < capacity {
@@ -860,6 +1030,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn insert_many_builds_the_same_graph_on_any_number_of_threads() {
+        let vectors = clustered_unit_vectors(1_200, 64, 12, 5);
+        let items = || {
+            vectors
+                .iter()
+                .enumerate()
+                .map(|(key, vector)| (key as u64, vector.as_slice()))
+        };
+        let mut graphs = [1, 2, 3].map(|threads| {
+            let mut graph = Hnsw::new(64, HnswParams::default());
+            graph.insert_many_on(items(), threads).expect("insert_many");
+            graph
+        });
+        for graph in &graphs[1..] {
+            assert_eq!(graph.nodes, graphs[0].nodes);
+            assert_eq!(graph.upper_links, graphs[0].upper_links);
+            assert_eq!(graph.entry, graphs[0].entry);
+        }
+        assert_lists_are_diverse(&graphs[0]);
+        // Appending a second load to a graph goes through the walks too.
+        for graph in &mut graphs {
+            let more = clustered_unit_vectors(600, 64, 12, 6);
+            let items = more
+                .iter()
+                .enumerate()
+                .map(|(key, vector)| (5_000 + key as u64, vector.as_slice()));
+            graph.insert_many_on(items, 2).expect("insert_many");
+        }
+        assert_eq!(graphs[1].nodes, graphs[0].nodes);
+        assert_lists_are_diverse(&graphs[0]);
     }
 
     #[test]

@@ -90,6 +90,17 @@ impl Index {
         self.graph.insert(key, vector)
     }
 
+    /// See [`Hnsw::insert_many`].
+    ///
+    /// # Errors
+    /// As [`Hnsw::insert_many`].
+    pub fn insert_many<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (u64, &'a [f32])>,
+    ) -> Result<(), AnnError> {
+        self.graph.insert_many(items)
+    }
+
     /// See [`Hnsw::remove`].
     pub fn remove(&mut self, key: u64) -> bool {
         self.graph.remove(key)

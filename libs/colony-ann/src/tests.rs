@@ -169,6 +169,56 @@ fn the_graph_finds_the_true_neighbours_of_clustered_vectors() {
 }
 
 #[test]
+fn a_graph_loaded_at_once_finds_the_true_neighbours() {
+    let mixture = Mixture::new(DIMENSIONS, 50, 14);
+    let vectors = mixture.sample(5_000, 15);
+    let queries = mixture.sample(100, 16);
+    let mut graph = Hnsw::new(DIMENSIONS, HnswParams::default());
+    graph
+        .insert_many(
+            vectors
+                .iter()
+                .enumerate()
+                .map(|(key, vector)| (key as u64, vector.as_slice())),
+        )
+        .expect("insert_many");
+    assert_eq!(graph.len(), 5_000);
+    let recall = mean_recall(&graph, &queries, 10);
+    assert!(recall >= 0.95, "recall@10 {recall}");
+}
+
+#[test]
+fn insert_many_keeps_the_last_vector_per_key_and_checks_first() {
+    let vectors = clustered_unit_vectors(400, DIMENSIONS, 4, 17);
+    let mut index = Index::new(DIMENSIONS, IndexParams::default());
+    index
+        .insert_many((0..200u64).map(|key| (key, vectors[key as usize].as_slice())))
+        .expect("first load");
+
+    // Keys 100..300, key 250 twice: 100..200 are replaced, 200..300 are new.
+    let mut items: Vec<(u64, &[f32])> = (100..300u64)
+        .map(|key| (key, vectors[key as usize + 100].as_slice()))
+        .collect();
+    items.push((250, vectors[0].as_slice()));
+    index.insert_many(items).expect("second load");
+    assert_eq!(index.len(), 300);
+    assert_eq!(index.get(150), Some(vectors[250].as_slice()));
+    assert_eq!(index.get(250), Some(vectors[0].as_slice()));
+    assert_eq!(index.get(50), Some(vectors[50].as_slice()));
+    let hits = index.search(&vectors[0], 2, everything).expect("search");
+    let mut found = keys(&hits);
+    found.sort_unstable();
+    assert_eq!(found, vec![0, 250]);
+
+    // One bad vector and nothing is stored.
+    let bad = vec![f32::NAN; DIMENSIONS];
+    let result = index.insert_many([(1_000, vectors[1].as_slice()), (1_001, bad.as_slice())]);
+    assert_eq!(result, Err(AnnError::NonFinite { position: 0 }));
+    assert!(!index.contains(1_000));
+    assert_eq!(index.len(), 300);
+}
+
+#[test]
 fn the_same_inserts_build_the_same_graph() {
     let vectors = clustered_unit_vectors(1_000, DIMENSIONS, 20, 5);
     let first = graph_with(&vectors);
