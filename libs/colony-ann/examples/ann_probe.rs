@@ -7,7 +7,8 @@
 //! `--clusters N` (count / 100: about a hundred vectors per topic), `--k N` (10),
 //! `--ef A,B,..` (16,32,64,128), `--data clustered,isotropic,uniform` (all three), `--seed N`,
 //! `--m N` and `--ef-construction N` (the defaults of [`HnswParams`]), `--insert many|one`
-//! (build with one `insert_many` call, on every core, or with one `insert` per vector).
+//! (build with one `insert_many` call, on every core, or with one `insert` per vector),
+//! `--threads N` (the threads `insert_many` may use; every core by default).
 //!
 //! Data sets: `clustered` is the default [`Mixture`] (noise concentrated on a few directions per
 //! cluster, as in sentence embeddings); `isotropic` is the same mixture with the noise spread
@@ -32,6 +33,7 @@ struct Options {
     seed: u64,
     params: HnswParams,
     one_by_one: bool,
+    threads: usize,
 }
 
 fn parse() -> Result<Options, Box<dyn Error>> {
@@ -46,6 +48,7 @@ fn parse() -> Result<Options, Box<dyn Error>> {
         seed: 42,
         params: HnswParams::default(),
         one_by_one: false,
+        threads: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -59,6 +62,7 @@ fn parse() -> Result<Options, Box<dyn Error>> {
             "--seed" => options.seed = value.parse()?,
             "--m" => options.params.m = value.parse()?,
             "--ef-construction" => options.params.ef_construction = value.parse()?,
+            "--threads" => options.threads = value.parse()?,
             "--insert" => {
                 options.one_by_one = match value.as_str() {
                     "one" => true,
@@ -129,15 +133,15 @@ fn probe(
             graph.insert(key as u64, vector)?;
         }
     } else {
-        graph.insert_many(
+        graph.insert_many_with_threads(
             vectors
                 .iter()
                 .enumerate()
                 .map(|(key, vector)| (key as u64, vector.as_slice())),
+            options.threads,
         )?;
     }
     let build = started.elapsed();
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     println!(
         "build: {:.2} s for {} vectors ({:.0} µs each; {}; m {}, ef_construction {})",
         build.as_secs_f64(),
@@ -146,7 +150,7 @@ fn probe(
         if options.one_by_one {
             "one insert each".to_string()
         } else {
-            format!("insert_many on {cores} cores")
+            format!("insert_many on {} threads", options.threads)
         },
         params.m,
         params.ef_construction

@@ -19,6 +19,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,6 +37,9 @@ pub const COMPACT_AT_DEAD_FRACTION: f64 = 0.25;
 /// compared pairwise (about `BATCH / 2` code dot products per node, cheap next to a walk) and
 /// their walks run in parallel; between batches the threads are joined.
 const BATCH: usize = 256;
+
+/// How many nodes a planning thread takes at a time.
+const PLANS_PER_CLAIM: usize = 4;
 
 /// Fewer plans than this per thread are made on the calling thread: a thread costs more to
 /// start than a few walks.
@@ -308,11 +312,15 @@ impl Hnsw {
         &mut self,
         items: impl IntoIterator<Item = (u64, &'a [f32])>,
     ) -> Result<(), AnnError> {
-        self.insert_many_on(items, cores())
+        self.insert_many_with_threads(items, cores())
     }
 
-    /// [`Hnsw::insert_many`] with its walks spread over `threads` threads.
-    pub(crate) fn insert_many_on<'a>(
+    /// [`Hnsw::insert_many`] on at most `threads` threads (the calling one included), for a
+    /// caller that must leave cores to others. 1 or 0 runs everything on the calling thread.
+    ///
+    /// # Errors
+    /// As [`Hnsw::insert_many`].
+    pub fn insert_many_with_threads<'a>(
         &mut self,
         items: impl IntoIterator<Item = (u64, &'a [f32])>,
         threads: usize,
@@ -641,33 +649,49 @@ impl Hnsw {
         }
     }
 
-    /// The plans of `placed` nodes ([`Hnsw::plan`]), in order, spread over up to `threads`
-    /// threads when there are enough nodes to be worth a thread each.
+    /// The plans of `placed` nodes ([`Hnsw::plan`]), in order, made by up to `threads` threads
+    /// (this one and helpers) when there are enough nodes to be worth a thread each. The
+    /// threads take a few nodes at a time from a shared counter, so one that the system sets
+    /// aside for a while holds the others up by a few walks at most, not by half a batch.
     fn plan_all(&self, placed: &[(u32, usize)], threads: usize) -> Vec<Vec<Vec<Scored>>> {
-        let plan_part = |part: &[(u32, usize)]| -> Vec<Vec<Vec<Scored>>> {
+        let next = AtomicUsize::new(0);
+        let work = || -> Vec<(usize, Vec<Vec<Scored>>)> {
             let mut scratch = Scratch::new(self.keys.len());
-            part.iter()
-                .map(|&(slot, layer)| self.plan(slot, layer, &mut scratch))
-                .collect()
+            let mut done = Vec::new();
+            loop {
+                let start = next.fetch_add(PLANS_PER_CLAIM, AtomicOrdering::Relaxed);
+                if start >= placed.len() {
+                    return done;
+                }
+                for (position, &(slot, layer)) in
+                    placed.iter().enumerate().skip(start).take(PLANS_PER_CLAIM)
+                {
+                    done.push((position, self.plan(slot, layer, &mut scratch)));
+                }
+            }
         };
         let threads = threads.min(placed.len() / MIN_PLANS_PER_THREAD).max(1);
-        if threads == 1 {
-            return plan_part(placed);
+        let done = if threads == 1 {
+            work()
+        } else {
+            std::thread::scope(|scope| {
+                let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+                let mut done = work();
+                for helper in helpers {
+                    done.extend(
+                        helper
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    );
+                }
+                done
+            })
+        };
+        let mut plans = vec![Vec::new(); placed.len()];
+        for (position, plan) in done {
+            plans[position] = plan;
         }
-        let part_size = placed.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let parts: Vec<_> = placed
-                .chunks(part_size)
-                .map(|part| scope.spawn(move || plan_part(part)))
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|part| {
-                    part.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        })
+        plans
     }
 
     /// Where the node in `slot` (stored but not linked) should link: for each layer from 0 to
@@ -744,6 +768,11 @@ impl Hnsw {
                 );
                 candidates.sort_unstable_by(|a, b| b.cmp(a));
                 candidates.truncate(self.params.ef_construction);
+            }
+            // In a batch, the walk that found these ran a while ago and its nodes have left the
+            // cache; fetch them all at once rather than one miss at a time.
+            for candidate in &candidates {
+                self.kernel.prefetch(self.block(candidate.slot));
             }
             let chosen = self.diverse(&candidates, self.max_links(link_layer));
             self.set_links(slot, link_layer, chosen.iter().map(|node| node.slot));
@@ -1043,7 +1072,9 @@ mod tests {
         };
         let mut graphs = [1, 2, 3].map(|threads| {
             let mut graph = Hnsw::new(64, HnswParams::default());
-            graph.insert_many_on(items(), threads).expect("insert_many");
+            graph
+                .insert_many_with_threads(items(), threads)
+                .expect("insert_many");
             graph
         });
         for graph in &graphs[1..] {
@@ -1059,7 +1090,9 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(key, vector)| (5_000 + key as u64, vector.as_slice()));
-            graph.insert_many_on(items, 2).expect("insert_many");
+            graph
+                .insert_many_with_threads(items, 2)
+                .expect("insert_many");
         }
         assert_eq!(graphs[1].nodes, graphs[0].nodes);
         assert_lists_are_diverse(&graphs[0]);
