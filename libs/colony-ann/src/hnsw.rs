@@ -462,30 +462,30 @@ impl Hnsw {
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        // Scored in batches so the kernel's dispatch is paid once per batch, not per vector.
-        const BATCH: usize = 256;
+        // Scored in chunks so the kernel's dispatch is paid once per chunk, not per vector.
+        const CHUNK: usize = 256;
         let mut best: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
-        let mut batch: Vec<u32> = Vec::with_capacity(BATCH);
-        let mut scores: Vec<f32> = Vec::with_capacity(BATCH);
-        let mut flush = |batch: &mut Vec<u32>, best: &mut BinaryHeap<Reverse<Scored>>| {
+        let mut chunk: Vec<u32> = Vec::with_capacity(CHUNK);
+        let mut scores: Vec<f32> = Vec::with_capacity(CHUNK);
+        let mut flush = |chunk: &mut Vec<u32>, best: &mut BinaryHeap<Reverse<Scored>>| {
             scores.clear();
             self.kernel
-                .dot_slots(query, &self.vectors, batch, &mut scores);
-            for (&slot, &score) in batch.iter().zip(&scores) {
+                .dot_slots(query, &self.vectors, chunk, &mut scores);
+            for (&slot, &score) in chunk.iter().zip(&scores) {
                 push_bounded(best, Scored { score, slot }, k);
             }
-            batch.clear();
+            chunk.clear();
         };
         for (slot, &key) in self.keys.iter().enumerate() {
             if self.dead[slot] || !filter(key) {
                 continue;
             }
-            batch.push(slot as u32);
-            if batch.len() == BATCH {
-                flush(&mut batch, &mut best);
+            chunk.push(slot as u32);
+            if chunk.len() == CHUNK {
+                flush(&mut chunk, &mut best);
             }
         }
-        flush(&mut batch, &mut best);
+        flush(&mut chunk, &mut best);
         Ok(self.to_hits(best.into_iter().map(|Reverse(node)| node).collect()))
     }
 
@@ -630,8 +630,8 @@ impl Hnsw {
     }
 
     /// Adds nodes for keys that are not live. First every node of the batch is stored, and where
-    /// each should link is found by walking the graph as it was before the batch, on every core
-    /// at once (the walks only read). Then, one node at a time in order, each is linked to the
+    /// each should link is found by walking the graph as it was before the batch, on up to
+    /// `threads` threads at once (the walks only read). Then, one node at a time in order, each is linked to the
     /// best of what its walk found and of the batch's earlier nodes, which the walk could not see
     /// and which are compared with it directly. A batch of one is an ordinary HNSW insert.
     fn insert_batch(&mut self, batch: &[(u64, &[f32])], threads: usize) {
