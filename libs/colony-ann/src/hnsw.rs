@@ -172,7 +172,7 @@ impl Probe {
 /// Searches take `&self` and may run concurrently (behind an `RwLock`, say); inserts and removes
 /// take `&mut self`. `Clone` gives an independent copy, so a caller can compact or rebuild a copy
 /// without holding a write lock and then swap it in.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Hnsw {
     dimensions: usize,
     params: HnswParams,
@@ -207,6 +207,20 @@ pub struct Hnsw {
     /// Where every search starts: a node on the top layer.
     entry: Option<u32>,
     top_layer: usize,
+}
+
+/// A summary: the vectors and links would bury anything else in a log.
+impl std::fmt::Debug for Hnsw {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Hnsw")
+            .field("dimensions", &self.dimensions)
+            .field("params", &self.params)
+            .field("len", &self.len())
+            .field("dead_nodes", &self.dead_count)
+            .field("top_layer", &self.top_layer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hnsw {

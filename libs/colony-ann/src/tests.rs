@@ -466,8 +466,54 @@ fn recall_counts_the_exact_keys_found() {
 }
 
 #[test]
-fn indexes_can_be_shared_between_threads() {
+fn indexes_can_be_searched_from_many_threads_at_once() {
     fn shareable<T: Send + Sync>() {}
     shareable::<Hnsw>();
     shareable::<Index>();
+
+    let vectors = clustered_unit_vectors(3_000, DIMENSIONS, 30, 91);
+    let index = std::sync::RwLock::new(Index::new(
+        DIMENSIONS,
+        IndexParams {
+            exact_below: 0,
+            ..IndexParams::default()
+        },
+    ));
+    index
+        .write()
+        .expect("lock")
+        .insert_many(
+            vectors
+                .iter()
+                .enumerate()
+                .map(|(key, vector)| (key as u64, vector.as_slice())),
+        )
+        .expect("insert_many");
+    let queries = &vectors[..40];
+    let alone: Vec<Vec<Hit>> = queries
+        .iter()
+        .map(|query| {
+            let index = index.read().expect("lock");
+            index.search(query, 10, everything).expect("search")
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for (query, expected) in queries.iter().zip(&alone) {
+                    let index = index.read().expect("lock");
+                    let hits = index.search(query, 10, everything).expect("search");
+                    assert_eq!(&hits, expected);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn debug_output_is_a_summary() {
+    let graph = graph_with(&uniform_unit_vectors(50, DIMENSIONS, 92));
+    let shown = format!("{graph:?}");
+    assert!(shown.contains("len: 50"), "{shown}");
+    assert!(shown.len() < 300, "{shown}");
 }
