@@ -39,7 +39,10 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if let Some(sse) = self.sse {
             let start = memory.as_ptr().cast::<i8>();
-            for offset in (0..std::mem::size_of_val(memory)).step_by(CACHE_LINE) {
+            let bytes = std::mem::size_of_val(memory);
+            // Steps of a line from an unaligned start can stop short of the last line.
+            let last = bytes.checked_sub(1).into_iter();
+            for offset in (0..bytes).step_by(CACHE_LINE).chain(last) {
                 sse._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(offset));
             }
         }
