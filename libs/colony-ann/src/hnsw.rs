@@ -789,6 +789,12 @@ impl Hnsw {
                 self.kernel.prefetch(self.block(candidate.slot));
             }
             let chosen = self.diverse(&candidates, self.max_links(link_layer));
+            // Linking back compares each chosen node with its own links: fetch those too.
+            for node in &chosen {
+                for &link in self.links(node.slot, link_layer) {
+                    self.kernel.prefetch(&self.block(link)[self.scale_word..]);
+                }
+            }
             self.set_links(slot, link_layer, chosen.iter().map(|node| node.slot));
             for node in &chosen {
                 let back = Scored {
