@@ -33,7 +33,8 @@ use crate::{AnnError, Hit};
 /// live vector again, so a quarter keeps that cost to a few inserts per removal.
 pub const COMPACT_AT_DEAD_FRACTION: f64 = 0.25;
 
-/// How many new nodes [`Hnsw::insert_many`] links per batch. Within a batch the nodes are
+/// How many new nodes [`Hnsw::insert_many`] links per batch when it has more than one thread
+/// (with one, it inserts one node at a time). Within a batch the nodes are
 /// compared pairwise (about `BATCH / 2` code dot products per node, cheap next to a walk) and
 /// their walks run in parallel; between batches the threads are joined.
 const BATCH: usize = 256;
@@ -312,12 +313,14 @@ impl Hnsw {
     }
 
     /// Stores many vectors, as [`Hnsw::insert`] would one after another (for a key given twice,
-    /// the last vector counts), but faster: the walks that find each new node's neighbours run
-    /// on every core, in batches. Meant for loading an index; it blocks until done.
+    /// the last vector counts), but faster where there are idle cores: the walks that find each
+    /// new node's neighbours run on every core, in batches. Meant for loading an index; it
+    /// blocks until done.
     ///
-    /// The graph differs from the one single inserts would build, since the nodes of a batch
-    /// find each other by comparing every pair rather than through the graph, but it is as
-    /// good, and the same items give the same graph whatever the number of cores.
+    /// With more than one thread the graph differs from the one single inserts would build,
+    /// since the nodes of a batch find each other by comparing every pair rather than through
+    /// the graph, but it is as good, and the same items give the same graph whatever the number
+    /// of threads. With one thread it is a loop of [`Hnsw::insert`].
     ///
     /// # Errors
     /// As [`Hnsw::insert`]; every vector is checked before any is stored, so on an error the
@@ -638,7 +641,11 @@ impl Hnsw {
             }
         }
         self.compact_if_worn();
-        for batch in items.chunks(BATCH) {
+        // Batching only pays when its walks can run side by side: a node linked right after
+        // its own walk finds what it links to still in cache, which saves more than a tenth of
+        // an insert's time.
+        let batch_size = if threads > 1 { BATCH } else { 1 };
+        for batch in items.chunks(batch_size) {
             self.insert_batch(batch, threads);
         }
     }
@@ -1082,6 +1089,25 @@ mod tests {
     }
 
     #[test]
+    fn insert_many_on_one_thread_is_a_loop_of_insert() {
+        let vectors = clustered_unit_vectors(600, 64, 6, 7);
+        let mut one_by_one = Hnsw::new(64, HnswParams::default());
+        for (key, vector) in vectors.iter().enumerate() {
+            one_by_one.insert(key as u64, vector).expect("insert");
+        }
+        let mut at_once = Hnsw::new(64, HnswParams::default());
+        let items = vectors
+            .iter()
+            .enumerate()
+            .map(|(key, vector)| (key as u64, vector.as_slice()));
+        at_once
+            .insert_many_with_threads(items, 1)
+            .expect("insert_many");
+        assert_eq!(at_once.nodes, one_by_one.nodes);
+        assert_eq!(at_once.upper_links, one_by_one.upper_links);
+    }
+
+    #[test]
     fn insert_many_builds_the_same_graph_on_any_number_of_threads() {
         let vectors = clustered_unit_vectors(1_200, 64, 12, 5);
         let items = || {
@@ -1090,7 +1116,7 @@ mod tests {
                 .enumerate()
                 .map(|(key, vector)| (key as u64, vector.as_slice()))
         };
-        let mut graphs = [1, 2, 3].map(|threads| {
+        let mut graphs = [2, 3, 4].map(|threads| {
             let mut graph = Hnsw::new(64, HnswParams::default());
             graph
                 .insert_many_with_threads(items(), threads)
