@@ -34,9 +34,9 @@ use crate::{AnnError, Hit};
 pub const COMPACT_AT_DEAD_FRACTION: f64 = 0.25;
 
 /// How many new nodes [`Hnsw::insert_many`] links per batch when it has more than one thread
-/// (with one, it inserts one node at a time). Within a batch the nodes are
-/// compared pairwise (about `BATCH / 2` code dot products per node, cheap next to a walk) and
-/// their walks run in parallel; between batches the threads are joined.
+/// (with one, it inserts one node at a time). Within a batch the nodes are compared pairwise
+/// (about `BATCH / 2` code dot products per node, cheap next to a walk) and their walks run in
+/// parallel; between batches the threads are joined.
 const BATCH: usize = 256;
 
 /// How many nodes a planning thread takes at a time.
