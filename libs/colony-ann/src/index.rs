@@ -90,6 +90,29 @@ impl Index {
         self.graph.insert(key, vector)
     }
 
+    /// See [`Hnsw::insert_many`].
+    ///
+    /// # Errors
+    /// As [`Hnsw::insert_many`].
+    pub fn insert_many<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (u64, &'a [f32])>,
+    ) -> Result<(), AnnError> {
+        self.graph.insert_many(items)
+    }
+
+    /// See [`Hnsw::insert_many_with_threads`].
+    ///
+    /// # Errors
+    /// As [`Hnsw::insert_many`].
+    pub fn insert_many_with_threads<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (u64, &'a [f32])>,
+        threads: usize,
+    ) -> Result<(), AnnError> {
+        self.graph.insert_many_with_threads(items, threads)
+    }
+
     /// See [`Hnsw::remove`].
     pub fn remove(&mut self, key: u64) -> bool {
         self.graph.remove(key)

@@ -5,8 +5,9 @@
 //! dot product is the cosine similarity: higher is more similar. Keys are `u64` (the memory's
 //! database id).
 //!
-//! - [`Hnsw`]: a Hierarchical Navigable Small World graph: inserts, removes that take effect at
-//!   once, filtered searches, and an exact (brute-force) search for small sets and ground truth.
+//! - [`Hnsw`]: a Hierarchical Navigable Small World graph: inserts (one at a time, or many at
+//!   once on every core), removes that take effect at once, filtered searches, and an exact
+//!   (brute-force) search for small sets and ground truth.
 //! - [`Index`]: an [`Hnsw`] that answers exactly while it is small.
 //! - [`synthetic`]: reproducible test vectors that look like sentence embeddings (clustered) or
 //!   do not (uniform).
