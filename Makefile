@@ -45,7 +45,8 @@ endef
 # The memory bench, in `bench` and `bench-memory`: search over 100,000 vectors and writes
 # through the release memory service.
 define MEMORY_BENCH
-	$(CARGO) build --release -p colony-memory -p colony-e2e --bin memory-bench
+	$(CARGO) build --release -p colony-memory --bin colony-memory
+	$(CARGO) build --release -p colony-e2e --bin memory-bench
 	target/release/memory-bench $(MEMORY_ARGS)
 endef
 

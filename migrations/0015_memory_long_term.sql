@@ -33,21 +33,16 @@ CREATE TABLE memory.memories (
     changed_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- The exact same text in the same scope is one memory, even when two replicas race.
+-- The exact same text in the same scope is one memory, even when two replicas race. The hash
+-- leads so that no query by tenant alone can pick this index: without statistics the planner
+-- preferred it over the primary key for search's `tenant = $1 AND id = ANY($2)` and read every
+-- memory of the tenant (10-20 ms instead of 0.3 ms).
 CREATE UNIQUE INDEX memories_exact_text ON memory.memories
-    (tenant, scope_kind, scope_id, md5(content)) WHERE deleted_at IS NULL;
+    (md5(content), tenant, scope_kind, scope_id) WHERE deleted_at IS NULL;
 CREATE INDEX memories_changed ON memory.memories (changed_at);
 CREATE INDEX memories_expiry ON memory.memories (expires_at)
     WHERE deleted_at IS NULL AND expires_at IS NOT NULL;
 CREATE INDEX memories_tombstones ON memory.memories (deleted_at) WHERE deleted_at IS NOT NULL;
-CREATE INDEX memories_scope ON memory.memories (tenant, scope_kind, scope_id) WHERE deleted_at IS NULL;
-
--- What each tenant holds, checked against its limits on every write.
-CREATE TABLE memory.tenant_usage (
-    tenant       text   PRIMARY KEY,
-    memory_count bigint NOT NULL DEFAULT 0 CHECK (memory_count >= 0),
-    memory_bytes bigint NOT NULL DEFAULT 0 CHECK (memory_bytes >= 0)
-);
 
 -- Summaries of a session's older messages. The messages themselves stay in memory.messages;
 -- the summary covers first_seq..last_seq of them.

@@ -20,11 +20,14 @@ struct Entry {
     metadata: BTreeMap<String, String>,
     expires_at: Option<DateTime<Utc>>,
     revision: i64,
+    bytes: u64,
 }
 
 struct TenantIndex {
     graph: Hnsw,
     entries: HashMap<i64, Entry>,
+    /// Bytes of text of every entry: the tenant's usage against its limit.
+    bytes: u64,
     /// Revisions of memories removed, so an older copy of the row read before the removal
     /// cannot bring it back.
     removed: HashMap<i64, (i64, Instant)>,
@@ -81,6 +84,7 @@ impl MemoryIndex {
                 Arc::new(RwLock::new(TenantIndex {
                     graph: Hnsw::new(self.params.dimensions, HnswParams::default()),
                     entries: HashMap::new(),
+                    bytes: 0,
                     removed: HashMap::new(),
                 }))
             })
@@ -90,17 +94,24 @@ impl MemoryIndex {
     /// Brings the index up to date with these rows (newer revisions win; tombstones remove).
     /// Returns how many rows changed it.
     pub fn apply(&self, rows: &[IndexRow]) -> usize {
-        let mut by_tenant: BTreeMap<&str, Vec<&IndexRow>> = BTreeMap::new();
+        // Per tenant, the newest revision of each id.
+        let mut by_tenant: BTreeMap<&str, BTreeMap<i64, &IndexRow>> = BTreeMap::new();
         for row in rows {
-            by_tenant.entry(row.tenant.as_str()).or_default().push(row);
+            let newest = by_tenant
+                .entry(row.tenant.as_str())
+                .or_default()
+                .entry(row.id)
+                .or_insert(row);
+            if row.revision > newest.revision {
+                *newest = row;
+            }
         }
         let mut changed = 0;
         for (tenant, rows) in by_tenant {
             let index = self.tenant_or_new(tenant);
             let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
-            for row in rows {
-                changed += usize::from(index.apply(row));
-            }
+            let rows: Vec<&IndexRow> = rows.into_values().collect();
+            changed += index.apply(&rows);
         }
         changed
     }
@@ -160,6 +171,14 @@ impl MemoryIndex {
             .next()
     }
 
+    /// What `tenant` holds: memories and bytes of text.
+    pub fn usage(&self, tenant: &str) -> (u64, u64) {
+        self.tenant(tenant).map_or((0, 0), |index| {
+            let index = index.read().unwrap_or_else(PoisonError::into_inner);
+            (index.entries.len() as u64, index.bytes)
+        })
+    }
+
     /// Live memories indexed, over all tenants.
     pub fn len(&self) -> usize {
         self.tenants
@@ -204,44 +223,81 @@ impl MemoryIndex {
     }
 }
 
+/// Below this many new vectors, a batch is inserted one by one (the parallel path costs more
+/// CPU per vector and only pays off for a rebuild's pages).
+const PARALLEL_INSERT_FROM: usize = 256;
+
 impl TenantIndex {
-    fn apply(&mut self, row: &IndexRow) -> bool {
-        let known = self
-            .entries
-            .get(&row.id)
-            .map(|entry| entry.revision)
-            .or_else(|| self.removed.get(&row.id).map(|(revision, _)| *revision));
-        if known.is_some_and(|revision| revision >= row.revision) {
-            return false;
+    /// Applies rows of this tenant (ids unique); returns how many changed the index.
+    fn apply(&mut self, rows: &[&IndexRow]) -> usize {
+        let mut changed = 0;
+        let mut inserts: Vec<&IndexRow> = Vec::new();
+        for &row in rows {
+            let known = self
+                .entries
+                .get(&row.id)
+                .map(|entry| entry.revision)
+                .or_else(|| self.removed.get(&row.id).map(|(revision, _)| *revision));
+            if known.is_some_and(|revision| revision >= row.revision) {
+                continue;
+            }
+            if row.deleted {
+                self.remove(row.id, row.revision);
+                changed += 1;
+                continue;
+            }
+            let same_vector = self
+                .graph
+                .get(key(row.id))
+                .is_some_and(|vector| vector == row.embedding.as_slice());
+            if same_vector {
+                self.record(row);
+                changed += 1;
+            } else {
+                inserts.push(row);
+            }
         }
-        if row.deleted {
-            self.remove(row.id, row.revision);
-            return true;
+        let batch = inserts.len() >= PARALLEL_INSERT_FROM
+            && self
+                .graph
+                .insert_many(
+                    inserts
+                        .iter()
+                        .map(|row| (key(row.id), row.embedding.as_slice())),
+                )
+                .is_ok();
+        for row in inserts {
+            // Without the batch (small, or a row in it was refused), one by one.
+            if !batch && let Err(error) = self.graph.insert(key(row.id), &row.embedding) {
+                tracing::warn!(%error, memory = row.id, "a stored memory cannot be indexed");
+                continue;
+            }
+            self.record(row);
+            changed += 1;
         }
-        let same_vector = self
-            .graph
-            .get(key(row.id))
-            .is_some_and(|vector| vector == row.embedding.as_slice());
-        if !same_vector && let Err(error) = self.graph.insert(key(row.id), &row.embedding) {
-            tracing::warn!(%error, memory = row.id, "a stored memory cannot be indexed");
-            return false;
-        }
+        changed
+    }
+
+    fn record(&mut self, row: &IndexRow) {
         self.removed.remove(&row.id);
-        self.entries.insert(
+        let old = self.entries.insert(
             row.id,
             Entry {
                 scope: row.scope.clone(),
                 metadata: row.metadata.clone(),
                 expires_at: row.expires_at,
                 revision: row.revision,
+                bytes: row.bytes,
             },
         );
-        true
+        self.bytes = self.bytes + row.bytes - old.map_or(0, |entry| entry.bytes.min(self.bytes));
     }
 
     fn remove(&mut self, memory_id: i64, revision: i64) {
         self.graph.remove(key(memory_id));
-        self.entries.remove(&memory_id);
+        if let Some(entry) = self.entries.remove(&memory_id) {
+            self.bytes = self.bytes.saturating_sub(entry.bytes);
+        }
         let removed = self
             .removed
             .entry(memory_id)

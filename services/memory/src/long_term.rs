@@ -104,8 +104,16 @@ impl LongTerm {
                 target,
             });
         }
-        let limit = self.limits.for_tenant(tenant);
-        let (outcomes, rows) = self.memories.write(tenant, &items, limit, now).await?;
+        let new: Vec<&Prepared> = items
+            .iter()
+            .filter(|item| item.target == Target::New)
+            .collect();
+        self.check_limits(
+            tenant,
+            new.len() as u64,
+            new.iter().map(|item| item.memory.text.len() as u64).sum(),
+        )?;
+        let (outcomes, rows) = self.memories.write(tenant, &items, now).await?;
         let merged = outcomes.iter().filter(|outcome| outcome.merged).count();
         ::metrics::counter!(metrics::MEMORIES_WRITTEN, "result" => "stored")
             .increment((outcomes.len() - merged) as u64);
@@ -113,6 +121,29 @@ impl LongTerm {
             .increment(merged as u64);
         self.applied(tenant, &rows).await;
         Ok(outcomes)
+    }
+
+    /// Fails when adding `count` memories of `bytes` would pass the tenant's limits. The
+    /// count comes from this replica's index, so writes racing on several replicas can pass a
+    /// limit by what the replicas have not yet heard of each other (a sync interval at most).
+    fn check_limits(&self, tenant: &str, count: u64, bytes: u64) -> Result<(), Error> {
+        let limit = self.limits.for_tenant(tenant);
+        let (held, held_bytes) = self.index.usage(tenant);
+        if count > 0 && held + count > limit.max_memories {
+            return Err(Error::LimitExceeded(format!(
+                "tenant {tenant:?} would hold {} memories; its limit is {}",
+                held + count,
+                limit.max_memories
+            )));
+        }
+        if bytes > 0 && held_bytes + bytes > limit.max_bytes {
+            return Err(Error::LimitExceeded(format!(
+                "tenant {tenant:?} would hold {} bytes of memories; its limit is {}",
+                held_bytes + bytes,
+                limit.max_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Where one input goes: into an earlier input of this write or a stored memory of the same
@@ -237,6 +268,8 @@ impl LongTerm {
     ) -> Result<MemoryRecord, Error> {
         let text = match text {
             Some(text) => {
+                // Counted as if nothing were freed: a replaced text's bytes come back after.
+                self.check_limits(tenant, 0, text.len() as u64)?;
                 let vector = self.embeddings.embed_one(&text).await?;
                 Some((text, vector))
             }
@@ -249,10 +282,9 @@ impl LongTerm {
             metadata,
             expires_at: ttl.map(|ttl| plus(now, ttl)),
         };
-        let limit = self.limits.for_tenant(tenant);
         let (record, row) = self
             .memories
-            .update(tenant, id, &changes, limit, now)
+            .update(tenant, id, &changes, now)
             .await?
             .ok_or_else(|| not_found(id))?;
         self.applied(tenant, std::slice::from_ref(&row)).await;

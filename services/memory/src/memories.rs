@@ -8,7 +8,6 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::Error;
-use crate::config::TenantLimit;
 use crate::semantic::{MemoryRecord, NewMemory, Scope, ScopeKind, WriteOutcome};
 
 /// What the in-process index needs of a memory; `deleted` rows (tombstones, expired or
@@ -25,6 +24,8 @@ pub struct IndexRow {
     pub expires_at: Option<DateTime<Utc>>,
     pub deleted: bool,
     pub revision: i64,
+    /// Bytes of its text, counted against the tenant's limit.
+    pub bytes: u64,
 }
 
 /// Where one input of a write goes.
@@ -104,7 +105,8 @@ fn count(value: i32) -> u32 {
 
 /// Columns for [`IndexRow`].
 const INDEX_COLUMNS: &str = "id, tenant, scope_kind, scope_id, embedding, metadata, importance, \
-                             updated_at, expires_at, deleted_at IS NOT NULL AS deleted, revision";
+                             updated_at, expires_at, deleted_at IS NOT NULL AS deleted, revision, \
+                             octet_length(content) AS bytes";
 /// Columns for [`MemoryRecord`].
 const RECORD_COLUMNS: &str = "id, scope_kind, scope_id, content, metadata, importance, \
                               duplicate_count, created_at, updated_at, expires_at";
@@ -121,6 +123,7 @@ fn index_row(row: &PgRow) -> Result<IndexRow, sqlx::Error> {
         expires_at: row.try_get("expires_at")?,
         deleted: row.try_get("deleted")?,
         revision: row.try_get("revision")?,
+        bytes: u64::try_from(row.try_get::<i32, _>("bytes")?).unwrap_or(0),
     })
 }
 
@@ -138,7 +141,7 @@ fn record(row: &PgRow) -> Result<MemoryRecord, sqlx::Error> {
     })
 }
 
-/// Access to `memory.memories` and `memory.tenant_usage`.
+/// Access to `memory.memories`.
 #[derive(Clone)]
 pub struct Memories {
     pool: PgPool,
@@ -153,15 +156,13 @@ impl Memories {
         Self { pool }
     }
 
-    /// Stores one write in one transaction: merges into near-duplicates, inserts the rest
-    /// (an exact text already stored in the scope is merged by the unique index), and charges
-    /// the tenant's usage, failing the whole write when it would pass `limit`. Returns what
+    /// Stores one write in one transaction: merges into near-duplicates and inserts the rest
+    /// (an exact text already stored in the scope is merged by the unique index). Returns what
     /// happened to each input and the rows for the index.
     pub async fn write(
         &self,
         tenant: &str,
         items: &[Prepared],
-        limit: TenantLimit,
         now: DateTime<Utc>,
     ) -> Result<(Vec<WriteOutcome>, Vec<IndexRow>), Error> {
         let mut tx = self.pool.begin().await?;
@@ -193,7 +194,7 @@ impl Memories {
                 Target::Earlier(_) => {}
             }
         }
-        let (added_count, added_bytes) = insert(
+        insert(
             &mut tx,
             tenant,
             items,
@@ -204,9 +205,6 @@ impl Memories {
             &mut rows,
         )
         .await?;
-        if added_count > 0 {
-            charge(&mut tx, tenant, added_count, added_bytes, limit).await?;
-        }
         tx.commit().await?;
         // Inputs merged into an earlier input answer with its id and final count.
         let mut results = Vec::with_capacity(items.len());
@@ -256,30 +254,14 @@ impl Memories {
         Ok(self.records(tenant, &[id], now).await?.pop())
     }
 
-    /// Applies `changes` to a live memory; `None` when there is none. A new text must not
-    /// push the tenant past its byte limit.
+    /// Applies `changes` to a live memory; `None` when there is none.
     pub async fn update(
         &self,
         tenant: &str,
         id: i64,
         changes: &Changes,
-        limit: TenantLimit,
         now: DateTime<Utc>,
     ) -> Result<Option<(MemoryRecord, IndexRow)>, Error> {
-        let mut tx = self.pool.begin().await?;
-        let old_bytes: Option<i32> = sqlx::query_scalar(
-            "SELECT octet_length(content) FROM memory.memories \
-             WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL \
-               AND (expires_at IS NULL OR expires_at > $3) FOR UPDATE",
-        )
-        .bind(tenant)
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(old_bytes) = old_bytes else {
-            return Ok(None);
-        };
         let (text, embedding) = match &changes.text {
             Some((text, embedding)) => (Some(text.as_str()), Some(encode_vector(embedding))),
             None => (None, None),
@@ -291,8 +273,10 @@ impl Memories {
                  metadata = COALESCE($6::jsonb, metadata), \
                  expires_at = COALESCE($7, expires_at), updated_at = $8, \
                  revision = nextval('memory.memory_revision'), changed_at = now() \
-             WHERE tenant = $1 AND id = $2 \
-             RETURNING {RECORD_COLUMNS}, tenant, embedding, false AS deleted, revision"
+             WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL \
+               AND (expires_at IS NULL OR expires_at > $8) \
+             RETURNING {RECORD_COLUMNS}, tenant, embedding, false AS deleted, revision, \
+                 octet_length(content) AS bytes"
         ))
         .bind(tenant)
         .bind(id)
@@ -302,7 +286,7 @@ impl Memories {
         .bind(changes.metadata.as_ref().map(metadata_json))
         .bind(changes.expires_at)
         .bind(now)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&self.pool)
         .await
         .map_err(|error| {
             unique_violation(
@@ -311,11 +295,7 @@ impl Memories {
                 "this text is already stored in the memory's scope",
             )
         })?;
-        if let Some(text) = text {
-            let delta = i64::try_from(text.len()).unwrap_or(i64::MAX) - i64::from(old_bytes);
-            charge(&mut tx, tenant, 0, delta, limit).await?;
-        }
-        tx.commit().await?;
+        let Some(row) = row else { return Ok(None) };
         Ok(Some((record(&row)?, index_row(&row)?)))
     }
 
@@ -327,23 +307,18 @@ impl Memories {
         id: i64,
         now: DateTime<Utc>,
     ) -> Result<Option<IndexRow>, Error> {
-        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE memory.memories SET deleted_at = $3, \
                  revision = nextval('memory.memory_revision'), changed_at = now() \
              WHERE tenant = $1 AND id = $2 AND deleted_at IS NULL \
-             RETURNING {INDEX_COLUMNS}, octet_length(content) AS bytes"
+             RETURNING {INDEX_COLUMNS}"
         ))
         .bind(tenant)
         .bind(id)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let bytes: i32 = row.try_get("bytes")?;
-        release(&mut tx, tenant, 1, i64::from(bytes)).await?;
-        tx.commit().await?;
-        Ok(Some(index_row(&row)?))
+        row.as_ref().map(index_row).transpose().map_err(Error::from)
     }
 
     /// Live memories with an id above `after_id`, by id: the index is rebuilt page by page.
@@ -388,24 +363,16 @@ impl Memories {
             .await?)
     }
 
-    /// Turns memories expired at `now` into tombstones and releases their usage. Returns
-    /// them, for the index and the other replicas.
+    /// Turns memories expired at `now` into tombstones. Returns them, for the index and the
+    /// other replicas.
     pub async fn expire(&self, now: DateTime<Utc>, batch: i64) -> Result<Vec<IndexRow>, Error> {
         let rows = sqlx::query(&format!(
-            "WITH expired AS ( \
-                 UPDATE memory.memories SET deleted_at = $1, \
-                     revision = nextval('memory.memory_revision'), changed_at = now() \
-                 WHERE id IN (SELECT id FROM memory.memories \
-                              WHERE deleted_at IS NULL AND expires_at <= $1 \
-                              ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING {INDEX_COLUMNS}, octet_length(content) AS bytes), \
-             released AS ( \
-                 UPDATE memory.tenant_usage u \
-                 SET memory_count = GREATEST(u.memory_count - e.n, 0), \
-                     memory_bytes = GREATEST(u.memory_bytes - e.b, 0) \
-                 FROM (SELECT tenant, count(*) AS n, sum(bytes) AS b FROM expired GROUP BY tenant) e \
-                 WHERE u.tenant = e.tenant) \
-             SELECT * FROM expired"
+            "UPDATE memory.memories SET deleted_at = $1, \
+                 revision = nextval('memory.memory_revision'), changed_at = now() \
+             WHERE id IN (SELECT id FROM memory.memories \
+                          WHERE deleted_at IS NULL AND expires_at <= $1 \
+                          ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING {INDEX_COLUMNS}"
         ))
         .bind(now)
         .bind(batch)
@@ -470,7 +437,6 @@ async fn merge_into(
 }
 
 /// Inserts `items[indices]`; an exact text already stored in its scope is merged instead.
-/// Returns the number and bytes of rows actually added.
 #[allow(clippy::too_many_arguments)]
 async fn insert(
     tx: &mut Transaction<'_, Postgres>,
@@ -481,9 +447,9 @@ async fn insert(
     now: DateTime<Utc>,
     outcomes: &mut [Option<WriteOutcome>],
     rows: &mut Vec<IndexRow>,
-) -> Result<(i64, i64), Error> {
+) -> Result<(), Error> {
     if indices.is_empty() {
-        return Ok((0, 0));
+        return Ok(());
     }
     let mut kinds = Vec::with_capacity(indices.len());
     let mut scope_ids = Vec::with_capacity(indices.len());
@@ -512,14 +478,13 @@ async fn insert(
          FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::real[], \
                      $8::integer[], $9::timestamptz[]) \
              AS i(kind, scope_id, content, embedding, metadata, importance, count, expires_at) \
-         ON CONFLICT (tenant, scope_kind, scope_id, md5(content)) WHERE deleted_at IS NULL \
+         ON CONFLICT (md5(content), tenant, scope_kind, scope_id) WHERE deleted_at IS NULL \
          DO UPDATE SET duplicate_count = m.duplicate_count + EXCLUDED.duplicate_count, \
              importance = GREATEST(m.importance, EXCLUDED.importance), \
              updated_at = EXCLUDED.updated_at, expires_at = {}, \
              metadata = m.metadata || EXCLUDED.metadata, \
              revision = nextval('memory.memory_revision'), changed_at = now() \
-         RETURNING {INDEX_COLUMNS}, duplicate_count, content, (xmax = 0) AS inserted, \
-             octet_length(content) AS bytes",
+         RETURNING {INDEX_COLUMNS}, duplicate_count, content, (xmax = 0) AS inserted",
         MERGED_EXPIRY.replace("$EXP", "EXCLUDED.expires_at")
     ))
     .bind(tenant)
@@ -540,15 +505,10 @@ async fn insert(
         let item = &items[index];
         by_key.insert((item.memory.scope.clone(), item.memory.text.clone()), index);
     }
-    let (mut added, mut added_bytes) = (0i64, 0i64);
     for row in &returned {
         let scope = decode_scope(row)?;
         let content: String = row.try_get("content")?;
         let inserted: bool = row.try_get("inserted")?;
-        if inserted {
-            added += 1;
-            added_bytes += i64::from(row.try_get::<i32, _>("bytes")?);
-        }
         if let Some(&index) = by_key.get(&(scope, content)) {
             outcomes[index] = Some(WriteOutcome {
                 id: row.try_get("id")?,
@@ -558,62 +518,6 @@ async fn insert(
         }
         rows.push(index_row(row)?);
     }
-    Ok((added, added_bytes))
-}
-
-/// Adds to the tenant's usage; fails (and so rolls the write back) when that passes `limit`.
-async fn charge(
-    tx: &mut Transaction<'_, Postgres>,
-    tenant: &str,
-    count: i64,
-    bytes: i64,
-    limit: TenantLimit,
-) -> Result<(), Error> {
-    let row = sqlx::query(
-        "INSERT INTO memory.tenant_usage AS u (tenant, memory_count, memory_bytes) \
-         VALUES ($1, GREATEST($2, 0), GREATEST($3, 0)) \
-         ON CONFLICT (tenant) DO UPDATE SET \
-             memory_count = GREATEST(u.memory_count + $2, 0), \
-             memory_bytes = GREATEST(u.memory_bytes + $3, 0) \
-         RETURNING memory_count, memory_bytes",
-    )
-    .bind(tenant)
-    .bind(count)
-    .bind(bytes)
-    .fetch_one(&mut **tx)
-    .await?;
-    let held_count = u64::try_from(row.try_get::<i64, _>("memory_count")?).unwrap_or(0);
-    let held_bytes = u64::try_from(row.try_get::<i64, _>("memory_bytes")?).unwrap_or(0);
-    if count > 0 && held_count > limit.max_memories {
-        return Err(Error::LimitExceeded(format!(
-            "tenant {tenant:?} would hold {held_count} memories; its limit is {}",
-            limit.max_memories
-        )));
-    }
-    if bytes > 0 && held_bytes > limit.max_bytes {
-        return Err(Error::LimitExceeded(format!(
-            "tenant {tenant:?} would hold {held_bytes} bytes of memories; its limit is {}",
-            limit.max_bytes
-        )));
-    }
-    Ok(())
-}
-
-async fn release(
-    tx: &mut Transaction<'_, Postgres>,
-    tenant: &str,
-    count: i64,
-    bytes: i64,
-) -> Result<(), Error> {
-    sqlx::query(
-        "UPDATE memory.tenant_usage SET memory_count = GREATEST(memory_count - $2, 0), \
-             memory_bytes = GREATEST(memory_bytes - $3, 0) WHERE tenant = $1",
-    )
-    .bind(tenant)
-    .bind(count)
-    .bind(bytes)
-    .execute(&mut **tx)
-    .await?;
     Ok(())
 }
 
