@@ -34,9 +34,7 @@ CREATE TABLE memory.memories (
 );
 
 -- The exact same text in the same scope is one memory, even when two replicas race. The hash
--- leads so that no query by tenant alone can pick this index: without statistics the planner
--- preferred it over the primary key for search's `tenant = $1 AND id = ANY($2)` and read every
--- memory of the tenant (10-20 ms instead of 0.3 ms).
+-- leads: no query looks memories up by tenant alone, and none should pick this index to.
 CREATE UNIQUE INDEX memories_exact_text ON memory.memories
     (md5(content), tenant, scope_kind, scope_id) WHERE deleted_at IS NULL;
 CREATE INDEX memories_changed ON memory.memories (changed_at);

@@ -224,24 +224,33 @@ impl Memories {
         Ok((results, rows))
     }
 
-    /// The live memories among `ids` (not deleted, not expired at `now`), in no order.
+    /// The live memories of `tenant` among `ids` (not deleted, not expired at `now`), in no
+    /// order.
     pub async fn records(
         &self,
         tenant: &str,
         ids: &[i64],
         now: DateTime<Utc>,
     ) -> Result<Vec<MemoryRecord>, Error> {
+        // Selected by id alone, the tenant checked here: given `tenant = $1` too, a planner
+        // without statistics (a young or freshly loaded table) walked the tenant's whole
+        // exact-text index instead of the primary key (20 ms instead of 0.3 ms at 20,000).
         let rows = sqlx::query(&format!(
-            "SELECT {RECORD_COLUMNS} FROM memory.memories \
-             WHERE tenant = $1 AND id = ANY($2) AND deleted_at IS NULL \
-               AND (expires_at IS NULL OR expires_at > $3)"
+            "SELECT {RECORD_COLUMNS}, tenant FROM memory.memories \
+             WHERE id = ANY($1) AND deleted_at IS NULL \
+               AND (expires_at IS NULL OR expires_at > $2)"
         ))
-        .bind(tenant)
         .bind(ids)
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<&str, _>("tenant")? == tenant {
+                records.push(record(row)?);
+            }
+        }
+        Ok(records)
     }
 
     /// One live memory, or `None`.

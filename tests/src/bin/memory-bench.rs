@@ -8,12 +8,13 @@
 //! results with an exact search over the same vectors (recency and importance weights are 0
 //! for the run, so the service ranks by similarity alone).
 //!
-//! Writes: unique sentences through `WriteMemories`, each embedded by the service's own MiniLM
-//! model, checked for near-duplicates against the 100,000, stored and announced on the bus;
-//! single-memory calls from concurrent clients.
+//! Writes: distinct facts of 12-16 words through `WriteMemories`, each embedded by the
+//! service's own MiniLM model, checked for near-duplicates against the 100,000, stored and
+//! announced on the bus; one memory per call (`--batch` for more), from 32 concurrent clients
+//! (agents).
 //!
 //! Usage: `memory-bench [--memories N] [--queries N] [--recall-queries N] [--writes N]
-//! [--writers N] [--clusters N]`. Figures go to `target/bench/results.json`.
+//! [--writers N] [--batch N] [--clusters N]`. Figures go to `target/bench/results.json`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,6 +35,8 @@ struct Args {
     recall_queries: usize,
     writes: usize,
     writers: usize,
+    /// Memories per `WriteMemories` call.
+    batch: usize,
     clusters: usize,
 }
 
@@ -42,8 +45,9 @@ fn parse_args() -> anyhow::Result<Args> {
         memories: 100_000,
         queries: 2_000,
         recall_queries: 500,
-        writes: 2_000,
-        writers: 16,
+        writes: 3_000,
+        writers: 32,
+        batch: 1,
         clusters: 1_000,
     };
     let mut it = std::env::args().skip(1);
@@ -58,13 +62,14 @@ fn parse_args() -> anyhow::Result<Args> {
             "--recall-queries" => args.recall_queries = value,
             "--writes" => args.writes = value,
             "--writers" => args.writers = value,
+            "--batch" => args.batch = value,
             "--clusters" => args.clusters = value,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
     anyhow::ensure!(
-        args.memories > 0 && args.queries > 0 && args.writers > 0,
-        "--memories, --queries and --writers must be positive"
+        args.memories > 0 && args.queries > 0 && args.writers > 0 && args.batch > 0,
+        "--memories, --queries, --writers and --batch must be positive"
     );
     args.recall_queries = args.recall_queries.min(args.queries);
     Ok(args)
@@ -126,15 +131,16 @@ fn resident_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// A distinct, ordinary sentence for write `i`: four independent choices from word lists of
-/// coprime lengths, so neighbouring writes share little and few are near-duplicates.
+/// A distinct fact of 12-16 words (about 20 tokens, like the inference bench's sentences and
+/// the short facts agents store): four independent choices from word lists of coprime lengths,
+/// so neighbouring writes share little.
 fn sentence(i: usize) -> String {
     const WHO: [&str; 13] = [
         "The deploy script",
         "Our staging database",
         "The billing service",
         "The nightly report",
-        "A flaky integration test",
+        "The flaky login test",
         "The search index",
         "The onboarding flow",
         "The metrics dashboard",
@@ -145,44 +151,42 @@ fn sentence(i: usize) -> String {
         "The release checklist",
     ];
     const WHAT: [&str; 17] = [
-        "needs a VPN connection before it can reach production",
-        "was moved to the new Kubernetes cluster",
-        "times out when a request carries a large payload",
-        "reads its settings from a shared configuration file",
-        "belongs to the platform team after the reorganisation",
-        "must be restarted after every schema migration",
-        "keeps its credentials in the secrets vault",
-        "sends alerts to the on-call channel",
-        "breaks when the clock changes for daylight saving",
-        "was rewritten in Rust to cut memory use",
-        "depends on a vendor API with strict rate limits",
-        "stores customer invoices for seven years",
-        "gets a security review every quarter",
-        "runs slower on Mondays because of batch imports",
-        "logs every request with a correlation id",
-        "caches results in Redis for five minutes",
-        "is being replaced by a managed service",
+        "needs the VPN to reach production",
+        "moved to the new cluster",
+        "times out on large payloads",
+        "reads a shared config file",
+        "belongs to the platform team",
+        "restarts after every migration",
+        "keeps secrets in the vault",
+        "pages the on-call engineer",
+        "breaks on daylight saving changes",
+        "was rewritten in Rust",
+        "hits a strict vendor rate limit",
+        "keeps invoices for seven years",
+        "gets a quarterly security review",
+        "slows down during batch imports",
+        "logs a correlation id per request",
+        "caches results for five minutes",
+        "is being replaced next year",
     ];
     const WHEN: [&str; 7] = [
-        "according to the last incident review",
-        "as Maria noted in the planning meeting",
-        "since the spring release",
-        "per the architecture decision record",
-        "which surprised the new hires",
-        "until the migration finishes",
-        "so check with finance first",
+        "since spring",
+        "after the incident",
+        "per the design review",
+        "until further notice",
+        "as of last week",
+        "on weekdays",
+        "for now",
     ];
-    const CITY: [&str; 11] = [
-        "Lisbon", "Nairobi", "Osaka", "Denver", "Tallinn", "Quito", "Perth", "Dakar", "Oslo",
-        "Hanoi", "Lima",
+    const WHO_SAYS: [&str; 11] = [
+        "Maria", "Kofi", "Yuki", "Dan", "Liis", "Ana", "Ravi", "Awa", "Erik", "Linh", "Jorge",
     ];
     format!(
-        "{} {} {}; the {} office owns ticket {}.",
+        "{} {} {}, says {}.",
         WHO[i % WHO.len()],
         WHAT[i % WHAT.len()],
         WHEN[i % WHEN.len()],
-        CITY[i % CITY.len()],
-        10_000 + i
+        WHO_SAYS[i % WHO_SAYS.len()],
     )
 }
 
@@ -279,25 +283,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Writes: concurrent single-memory calls, each embedded by the service.
     let started = Instant::now();
-    let per_writer = args.writes.div_ceil(args.writers);
+    let per_writer = args.writes.div_ceil(args.writers * args.batch);
+    let batch = args.batch;
     let mut tasks = Vec::new();
     for writer in 0..args.writers {
         let mut client = client.clone();
         tasks.push(async move {
             let mut merged = 0usize;
             for n in 0..per_writer {
-                let i = writer * per_writer + n;
+                let first = (writer * per_writer + n) * batch;
+                let memories = (first..first + batch)
+                    .map(|i| v1::MemoryInput {
+                        scope: Some(v1::Scope {
+                            kind: v1::ScopeKind::Tenant.into(),
+                            id: String::new(),
+                        }),
+                        text: sentence(i),
+                        ..Default::default()
+                    })
+                    .collect();
                 let response = client
                     .write_memories(v1::WriteMemoriesRequest {
                         tenant: TENANT.into(),
-                        memories: vec![v1::MemoryInput {
-                            scope: Some(v1::Scope {
-                                kind: v1::ScopeKind::Tenant.into(),
-                                id: String::new(),
-                            }),
-                            text: sentence(i),
-                            ..Default::default()
-                        }],
+                        memories,
                     })
                     .await?
                     .into_inner();
@@ -312,11 +320,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         merged += result?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let written = per_writer * args.writers;
+    let written = per_writer * args.writers * args.batch;
     let writes_per_s = written as f64 / elapsed;
     println!(
-        "  writes: {written} in {elapsed:.1} s = {writes_per_s:.0}/s ({} concurrent writers; {merged} merged as near-duplicates)",
-        args.writers
+        "  writes: {written} in {elapsed:.1} s = {writes_per_s:.0}/s ({} concurrent writers, {} per call; {merged} merged as near-duplicates)",
+        args.writers, args.batch
     );
 
     let figures = BTreeMap::from([
