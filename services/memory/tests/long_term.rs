@@ -258,6 +258,16 @@ async fn tenants_are_isolated_in_every_method() {
         .await
         .expect_err("no strategy of globex");
     assert_eq!(outcome.code(), Code::NotFound);
+    let mut export = service
+        .client
+        .export_trajectories(v1::ExportTrajectoriesRequest {
+            tenant: "initech".into(),
+            run_id: String::new(),
+        })
+        .await
+        .expect("export answers")
+        .into_inner();
+    assert!(export.message().await.expect("a stream").is_none());
     service.stop().await;
 }
 
@@ -1187,6 +1197,34 @@ async fn strategies_rank_count_and_prune_at_the_threshold() {
         .into_inner();
     assert_eq!(merged.id, weak.id, "an equivalent strategy is merged");
     assert_eq!(merged.duplicate_count, 2);
+    // Another tenant's equal strategy is its own, and it is never suggested acme's.
+    let other = service
+        .client
+        .add_strategy(v1::AddStrategyRequest {
+            tenant: "globex".into(),
+            ..add(
+                "Isolate flaky tests",
+                "A test fails only sometimes in continuous integration",
+            )
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    assert_ne!(other.id, weak.id);
+    assert_eq!(other.duplicate_count, 1);
+    let initech = service
+        .client
+        .suggest_strategies(v1::SuggestStrategiesRequest {
+            tenant: "initech".into(),
+            role: "coder".into(),
+            task: "the integration test suite is flaky and fails at random".into(),
+            limit: 5,
+        })
+        .await
+        .expect("suggest")
+        .into_inner()
+        .suggestions;
+    assert!(initech.is_empty());
 
     let suggested = service
         .client
