@@ -1155,6 +1155,26 @@ fn with_models_and(tweak: impl FnOnce(&mut Config)) -> impl FnOnce(&mut Config) 
     }
 }
 
+/// The coder role's strategies for a task about flaky tests.
+async fn suggest_for_flaky_tests(
+    service: &mut Service,
+    tenant: &str,
+    limit: u32,
+) -> Vec<v1::StrategySuggestion> {
+    service
+        .client
+        .suggest_strategies(v1::SuggestStrategiesRequest {
+            tenant: tenant.into(),
+            role: "coder".into(),
+            task: "the integration test suite is flaky and fails at random".into(),
+            limit,
+        })
+        .await
+        .expect("suggest")
+        .into_inner()
+        .suggestions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strategies_rank_count_and_prune_at_the_threshold() {
     let mut service = Service::start(with_models_and(|_| {})).await;
@@ -1212,32 +1232,10 @@ async fn strategies_rank_count_and_prune_at_the_threshold() {
         .into_inner();
     assert_ne!(other.id, weak.id);
     assert_eq!(other.duplicate_count, 1);
-    let initech = service
-        .client
-        .suggest_strategies(v1::SuggestStrategiesRequest {
-            tenant: "initech".into(),
-            role: "coder".into(),
-            task: "the integration test suite is flaky and fails at random".into(),
-            limit: 5,
-        })
-        .await
-        .expect("suggest")
-        .into_inner()
-        .suggestions;
+    let initech = suggest_for_flaky_tests(&mut service, "initech", 5).await;
     assert!(initech.is_empty());
 
-    let suggested = service
-        .client
-        .suggest_strategies(v1::SuggestStrategiesRequest {
-            tenant: "acme".into(),
-            role: "coder".into(),
-            task: "the integration test suite is flaky and fails at random".into(),
-            limit: 2,
-        })
-        .await
-        .expect("suggest")
-        .into_inner()
-        .suggestions;
+    let suggested = suggest_for_flaky_tests(&mut service, "acme", 2).await;
     let first = suggested[0].strategy.as_ref().expect("a strategy");
     assert_eq!(first.id, weak.id, "the relevant strategy ranks first");
     assert_eq!(first.uses, 1);
@@ -1286,18 +1284,7 @@ async fn strategies_rank_count_and_prune_at_the_threshold() {
             .into_inner();
         assert!(!response.pruned);
     }
-    let after = service
-        .client
-        .suggest_strategies(v1::SuggestStrategiesRequest {
-            tenant: "acme".into(),
-            role: "coder".into(),
-            task: "the integration test suite is flaky and fails at random".into(),
-            limit: 5,
-        })
-        .await
-        .expect("suggest")
-        .into_inner()
-        .suggestions;
+    let after = suggest_for_flaky_tests(&mut service, "acme", 5).await;
     assert!(
         after
             .iter()
