@@ -42,6 +42,32 @@ pub struct Config {
     /// How long in-flight tasks may take to finish and report at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The agent loop: steps, tool deadlines and result sizes.
+    pub agent: AgentConfig,
+}
+
+/// The agent loop's bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Most model calls in one attempt. An agent still calling tools after this many fails
+    /// with a clear reason instead of looping on.
+    pub max_steps: u32,
+    /// Deadline of one tool call; a call that takes longer is stopped and the model is told.
+    #[serde(with = "humantime_serde")]
+    pub tool_timeout: Duration,
+    /// A tool result longer than this is cut (saying so) before the model reads it.
+    pub max_tool_result_bytes: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 12,
+            tool_timeout: Duration::from_secs(120),
+            max_tool_result_bytes: 16 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +103,7 @@ impl Default for Config {
             completion_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
+            agent: AgentConfig::default(),
         }
     }
 }
@@ -158,6 +185,15 @@ impl Validate for Config {
             if value.is_zero() {
                 problems.push(format!("{key}: must be more than 0s"));
             }
+        }
+        if self.agent.max_steps == 0 {
+            problems.push("agent.max_steps: must be at least 1".into());
+        }
+        if self.agent.tool_timeout.is_zero() {
+            problems.push("agent.tool_timeout: must be more than 0s".into());
+        }
+        if self.agent.max_tool_result_bytes < 256 {
+            problems.push("agent.max_tool_result_bytes: must be at least 256".into());
         }
         if self.heartbeat_interval < Duration::from_millis(100) {
             problems.push("heartbeat_interval: must be at least 100ms".into());

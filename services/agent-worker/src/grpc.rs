@@ -15,7 +15,10 @@ use tonic::{Code, Request, Status};
 
 use crate::claims::{ClaimLoop, ClaimQueue};
 use crate::error::{Error, Peer};
-use crate::task::{ChatMessage, Claim, Completion, Dispatch, ErrorClass, Lease, TaskSpec, Usage};
+use crate::task::{
+    ChatMessage, ChildTask, Claim, Completion, Dispatch, ErrorClass, FoundMemory, Lease,
+    MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, WrittenMemory,
+};
 use crate::worker::Peers;
 
 /// Metadata a Colony service puts on a failed call to say which [`ErrorClass`] it is.
@@ -139,7 +142,48 @@ fn to_proto_message(message: &ChatMessage) -> v1::ChatMessage {
     v1::ChatMessage {
         role: message.role.clone(),
         content: message.content.clone(),
-        ..Default::default()
+        tool_calls: message
+            .tool_calls
+            .iter()
+            .map(|call| v1::ToolCall {
+                id: call.id.clone(),
+                name: call.name.clone(),
+                arguments_json: call.arguments.clone(),
+            })
+            .collect(),
+        tool_call_id: message.tool_call_id.clone(),
+    }
+}
+
+fn from_proto_message(message: v1::ChatMessage) -> ChatMessage {
+    ChatMessage {
+        role: message.role,
+        content: message.content,
+        tool_calls: message.tool_calls.into_iter().map(tool_call_from_proto).collect(),
+        tool_call_id: message.tool_call_id,
+    }
+}
+
+fn tool_call_from_proto(call: v1::ToolCall) -> ToolCall {
+    ToolCall {
+        id: call.id,
+        name: call.name,
+        arguments: call.arguments_json,
+    }
+}
+
+fn tool_to_proto(tool: &ToolSpec) -> v1::Tool {
+    v1::Tool {
+        name: tool.name.to_owned(),
+        description: tool.description.to_owned(),
+        parameters_json: tool.parameters.to_string(),
+    }
+}
+
+fn scope(kind: v1::ScopeKind, id: &str) -> v1::Scope {
+    v1::Scope {
+        kind: kind.into(),
+        id: id.to_owned(),
     }
 }
 
@@ -203,11 +247,8 @@ pub fn claim_from_proto(
             instructions: spec.instructions,
             tier: spec.tier,
             max_tokens: spec.max_tokens,
-            context: spec
-                .context
-                .into_iter()
-                .map(|m| ChatMessage::new(m.role, m.content))
-                .collect(),
+            context: spec.context.into_iter().map(from_proto_message).collect(),
+            tools: spec.tools,
         },
         lease: Duration::from_millis(response.lease_ms),
     })
@@ -288,6 +329,7 @@ impl Peers for GrpcPeers {
         &self,
         task: &TaskSpec,
         messages: &[ChatMessage],
+        tools: &[ToolSpec],
     ) -> Result<Completion, Error> {
         let message = v1::CompleteRequest {
             tenant: task.tenant.clone(),
@@ -298,6 +340,7 @@ impl Peers for GrpcPeers {
             tier: task.tier.clone(),
             messages: messages.iter().map(to_proto_message).collect(),
             max_tokens: task.max_tokens,
+            tools: tools.iter().map(tool_to_proto).collect(),
             ..Default::default()
         };
         let mut client = self.router.clone();
@@ -311,6 +354,172 @@ impl Peers for GrpcPeers {
             content: response.content,
             usage: usage_from_proto(response.usage),
             deployment: response.deployment,
+            tool_calls: response
+                .tool_calls
+                .into_iter()
+                .map(tool_call_from_proto)
+                .collect(),
+        })
+    }
+
+    async fn search_memories(
+        &self,
+        task: &TaskSpec,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<FoundMemory>, Error> {
+        let message = v1::SearchMemoriesRequest {
+            tenant: task.tenant.clone(),
+            query: query.to_owned(),
+            scopes: vec![
+                scope(v1::ScopeKind::Tenant, ""),
+                scope(v1::ScopeKind::Role, &task.role),
+                scope(v1::ScopeKind::Run, &task.run_id),
+            ],
+            limit,
+            ..Default::default()
+        };
+        let mut client = self.memory.clone();
+        let response = call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.search_memories(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(response
+            .results
+            .into_iter()
+            .filter_map(|scored| {
+                let memory = scored.memory?;
+                Some(FoundMemory {
+                    id: memory.id,
+                    text: memory.text,
+                    score: scored.score,
+                })
+            })
+            .collect())
+    }
+
+    async fn write_memory(
+        &self,
+        task: &TaskSpec,
+        memory_scope: MemoryScope,
+        text: &str,
+        importance: Option<f32>,
+    ) -> Result<WrittenMemory, Error> {
+        let target = match memory_scope {
+            MemoryScope::Tenant => scope(v1::ScopeKind::Tenant, ""),
+            MemoryScope::Role => scope(v1::ScopeKind::Role, &task.role),
+            MemoryScope::Run => scope(v1::ScopeKind::Run, &task.run_id),
+        };
+        let message = v1::WriteMemoriesRequest {
+            tenant: task.tenant.clone(),
+            memories: vec![v1::MemoryInput {
+                scope: Some(target),
+                text: text.to_owned(),
+                importance,
+                metadata: [
+                    ("run_id".to_owned(), task.run_id.clone()),
+                    ("task_id".to_owned(), task.task_id.clone()),
+                ]
+                .into(),
+                ..Default::default()
+            }],
+        };
+        let mut client = self.memory.clone();
+        let response = call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.write_memories(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        let written = response
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::InvalidResponse {
+                peer: Peer::Memory,
+                message: "no result for the memory written".into(),
+            })?;
+        Ok(WrittenMemory {
+            id: written.id,
+            merged: written.merged,
+        })
+    }
+
+    async fn suggest_strategies(
+        &self,
+        task: &TaskSpec,
+        about: &str,
+        limit: u32,
+    ) -> Result<Vec<Strategy>, Error> {
+        let message = v1::SuggestStrategiesRequest {
+            tenant: task.tenant.clone(),
+            role: task.role.clone(),
+            task: about.to_owned(),
+            limit,
+        };
+        let mut client = self.memory.clone();
+        let response = call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.suggest_strategies(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(response
+            .suggestions
+            .into_iter()
+            .filter_map(|suggestion| {
+                let strategy = suggestion.strategy?;
+                Some(Strategy {
+                    id: strategy.id,
+                    title: strategy.title,
+                    when_to_use: strategy.when_to_use,
+                    strategy: strategy.strategy,
+                    wins: strategy.wins,
+                    losses: strategy.losses,
+                })
+            })
+            .collect())
+    }
+
+    async fn spawn(
+        &self,
+        task: &TaskSpec,
+        worker_id: &str,
+        children: &[ChildTask],
+        wait: bool,
+    ) -> Result<Spawned, Error> {
+        let message = v1::SpawnTasksRequest {
+            tenant: task.tenant.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            worker_id: worker_id.to_owned(),
+            children: children
+                .iter()
+                .map(|child| v1::ChildTask {
+                    key: child.key.clone(),
+                    role: child.role.clone(),
+                    instructions: child.instructions.clone(),
+                    depends_on: child.depends_on.clone(),
+                })
+                .collect(),
+            wait,
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.spawn_tasks(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(Spawned {
+            children: response
+                .children
+                .into_iter()
+                .map(|child| (child.key, child.task_id))
+                .collect(),
+            parked: response.parked,
         })
     }
 }

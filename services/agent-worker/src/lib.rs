@@ -13,6 +13,7 @@ mod error;
 mod grpc;
 pub mod metrics;
 pub mod task;
+pub mod tools;
 mod worker;
 
 use std::net::SocketAddr;
@@ -113,6 +114,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         },
         slots.clone(),
         abandon.clone(),
+        config.agent.clone(),
     ));
 
     // v1: `slots` is per role; each role's consumer runs up to `slots` tasks at once.

@@ -1,7 +1,8 @@
 //! Every metric the agent-worker records.
 
-/// Attempts that ended in this worker, by `role` and `outcome` (`succeeded`, `failed`, or
-/// `lost`: the lease was lost or the shutdown grace ran out, and nothing was reported).
+/// Attempts that ended in this worker, by `role` and `outcome` (`succeeded`, `failed`,
+/// `parked`: it spawned children to wait for, or `lost`: the lease was lost or the shutdown
+/// grace ran out; nothing is reported for the last two).
 pub const TASKS: &str = "colony_agent_worker_tasks_total";
 /// Time from a granted claim to a published report, by `role`.
 pub const TASK_SECONDS: &str = "colony_agent_worker_task_duration_seconds";
@@ -24,12 +25,21 @@ pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_
 /// Failed report publishes; retried with backoff while the task is live.
 pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_failures_total";
 
+/// Tool calls made by agents, by `tool` and `result` (`ok`, `error`).
+pub const TOOL_CALLS: &str = "colony_agent_worker_tool_calls_total";
+/// Time one tool call took, by `tool`.
+pub const TOOL_SECONDS: &str = "colony_agent_worker_tool_call_duration_seconds";
+/// Model calls per finished attempt (the agent loop's steps).
+pub const AGENT_STEPS: &str = "colony_agent_worker_agent_steps";
+/// Attempts the agent loop ended without a final answer, by `reason` (`max_steps`).
+pub const AGENT_STOPPED: &str = "colony_agent_worker_agent_stopped_total";
+
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
     use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         TASKS,
-        "Task attempts that ended in this worker, by role and outcome (succeeded, failed, lost)."
+        "Task attempts that ended in this worker, by role and outcome (succeeded, failed, parked, lost)."
     );
     describe_histogram!(
         TASK_SECONDS,
@@ -70,6 +80,24 @@ pub fn describe() {
     describe_counter!(
         REPORT_PUBLISH_FAILURES,
         "Failed TaskReport publishes; retried with backoff while the task is live."
+    );
+    describe_counter!(
+        TOOL_CALLS,
+        "Tool calls made by agents, by tool and result (ok, error)."
+    );
+    describe_histogram!(
+        TOOL_SECONDS,
+        Unit::Seconds,
+        "Time one tool call took, by tool."
+    );
+    describe_histogram!(
+        AGENT_STEPS,
+        Unit::Count,
+        "Model calls the agent loop made in one attempt."
+    );
+    describe_counter!(
+        AGENT_STOPPED,
+        "Attempts the agent loop ended without a final answer, by reason (max_steps)."
     );
     colony_bus::metrics::describe();
 }

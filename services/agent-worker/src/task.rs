@@ -22,6 +22,10 @@ pub struct ChatMessage {
     /// "system", "user", "assistant" or "tool".
     pub role: String,
     pub content: String,
+    /// On an assistant message: the tools it called.
+    pub tool_calls: Vec<ToolCall>,
+    /// On a tool message: the id of the call it answers.
+    pub tool_call_id: String,
 }
 
 impl ChatMessage {
@@ -29,8 +33,43 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: String::new(),
         }
     }
+
+    /// The model's turn: its text and the tools it called.
+    pub fn assistant(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls,
+            ..Self::new("assistant", content)
+        }
+    }
+
+    /// The answer to tool call `call_id`.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: call_id.into(),
+            ..Self::new("tool", content)
+        }
+    }
+}
+
+/// One call of a tool by the model, OpenAI function-calling style.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, exactly as the model wrote them.
+    pub arguments: String,
+}
+
+/// A tool offered to the model: its name, what it does, and its arguments' JSON Schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub parameters: serde_json::Value,
 }
 
 /// What a granted claim hands the worker: everything needed to run the attempt.
@@ -50,6 +89,8 @@ pub struct TaskSpec {
     /// A no-op task: reported as succeeded with its instructions as the output, with no model
     /// call and no memory.
     pub noop: bool,
+    /// The tools the role may use (from the roster); the model is offered these only.
+    pub tools: Vec<String>,
 }
 
 /// The orchestrator's answer to a claim.
@@ -78,6 +119,17 @@ pub struct Usage {
     pub cost_micros_usd: u64,
 }
 
+impl Usage {
+    /// Both calls' tokens and cost together.
+    pub fn plus(self, other: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.saturating_add(other.prompt_tokens),
+            completion_tokens: self.completion_tokens.saturating_add(other.completion_tokens),
+            cost_micros_usd: self.cost_micros_usd.saturating_add(other.cost_micros_usd),
+        }
+    }
+}
+
 /// A successful model call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -85,6 +137,8 @@ pub struct Completion {
     pub usage: Usage,
     /// The deployment that answered.
     pub deployment: String,
+    /// The tools the model called; empty when `content` is its final answer.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// The five classes every failure is sorted into; each has its own retry policy (applied by
@@ -134,4 +188,83 @@ impl Report {
     pub fn msg_id(&self) -> String {
         format!("report-{}-{}", self.task_id, self.attempt)
     }
+}
+
+/// Which memories a `memory_write` tool call files a memory under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryScope {
+    /// Shared by every run of the tenant.
+    Tenant,
+    /// Shared by the tasks of the same role.
+    Role,
+    /// This run only.
+    Run,
+}
+
+impl MemoryScope {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "tenant" => Some(Self::Tenant),
+            "role" => Some(Self::Role),
+            "run" => Some(Self::Run),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::Role => "role",
+            Self::Run => "run",
+        }
+    }
+}
+
+/// A memory found by a search, as the model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundMemory {
+    pub id: i64,
+    pub text: String,
+    /// Similarity combined with recency and importance, as memory ranks.
+    pub score: f32,
+}
+
+/// What `memory_write` stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenMemory {
+    pub id: i64,
+    /// It nearly duplicated an existing memory and was merged into it.
+    pub merged: bool,
+}
+
+/// A strategy memory suggests for a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Strategy {
+    pub id: i64,
+    pub title: String,
+    pub when_to_use: String,
+    pub strategy: String,
+    pub wins: u32,
+    pub losses: u32,
+}
+
+/// A child task asked for by `spawn_tasks`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildTask {
+    /// Unique among the children; what `depends_on` names.
+    pub key: String,
+    pub role: String,
+    pub instructions: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+}
+
+/// The orchestrator's answer to `SpawnTasks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawned {
+    /// `(key, task_id)` of each child, in request order.
+    pub children: Vec<(String, String)>,
+    /// The parent parked until its children finish: stop working on it and do not report.
+    pub parked: bool,
 }

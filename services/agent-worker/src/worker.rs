@@ -11,8 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::config::AgentConfig;
 use crate::metrics;
-use crate::task::{ChatMessage, Claim, Dispatch, Lease, Report, TaskOutcome, TaskSpec};
+use crate::tools::{self, ToolOutcome, Toolbox};
+use crate::task::{
+    ChatMessage, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease, MemoryScope, Report,
+    Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, WrittenMemory,
+};
 
 /// Delay before a dispatch whose claim could not be made is redelivered.
 pub const CLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -51,12 +56,45 @@ pub trait Peers: Send + Sync + 'static {
         task: &TaskSpec,
         task_id: &str,
     ) -> impl Future<Output = Result<String, Error>> + Send;
-    /// `Router.Complete`.
+    /// `Router.Complete`, offering the model `tools` (none: a plain completion).
     fn complete(
         &self,
         task: &TaskSpec,
         messages: &[ChatMessage],
+        tools: &[ToolSpec],
     ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
+    /// `Memory.SearchMemories` over what the task may see: its tenant's shared memories, its
+    /// role's and its run's.
+    fn search_memories(
+        &self,
+        task: &TaskSpec,
+        query: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<FoundMemory>, Error>> + Send;
+    /// `Memory.WriteMemories` with one memory.
+    fn write_memory(
+        &self,
+        task: &TaskSpec,
+        scope: MemoryScope,
+        text: &str,
+        importance: Option<f32>,
+    ) -> impl Future<Output = Result<WrittenMemory, Error>> + Send;
+    /// `Memory.SuggestStrategies` for the task's role.
+    fn suggest_strategies(
+        &self,
+        task: &TaskSpec,
+        about: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Strategy>, Error>> + Send;
+    /// `Orchestrator.SpawnTasks`: children of this attempt, optionally parking it until they
+    /// finish.
+    fn spawn(
+        &self,
+        task: &TaskSpec,
+        worker_id: &str,
+        children: &[ChildTask],
+        wait: bool,
+    ) -> impl Future<Output = Result<Spawned, Error>> + Send;
 }
 
 /// Where reports go (the REPORTS stream), and the attempt's steps (for memory's replay log).
@@ -129,6 +167,8 @@ pub struct Timing {
 /// How an attempt ended inside [`Worker::handle`].
 enum Ended {
     Reported(&'static str),
+    /// It spawned children and waits for them; the orchestrator queues it again.
+    Parked,
     Lost(String),
     Abandoned,
 }
@@ -142,6 +182,7 @@ pub struct Worker<P, R> {
     slots: Slots,
     /// Cancelled when the shutdown grace runs out: every running task is abandoned.
     abandon: CancellationToken,
+    agent: AgentConfig,
 }
 
 impl<P: Peers, R: Reporter> Worker<P, R> {
@@ -152,6 +193,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         timing: Timing,
         slots: Slots,
         abandon: CancellationToken,
+        agent: AgentConfig,
     ) -> Self {
         Self {
             peers,
@@ -160,6 +202,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             timing,
             slots,
             abandon,
+            agent,
         }
     }
 
@@ -208,7 +251,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             biased;
             () = token.cancelled() => Ended::Abandoned,
             reason = self.keep_lease(&task, lease, &progress) => Ended::Lost(reason),
-            kind = self.run_and_report(&task, &token) => kind.map_or(Ended::Abandoned, Ended::Reported),
+            ended = self.run_and_report(&task, &token) => ended,
         };
         // Whatever ended the task, nothing of it may keep running.
         token.cancel();
@@ -220,6 +263,10 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 ::metrics::histogram!(metrics::TASK_SECONDS, "role" => role)
                     .record(started.elapsed().as_secs_f64());
                 tracing::info!(outcome = kind, "task reported");
+            }
+            Ended::Parked => {
+                ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "parked")
+                    .increment(1);
             }
             Ended::Lost(reason) => {
                 ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "lost")
@@ -275,14 +322,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         }
     }
 
-    /// Runs the task and publishes its report. `None` when the token was cancelled before the
-    /// report went out.
-    async fn run_and_report(
-        &self,
-        task: &TaskSpec,
-        token: &CancellationToken,
-    ) -> Option<&'static str> {
-        let outcome = self.execute(task).await;
+    /// Runs the task and publishes its report.
+    async fn run_and_report(&self, task: &TaskSpec, token: &CancellationToken) -> Ended {
+        let Some(outcome) = self.execute(task).await else {
+            return Ended::Parked;
+        };
         let report = Report {
             tenant: task.tenant.clone(),
             run_id: task.run_id.clone(),
@@ -292,9 +336,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             outcome,
             finished_at: SystemTime::now(),
         };
-        self.publish(&report, token)
-            .await
-            .then(|| report.outcome.kind())
+        if self.publish(&report, token).await {
+            Ended::Reported(report.outcome.kind())
+        } else {
+            Ended::Abandoned
+        }
     }
 
     /// The task's context with every output reference replaced by the output it names.
@@ -317,47 +363,132 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         Ok(context)
     }
 
-    async fn execute(&self, task: &TaskSpec) -> TaskOutcome {
+    /// The attempt's outcome; `None` when it parked (spawned children to wait for) and must
+    /// not be reported.
+    async fn execute(&self, task: &TaskSpec) -> Option<TaskOutcome> {
         if task.noop {
-            return TaskOutcome::Succeeded {
+            return Some(TaskOutcome::Succeeded {
                 output: task.instructions.clone(),
-                usage: crate::task::Usage::default(),
+                usage: Usage::default(),
                 deployment: String::new(),
-            };
+            });
         }
         let mut prompt = match self.resolve_context(task).await {
             Ok(context) => context,
             Err(error) => {
                 tracing::warn!(%error, class = %error.class(), "fetching a dependency output failed");
-                return TaskOutcome::Failed {
+                return Some(TaskOutcome::Failed {
                     class: error.class(),
                     message: error.to_string(),
-                    usage: crate::task::Usage::default(),
-                };
+                    usage: Usage::default(),
+                });
             }
         };
         prompt.push(ChatMessage::new("user", task.instructions.clone()));
         self.remember(task, &prompt, "prompt", 1).await;
-        match self.peers.complete(task, &prompt).await {
-            Ok(completion) => {
-                let reply = [ChatMessage::new("assistant", completion.content.clone())];
-                let next_step = u32::try_from(prompt.len()).unwrap_or(u32::MAX - 1) + 1;
-                self.remember(task, &reply, "reply", next_step).await;
-                TaskOutcome::Succeeded {
+        self.agent_loop(task, prompt).await
+    }
+
+    /// Model call → tool calls → their results → model call …, until the model answers
+    /// without calling a tool (its answer is the output), a call fails, a tool parks the task,
+    /// or `agent.max_steps` model calls were made.
+    async fn agent_loop(
+        &self,
+        task: &TaskSpec,
+        mut messages: Vec<ChatMessage>,
+    ) -> Option<TaskOutcome> {
+        let offered = tools::offered(task);
+        let toolbox = Toolbox {
+            peers: &self.peers,
+            task,
+            worker_id: &self.worker_id,
+            config: &self.agent,
+        };
+        let mut usage = Usage::default();
+        // Trajectory steps are numbered across the attempt: the prompt took 1..=len.
+        let mut next_step = step_number(messages.len()) + 1;
+        for call in 1..=self.agent.max_steps {
+            let completion = match self.peers.complete(task, &messages, &offered).await {
+                Ok(completion) => completion,
+                Err(error) => {
+                    tracing::warn!(%error, class = %error.class(), call, "model call failed");
+                    let message = if call == 1 {
+                        error.to_string()
+                    } else {
+                        format!("{error} (model call {call} of the agent loop)")
+                    };
+                    return Some(TaskOutcome::Failed {
+                        class: error.class(),
+                        message,
+                        usage,
+                    });
+                }
+            };
+            usage = usage.plus(completion.usage);
+            let reply = ChatMessage::assistant(
+                completion.content.clone(),
+                completion.tool_calls.clone(),
+            );
+            self.remember(task, std::slice::from_ref(&reply), "reply", next_step)
+                .await;
+            next_step += 1;
+            messages.push(reply);
+            if completion.tool_calls.is_empty() {
+                ::metrics::histogram!(metrics::AGENT_STEPS).record(f64::from(call));
+                return Some(TaskOutcome::Succeeded {
                     output: completion.content,
-                    usage: completion.usage,
+                    usage,
                     deployment: completion.deployment,
+                });
+            }
+            let mut results = Vec::with_capacity(completion.tool_calls.len());
+            for tool_call in &completion.tool_calls {
+                match toolbox.call(tool_call).await {
+                    ToolOutcome::Answer { content, failed } => {
+                        if failed {
+                            tracing::info!(tool = %tool_call.name, %content, "tool call failed; the model is told");
+                        }
+                        results.push(ChatMessage::tool_result(tool_call.id.clone(), content));
+                    }
+                    ToolOutcome::Parked { children } => {
+                        self.remember(task, &results, "tool", next_step).await;
+                        ::metrics::histogram!(metrics::AGENT_STEPS).record(f64::from(call));
+                        tracing::info!(
+                            children,
+                            "spawned child tasks and parked until they finish; not reporting"
+                        );
+                        return None;
+                    }
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, class = %error.class(), "model call failed");
-                TaskOutcome::Failed {
-                    class: error.class(),
-                    message: error.to_string(),
-                    usage: crate::task::Usage::default(),
-                }
-            }
+            self.remember(task, &results, "tool", next_step).await;
+            next_step += step_number(results.len());
+            messages.extend(results);
         }
+        ::metrics::histogram!(metrics::AGENT_STEPS).record(f64::from(self.agent.max_steps));
+        ::metrics::counter!(metrics::AGENT_STOPPED, "reason" => "max_steps").increment(1);
+        let last_tools: Vec<&str> = messages
+            .iter()
+            .rev()
+            .find(|message| !message.tool_calls.is_empty())
+            .map(|message| {
+                message
+                    .tool_calls
+                    .iter()
+                    .map(|call| call.name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(TaskOutcome::Failed {
+            class: ErrorClass::UserFixable,
+            message: format!(
+                "the agent made {} model calls (agent.max_steps) without a final answer; it was \
+                 still calling tools ({})",
+                self.agent.max_steps,
+                last_tools.join(", ")
+            ),
+            usage,
+        })
     }
 
     /// Appends to the run's conversation and publishes the messages as the attempt's steps
@@ -401,6 +532,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
     }
 }
 
+/// A count of messages as a trajectory step number (saturating; attempts are far shorter).
+fn step_number(count: usize) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX / 2)
+}
+
 /// A third of the lease, and a third of the bus AckWait so the dispatch message is not
 /// redelivered while the task runs; never under [`MIN_LEASE_HEARTBEAT`]. A lease of 0 (the
 /// orchestrator did not say) counts as AckWait.
@@ -431,14 +567,22 @@ mod tests {
         );
     }
 
-    /// Grants every claim; heartbeats answer from a script; the router answers after `delay`.
+    /// Grants every claim; heartbeats answer from a script; the router answers after `delay`
+    /// from `script` first, then with `router`.
     struct FakePeers {
         lease_lost_after: Option<usize>,
         heartbeats: AtomicUsize,
         router_delay: Duration,
         router: Result<Completion, ErrorClass>,
+        script: Mutex<std::collections::VecDeque<Result<Completion, ErrorClass>>>,
+        /// What each model call was sent: the messages and the names of the tools offered.
+        calls: Mutex<Vec<(Vec<ChatMessage>, Vec<&'static str>)>>,
         appends: Mutex<Vec<Vec<ChatMessage>>>,
+        /// Memory searches: the queries.
+        searches: Mutex<Vec<String>>,
+        spawned: Mutex<Vec<Vec<ChildTask>>>,
         noop: bool,
+        tools: Vec<String>,
     }
 
     impl FakePeers {
@@ -448,8 +592,21 @@ mod tests {
                 heartbeats: AtomicUsize::new(0),
                 router_delay: Duration::ZERO,
                 router,
+                script: Mutex::default(),
+                calls: Mutex::default(),
                 appends: Mutex::new(Vec::new()),
+                searches: Mutex::default(),
+                spawned: Mutex::default(),
                 noop: false,
+                tools: Vec::new(),
+            }
+        }
+
+        fn scripted(script: Vec<Result<Completion, ErrorClass>>, tools: &[&str]) -> Self {
+            Self {
+                script: Mutex::new(script.into()),
+                tools: tools.iter().map(|tool| (*tool).to_owned()).collect(),
+                ..Self::new(Err(ErrorClass::Permanent))
             }
         }
     }
@@ -466,6 +623,7 @@ mod tests {
             max_tokens: 64,
             context: vec![ChatMessage::new("system", "be brief")],
             noop: false,
+            tools: Vec::new(),
         }
     }
 
@@ -474,6 +632,7 @@ mod tests {
             Ok(Claim::Granted {
                 task: TaskSpec {
                     noop: self.noop,
+                    tools: self.tools.clone(),
                     ..spec()
                 },
                 lease: Duration::from_secs(3),
@@ -503,12 +662,76 @@ mod tests {
             Ok(format!("the long output of {task_id}"))
         }
 
-        async fn complete(&self, _: &TaskSpec, _: &[ChatMessage]) -> Result<Completion, Error> {
+        async fn complete(
+            &self,
+            _: &TaskSpec,
+            messages: &[ChatMessage],
+            tools: &[ToolSpec],
+        ) -> Result<Completion, Error> {
+            self.calls.lock().unwrap().push((
+                messages.to_vec(),
+                tools.iter().map(|tool| tool.name).collect(),
+            ));
             tokio::time::sleep(self.router_delay).await;
-            self.router.clone().map_err(|class| Error::Call {
-                peer: Peer::Router,
-                class,
-                message: "provider says slow down".into(),
+            let next = self.script.lock().unwrap().pop_front();
+            next.unwrap_or_else(|| self.router.clone())
+                .map_err(|class| Error::Call {
+                    peer: Peer::Router,
+                    class,
+                    message: "provider says slow down".into(),
+                })
+        }
+
+        async fn search_memories(
+            &self,
+            _: &TaskSpec,
+            query: &str,
+            _: u32,
+        ) -> Result<Vec<FoundMemory>, Error> {
+            self.searches.lock().unwrap().push(query.to_owned());
+            Ok(vec![FoundMemory {
+                id: 7,
+                text: "staging needs the VPN".into(),
+                score: 0.9,
+            }])
+        }
+
+        async fn write_memory(
+            &self,
+            _: &TaskSpec,
+            _: MemoryScope,
+            _: &str,
+            _: Option<f32>,
+        ) -> Result<WrittenMemory, Error> {
+            Ok(WrittenMemory {
+                id: 8,
+                merged: false,
+            })
+        }
+
+        async fn suggest_strategies(
+            &self,
+            _: &TaskSpec,
+            _: &str,
+            _: u32,
+        ) -> Result<Vec<Strategy>, Error> {
+            Ok(Vec::new())
+        }
+
+        async fn spawn(
+            &self,
+            _: &TaskSpec,
+            _: &str,
+            children: &[ChildTask],
+            wait: bool,
+        ) -> Result<Spawned, Error> {
+            self.spawned.lock().unwrap().push(children.to_vec());
+            Ok(Spawned {
+                children: children
+                    .iter()
+                    .map(|child| (child.key.clone(), format!("task-{}", child.key)))
+                    .collect(),
+                parked: wait,
             })
         }
     }
@@ -582,6 +805,10 @@ mod tests {
             },
             Slots::default(),
             CancellationToken::new(),
+            AgentConfig {
+                max_steps: 4,
+                ..AgentConfig::default()
+            },
         )
     }
 
@@ -594,7 +821,21 @@ mod tests {
                 cost_micros_usd: 3,
             },
             deployment: "mock".into(),
+            tool_calls: Vec::new(),
         }
+    }
+
+    /// A model turn that calls `name` with `arguments`.
+    fn calls_tool(id: &str, name: &str, arguments: &str) -> Result<Completion, ErrorClass> {
+        Ok(Completion {
+            content: String::new(),
+            tool_calls: vec![crate::task::ToolCall {
+                id: id.into(),
+                name: name.into(),
+                arguments: arguments.into(),
+            }],
+            ..completion()
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -749,5 +990,142 @@ mod tests {
         abandon.cancel();
         assert_eq!(running.await.unwrap(), Disposition::Done);
         assert!(worker.reporter.published.lock().unwrap().is_empty());
+    }
+
+    fn published_outcome(worker: &Worker<FakePeers, FakeReporter>) -> TaskOutcome {
+        let published = worker.reporter.published.lock().unwrap();
+        assert_eq!(published.len(), 1, "one report");
+        published[0].outcome.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tool_results_go_back_to_the_model_until_it_answers() {
+        let peers = FakePeers::scripted(
+            vec![
+                calls_tool("c1", tools::MEMORY_SEARCH, r#"{"query": "staging access"}"#),
+                // A tool the role may not use, and arguments that are not JSON: both answered
+                // with an error the model reads, not a failed task.
+                calls_tool("c2", "rm_rf", "{}"),
+                calls_tool("c3", tools::MEMORY_WRITE, "not json"),
+                Ok(Completion {
+                    content: "use the VPN".into(),
+                    ..completion()
+                }),
+            ],
+            &[tools::MEMORY_SEARCH, tools::MEMORY_WRITE],
+        );
+        let worker = worker(peers, FakeReporter::default());
+        let progress = CountProgress::default();
+        worker.handle("generalist", dispatch(), &progress).await;
+
+        let TaskOutcome::Succeeded { output, usage, .. } = published_outcome(&worker) else {
+            panic!("the task succeeds");
+        };
+        assert_eq!(output, "use the VPN");
+        // Four model calls' usage, summed.
+        assert_eq!(usage.prompt_tokens, 28);
+        assert_eq!(usage.cost_micros_usd, 12);
+        assert_eq!(*worker.peers.searches.lock().unwrap(), ["staging access"]);
+
+        let calls = worker.peers.calls.lock().unwrap();
+        assert_eq!(calls.len(), 4);
+        assert_eq!(calls[0].1, [tools::MEMORY_SEARCH, tools::MEMORY_WRITE]);
+        let last = &calls[3].0;
+        // system, user, then (assistant, tool) three times.
+        assert_eq!(last.len(), 8);
+        assert_eq!(last[2].tool_calls[0].name, tools::MEMORY_SEARCH);
+        assert_eq!(last[3].role, "tool");
+        assert_eq!(last[3].tool_call_id, "c1");
+        assert!(last[3].content.contains("staging needs the VPN"), "{}", last[3].content);
+        assert!(
+            last[5].content.starts_with("error: tool \"rm_rf\" is not available to role \"generalist\"; available: memory_search, memory_write"),
+            "{}",
+            last[5].content
+        );
+        assert!(
+            last[7].content.starts_with("error: the arguments of memory_write do not match its schema"),
+            "{}",
+            last[7].content
+        );
+        // Trajectory: prompt 1-2, then one step per message after it.
+        assert_eq!(
+            *worker.reporter.steps.lock().unwrap(),
+            [(1, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_never_answers_stops_at_max_steps() {
+        let script = (0..10)
+            .map(|n| calls_tool(&format!("c{n}"), tools::MEMORY_SEARCH, r#"{"query": "more"}"#))
+            .collect();
+        let worker = worker(
+            FakePeers::scripted(script, &[tools::MEMORY_SEARCH]),
+            FakeReporter::default(),
+        );
+        let progress = CountProgress::default();
+        worker.handle("generalist", dispatch(), &progress).await;
+        let TaskOutcome::Failed {
+            class,
+            message,
+            usage,
+        } = published_outcome(&worker)
+        else {
+            panic!("the task fails");
+        };
+        assert_eq!(class, ErrorClass::UserFixable);
+        assert_eq!(
+            message,
+            "the agent made 4 model calls (agent.max_steps) without a final answer; it was \
+             still calling tools (memory_search)"
+        );
+        assert_eq!(usage.prompt_tokens, 28);
+        assert_eq!(worker.peers.calls.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_model_call_mid_loop_keeps_the_usage_so_far() {
+        let peers = FakePeers::scripted(
+            vec![
+                calls_tool("c1", tools::MEMORY_SEARCH, r#"{"query": "x"}"#),
+                Err(ErrorClass::UserFixable),
+            ],
+            &[tools::MEMORY_SEARCH],
+        );
+        let worker = worker(peers, FakeReporter::default());
+        let progress = CountProgress::default();
+        worker.handle("generalist", dispatch(), &progress).await;
+        assert_eq!(
+            published_outcome(&worker),
+            TaskOutcome::Failed {
+                class: ErrorClass::UserFixable,
+                message: "router: provider says slow down (model call 2 of the agent loop)"
+                    .into(),
+                usage: completion().usage,
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spawning_children_to_wait_for_parks_without_a_report() {
+        let peers = FakePeers::scripted(
+            vec![calls_tool(
+                "c1",
+                tools::SPAWN_TASKS,
+                r#"{"children": [{"key": "a", "role": "researcher", "instructions": "look"}]}"#,
+            )],
+            &[tools::SPAWN_TASKS],
+        );
+        let worker = worker(peers, FakeReporter::default());
+        let progress = CountProgress::default();
+        assert_eq!(
+            worker.handle("generalist", dispatch(), &progress).await,
+            Disposition::Done
+        );
+        assert!(worker.reporter.published.lock().unwrap().is_empty());
+        let spawned = worker.peers.spawned.lock().unwrap();
+        assert_eq!(spawned.len(), 1);
+        assert_eq!(spawned[0][0].role, "researcher");
+        assert_eq!(worker.slots.busy(), 0);
     }
 }

@@ -89,6 +89,7 @@ impl OrchestratorService {
                 let context = self.context(&task);
                 let tier = self.tier(&task.role);
                 let kind = self.kind(&task.role);
+                let tools = self.tools(&task.role);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -107,11 +108,22 @@ impl OrchestratorService {
                         max_tokens: self.runs.max_tokens,
                         context,
                         kind: kind as i32,
+                        tools,
                     }),
                     lease_ms,
                 }
             }
         }
+    }
+
+    /// The tools `role` may use; none for a role the roster does not know.
+    fn tools(&self, role: &str) -> Vec<String> {
+        self.store
+            .roster()
+            .roles
+            .get(role)
+            .map(|r| r.tools.clone())
+            .unwrap_or_default()
     }
 
     /// The wire kind of `role`'s tasks; an unknown role's tasks are agent tasks.
