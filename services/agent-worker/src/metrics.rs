@@ -24,6 +24,10 @@ pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_
 /// Failed report publishes; retried with backoff while the task is live.
 pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_failures_total";
 
+/// Sandbox commands, by `outcome`: `succeeded` (exit code 0), `failed` (another exit code or a
+/// signal), `timed_out`, `cancelled`, or `refused` (a check failed or it could not start).
+pub const SANDBOX_COMMANDS: &str = "colony_agent_worker_sandbox_commands_total";
+
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
     use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -70,6 +74,10 @@ pub fn describe() {
     describe_counter!(
         REPORT_PUBLISH_FAILURES,
         "Failed TaskReport publishes; retried with backoff while the task is live."
+    );
+    describe_counter!(
+        SANDBOX_COMMANDS,
+        "Sandbox commands, by outcome (succeeded, failed, timed_out, cancelled, refused)."
     );
     colony_bus::metrics::describe();
 }
