@@ -12,6 +12,7 @@ pub mod config;
 mod error;
 mod grpc;
 pub mod metrics;
+pub mod sandbox;
 pub mod task;
 pub mod tools;
 mod worker;

@@ -33,6 +33,9 @@ pub const TOOL_SECONDS: &str = "colony_agent_worker_tool_call_duration_seconds";
 pub const AGENT_STEPS: &str = "colony_agent_worker_agent_steps";
 /// Attempts the agent loop ended without a final answer, by `reason` (`max_steps`).
 pub const AGENT_STOPPED: &str = "colony_agent_worker_agent_stopped_total";
+/// Sandbox commands, by `outcome`: `succeeded` (exit code 0), `failed` (another exit code or a
+/// signal), `timed_out`, `cancelled`, or `refused` (a check failed or it could not start).
+pub const SANDBOX_COMMANDS: &str = "colony_agent_worker_sandbox_commands_total";
 
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
@@ -98,6 +101,10 @@ pub fn describe() {
     describe_counter!(
         AGENT_STOPPED,
         "Attempts the agent loop ended without a final answer, by reason (max_steps)."
+    );
+    describe_counter!(
+        SANDBOX_COMMANDS,
+        "Sandbox commands, by outcome (succeeded, failed, timed_out, cancelled, refused)."
     );
     colony_bus::metrics::describe();
 }
