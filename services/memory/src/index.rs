@@ -10,7 +10,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use colony_ann::{Hnsw, HnswParams};
 
-use crate::memories::IndexRow;
+use crate::memories::{IndexRow, RowVersion};
 use crate::semantic::{Scope, SearchFilter};
 
 /// What a search filters and ranks on, kept next to the vector.
@@ -114,6 +114,37 @@ impl MemoryIndex {
             changed += index.apply(&rows);
         }
         changed
+    }
+
+    /// The ids among `versions` whose revision this index has not applied yet (unknown ids
+    /// included): the rows a catch-up pass must read in full.
+    pub fn stale(&self, versions: &[RowVersion]) -> Vec<i64> {
+        let mut stale = Vec::new();
+        let mut by_tenant: BTreeMap<&str, Vec<&RowVersion>> = BTreeMap::new();
+        for version in versions {
+            by_tenant
+                .entry(version.tenant.as_str())
+                .or_default()
+                .push(version);
+        }
+        for (tenant, versions) in by_tenant {
+            let Some(index) = self.tenant(tenant) else {
+                stale.extend(versions.iter().map(|version| version.id));
+                continue;
+            };
+            let index = index.read().unwrap_or_else(PoisonError::into_inner);
+            stale.extend(
+                versions
+                    .iter()
+                    .filter(|version| {
+                        index
+                            .known_revision(version.id)
+                            .is_none_or(|known| known < version.revision)
+                    })
+                    .map(|version| version.id),
+            );
+        }
+        stale
     }
 
     /// The `k` live memories of `tenant` most similar to `query` that pass `filter` at `now`,
@@ -229,15 +260,19 @@ const PARALLEL_INSERT_FROM: usize = 256;
 
 impl TenantIndex {
     /// Applies rows of this tenant (ids unique); returns how many changed the index.
+    /// The revision of `id` this index holds, or removed last.
+    fn known_revision(&self, id: i64) -> Option<i64> {
+        self.entries
+            .get(&id)
+            .map(|entry| entry.revision)
+            .or_else(|| self.removed.get(&id).map(|(revision, _)| *revision))
+    }
+
     fn apply(&mut self, rows: &[&IndexRow]) -> usize {
         let mut changed = 0;
         let mut inserts: Vec<&IndexRow> = Vec::new();
         for &row in rows {
-            let known = self
-                .entries
-                .get(&row.id)
-                .map(|entry| entry.revision)
-                .or_else(|| self.removed.get(&row.id).map(|(revision, _)| *revision));
+            let known = self.known_revision(row.id);
             if known.is_some_and(|revision| revision >= row.revision) {
                 continue;
             }

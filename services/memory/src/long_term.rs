@@ -373,7 +373,9 @@ pub async fn start_sync(
     // `changed_at` before the last pass but committed after it is still seen.
     let overlap = TimeDelta::from_std(sync_interval * 2).unwrap_or(TimeDelta::MAX);
     runtime.spawn(async move {
-        let mut ticker = tokio::time::interval(sync_interval);
+        // The first pass one interval after the rebuild, which has just read everything.
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + sync_interval, sync_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -422,11 +424,21 @@ async fn apply_event(long_term: &LongTerm, payload: &[u8]) {
     }
 }
 
-/// Applies rows changed since `since`; returns the database time this pass started at.
+/// Rows a catch-up pass reads in full at a time, bounding its memory after a bulk load.
+const CATCH_UP_CHUNK: usize = 2_000;
+
+/// Applies rows changed since `since`; returns the database time this pass started at. Only
+/// ids and revisions are read for the whole window; full rows (with their vectors) only for
+/// what this replica has not applied yet, so the overlap re-read each pass costs little.
 async fn catch_up(long_term: &LongTerm, since: DateTime<Utc>) -> Result<DateTime<Utc>, Error> {
     let started = long_term.memories.database_now().await?;
-    let rows = long_term.memories.changed_since(since).await?;
-    let changed = long_term.index.apply(&rows);
+    let versions = long_term.memories.changed_since(since).await?;
+    let stale = long_term.index.stale(&versions);
+    let mut changed = 0;
+    for ids in stale.chunks(CATCH_UP_CHUNK) {
+        let rows = long_term.memories.index_rows(ids).await?;
+        changed += long_term.index.apply(&rows);
+    }
     long_term
         .index
         .forget_removals_older_than(long_term.retention.tombstone_retention);

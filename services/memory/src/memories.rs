@@ -28,6 +28,15 @@ pub struct IndexRow {
     pub bytes: u64,
 }
 
+/// Which revision of a memory is stored: enough to tell whether an index entry is current
+/// without reading the row's vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowVersion {
+    pub id: i64,
+    pub tenant: String,
+    pub revision: i64,
+}
+
 /// Where one input of a write goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -354,15 +363,25 @@ impl Memories {
         Ok(rows.iter().map(index_row).collect::<Result<_, _>>()?)
     }
 
-    /// Memories changed (by the database's clock) after `since`, tombstones included.
-    pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Vec<IndexRow>, Error> {
-        let rows = sqlx::query(&format!(
-            "SELECT {INDEX_COLUMNS} FROM memory.memories WHERE changed_at > $1"
-        ))
+    /// The versions of memories changed (by the database's clock) after `since`, tombstones
+    /// included: ids and revisions only, so re-reading an overlap costs little.
+    pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Vec<RowVersion>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, revision FROM memory.memories WHERE changed_at > $1",
+        )
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(index_row).collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|row| {
+                Ok(RowVersion {
+                    id: row.try_get("id")?,
+                    tenant: row.try_get("tenant")?,
+                    revision: row.try_get("revision")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Error::from)
     }
 
     /// The database's clock, which orders `changed_at`.

@@ -741,6 +741,63 @@ async fn two_replicas_converge() {
 }
 
 #[tokio::test]
+async fn a_replica_catches_up_on_changes_it_was_not_told_of() {
+    let backing = Backing::new().await;
+    let mut service = Service::start_on(&backing, Arc::new(SystemClock), |config| {
+        config.semantic.sync_interval = Duration::from_millis(300);
+    })
+    .await;
+    let written = write(
+        &mut service,
+        "acme",
+        (0..10)
+            .map(|i| input(&format!("fact {i}"), unit(i)))
+            .collect(),
+    )
+    .await
+    .expect("write succeeds");
+    // Changed behind the service's back, with no event: a new vector for one memory, a
+    // deletion of another. Only the periodic pass can bring the index up to date.
+    let moved: Vec<u8> = unit(42).iter().flat_map(|x| x.to_le_bytes()).collect();
+    sqlx::query(
+        "UPDATE memory.memories SET embedding = $2, \
+             revision = nextval('memory.memory_revision'), changed_at = now() WHERE id = $1",
+    )
+    .bind(written[0].id)
+    .bind(&moved)
+    .execute(&backing.db.pool)
+    .await
+    .expect("update a row");
+    sqlx::query(
+        "UPDATE memory.memories SET deleted_at = now(), \
+             revision = nextval('memory.memory_revision'), changed_at = now() WHERE id = $1",
+    )
+    .bind(written[1].id)
+    .execute(&backing.db.pool)
+    .await
+    .expect("delete a row");
+    let stored = stored_vectors(&backing.db.pool, "acme").await;
+    assert_eq!(stored.len(), 9);
+    eventually(
+        Duration::from_secs(10),
+        "the index matches PostgreSQL after a catch-up pass",
+        || {
+            let indexed = service
+                .handle
+                .as_ref()
+                .map(|h| h.indexed("acme"))
+                .unwrap_or_default();
+            let expected = stored.clone();
+            async move { (indexed == expected).then_some(()) }
+        },
+    )
+    .await;
+    let found = search_vector(&mut service, "acme", unit(42), 1).await;
+    assert_eq!(ids(&found), [written[0].id]);
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn tenant_limits_refuse_writes_clearly() {
     let mut service = Service::start(|config| {
         config.limits.max_memories = 3;
