@@ -29,6 +29,9 @@ pub struct StackOptions {
     pub log_filter: &'static str,
     /// Extra environment for the orchestrator (`ORCHESTRATOR__…`), applied last.
     pub orchestrator_env: Vec<(String, String)>,
+    /// The orchestrator's config file (TOML), for what the environment cannot say (roster
+    /// lists); empty for none.
+    pub orchestrator_toml: String,
 }
 
 impl Default for StackOptions {
@@ -40,6 +43,7 @@ impl Default for StackOptions {
             worker_slots: 4,
             log_filter: "info",
             orchestrator_env: Vec::new(),
+            orchestrator_toml: String::new(),
         }
     }
 }
@@ -53,10 +57,14 @@ pub struct Stack {
     pub router_http_url: String,
     pub memory_http_url: String,
     pub workers: Vec<Process>,
+    /// Each worker's HTTP base URL (`/metrics`), by index.
+    pub worker_urls: Vec<String>,
     worker_env: Vec<(String, String)>,
     orchestrator_env: Vec<(String, String)>,
+    orchestrator_args: Vec<String>,
     services: Vec<Process>,
-    config_dir: PathBuf,
+    /// Holds the stack's config files and the workers' workspaces; removed on drop.
+    pub config_dir: PathBuf,
     pub http: reqwest::Client,
 }
 
@@ -81,11 +89,18 @@ fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-fn spawn_orchestrator(name: &str, env: &[(String, String)], http: u16, grpc: u16) -> Process {
+fn spawn_orchestrator(
+    name: &str,
+    args: &[String],
+    env: &[(String, String)],
+    http: u16,
+    grpc: u16,
+) -> Process {
     let mut env = env.to_vec();
     env.push(("ORCHESTRATOR__HTTP__ADDR".into(), addr(http)));
     env.push(("ORCHESTRATOR__GRPC__ADDR".into(), addr(grpc)));
-    Process::spawn(name, &binary("colony-orchestrator"), &[], &env)
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Process::spawn(name, &binary("colony-orchestrator"), &args, &env)
 }
 
 /// Starts the router binary alone on `db` and `bus` with the config file `config`, its HTTP
@@ -168,8 +183,15 @@ impl Stack {
         ));
         orch_env.push(("ORCHESTRATOR__LEASES__REAP_INTERVAL".into(), "200ms".into()));
         orch_env.extend(options.orchestrator_env.iter().cloned());
+        let mut orchestrator_args = Vec::new();
+        if !options.orchestrator_toml.is_empty() {
+            let path = config_dir.join("orchestrator.toml");
+            std::fs::write(&path, &options.orchestrator_toml).unwrap();
+            orchestrator_args = vec!["--config".to_owned(), path.to_string_lossy().into_owned()];
+        }
         services.push(spawn_orchestrator(
             "orchestrator",
+            &orchestrator_args,
             &orch_env,
             orch_http,
             orch_grpc,
@@ -202,6 +224,10 @@ impl Stack {
             options.worker_slots.to_string(),
         ));
         worker_env.push(("AGENT_WORKER__HEARTBEAT_INTERVAL".into(), "1s".into()));
+        worker_env.push((
+            "AGENT_WORKER__SANDBOX__ROOT".into(),
+            config_dir.join("workspaces").to_string_lossy().into_owned(),
+        ));
 
         let mut stack = Stack {
             orchestrator_url: format!("http://{}", addr(orch_http)),
@@ -211,8 +237,10 @@ impl Stack {
             db,
             bus,
             workers: Vec::new(),
+            worker_urls: Vec::new(),
             worker_env,
             orchestrator_env: orch_env,
+            orchestrator_args,
             services,
             config_dir,
             http: reqwest::Client::new(),
@@ -247,7 +275,13 @@ impl Stack {
     /// ready. The caller owns the process.
     pub async fn start_orchestrator(&self, name: &str) -> Replica {
         let (http, grpc) = (free_port(), free_port());
-        let process = spawn_orchestrator(name, &self.orchestrator_env, http, grpc);
+        let process = spawn_orchestrator(
+            name,
+            &self.orchestrator_args,
+            &self.orchestrator_env,
+            http,
+            grpc,
+        );
         let http_url = format!("http://{}", addr(http));
         wait_http_ok(&format!("{http_url}/readyz"), Duration::from_secs(30)).await;
         Replica {
@@ -279,11 +313,9 @@ impl Stack {
             &[],
             &env,
         ));
-        wait_http_ok(
-            &format!("http://{}/readyz", addr(port)),
-            Duration::from_secs(30),
-        )
-        .await;
+        let url = format!("http://{}", addr(port));
+        wait_http_ok(&format!("{url}/readyz"), Duration::from_secs(30)).await;
+        self.worker_urls.push(url);
         index
     }
 

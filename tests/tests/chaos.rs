@@ -23,6 +23,7 @@ async fn killing_workers_every_two_seconds_loses_and_duplicates_nothing() {
             "ORCHESTRATOR__ROSTER__PLAN_LIMITS__MAX_TASKS".into(),
             TASKS.to_string(),
         )],
+        ..StackOptions::default()
     })
     .await;
 

@@ -144,11 +144,7 @@ impl Reporter for BusReporter {
                 attempt: task.attempt,
                 role: task.role.clone(),
                 step,
-                message: Some(v1::ChatMessage {
-                    role: message.role.clone(),
-                    content: message.content.clone(),
-                    ..Default::default()
-                }),
+                message: Some(crate::grpc::to_proto_message(message)),
                 occurred_at: Some(colony_proto::now()),
             };
             // One id per step of an attempt: a retried publish is a duplicate, not a new step.
@@ -161,6 +157,38 @@ impl Reporter for BusReporter {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Stops this worker's tasks of every run being cancelled (`colony.v1.event.run.cancelling`,
+/// a plain subscription: every replica hears every cancellation) until shutdown. The lease
+/// heartbeat would say so too, but only a third of a lease later.
+pub async fn stop_cancelled_runs<P: Peers, R: Reporter>(
+    worker: Arc<Worker<P, R>>,
+    mut events: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    use futures::StreamExt as _;
+    use prost::Message as _;
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            message = events.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        match v1::RunEvent::decode(message.payload.as_ref()) {
+            Ok(event) => {
+                let stopped = worker.cancel_run(&event.tenant, &event.run_id);
+                if stopped > 0 {
+                    tracing::info!(tenant = %event.tenant, run_id = %event.run_id, stopped, "run cancelled; stopping its tasks");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, subject = %message.subject, "undecodable run event ignored");
+            }
+        }
     }
 }
 

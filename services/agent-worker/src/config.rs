@@ -8,6 +8,8 @@ use colony_config::Validate;
 use colony_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::sandbox::SandboxConfig;
+
 /// Environment prefix: `AGENT_WORKER__HTTP__ADDR` → `http.addr`, `AGENT_WORKER__SLOTS` → `slots`.
 pub const ENV_PREFIX: &str = "AGENT_WORKER";
 
@@ -44,6 +46,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The agent loop: steps, tool deadlines and result sizes.
     pub agent: AgentConfig,
+    /// Where workspace tools (`run_command`, `read_file`, `write_file`) run.
+    pub sandbox: SandboxConfig,
 }
 
 /// The agent loop's bounds.
@@ -104,6 +108,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             agent: AgentConfig::default(),
+            sandbox: SandboxConfig::default(),
         }
     }
 }
@@ -186,6 +191,7 @@ impl Validate for Config {
                 problems.push(format!("{key}: must be more than 0s"));
             }
         }
+        self.sandbox.validate(problems);
         if self.agent.max_steps == 0 {
             problems.push("agent.max_steps: must be at least 1".into());
         }

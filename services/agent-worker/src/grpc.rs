@@ -138,7 +138,8 @@ pub(crate) async fn call<T>(
     }
 }
 
-fn to_proto_message(message: &ChatMessage) -> v1::ChatMessage {
+/// A chat message on the wire (to the router, to memory, on the bus as a trajectory step).
+pub(crate) fn to_proto_message(message: &ChatMessage) -> v1::ChatMessage {
     v1::ChatMessage {
         role: message.role.clone(),
         content: message.content.clone(),
@@ -159,7 +160,11 @@ fn from_proto_message(message: v1::ChatMessage) -> ChatMessage {
     ChatMessage {
         role: message.role,
         content: message.content,
-        tool_calls: message.tool_calls.into_iter().map(tool_call_from_proto).collect(),
+        tool_calls: message
+            .tool_calls
+            .into_iter()
+            .map(tool_call_from_proto)
+            .collect(),
         tool_call_id: message.tool_call_id,
     }
 }
@@ -237,7 +242,7 @@ pub fn claim_from_proto(
     };
     let noop = spec.kind() == v1::TaskKind::Noop;
     Ok(Claim::Granted {
-        task: TaskSpec {
+        task: Box::new(TaskSpec {
             noop,
             tenant: dispatch.tenant.clone(),
             run_id: or(spec.run_id, &dispatch.run_id),
@@ -249,7 +254,9 @@ pub fn claim_from_proto(
             max_tokens: spec.max_tokens,
             context: spec.context.into_iter().map(from_proto_message).collect(),
             tools: spec.tools,
-        },
+            task_budget_micros_usd: spec.task_budget_micros_usd,
+            run_budget_micros_usd: spec.run_budget_micros_usd,
+        }),
         lease: Duration::from_millis(response.lease_ms),
     })
 }
@@ -341,6 +348,8 @@ impl Peers for GrpcPeers {
             messages: messages.iter().map(to_proto_message).collect(),
             max_tokens: task.max_tokens,
             tools: tools.iter().map(tool_to_proto).collect(),
+            task_budget_micros_usd: task.task_budget_micros_usd,
+            run_budget_micros_usd: task.run_budget_micros_usd,
             ..Default::default()
         };
         let mut client = self.router.clone();
@@ -433,14 +442,15 @@ impl Peers for GrpcPeers {
             client.write_memories(request(message, self.rpc_timeout)),
         )
         .await?;
-        let written = response
-            .results
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::InvalidResponse {
-                peer: Peer::Memory,
-                message: "no result for the memory written".into(),
-            })?;
+        let written =
+            response
+                .results
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::InvalidResponse {
+                    peer: Peer::Memory,
+                    message: "no result for the memory written".into(),
+                })?;
         Ok(WrittenMemory {
             id: written.id,
             merged: written.merged,

@@ -40,7 +40,7 @@ pub use grpc::ERROR_CLASS_METADATA;
 
 use crate::bus::{BusReporter, WorkerInfo};
 use crate::grpc::GrpcPeers;
-use crate::worker::{Slots, Timing, Worker};
+use crate::worker::{Settings, Slots, Worker};
 
 /// How long abandoned tasks get to notice their cancellation and acknowledge their message.
 const ABANDON_WAIT: Duration = Duration::from_secs(5);
@@ -110,12 +110,13 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         peers,
         BusReporter::new(bus.clone()),
         worker_id.clone(),
-        Timing {
+        Settings {
             ack_wait: config.bus.ack_wait,
+            agent: config.agent.clone(),
+            sandbox: config.sandbox.clone(),
         },
         slots.clone(),
         abandon.clone(),
-        config.agent.clone(),
     ));
 
     // v1: `slots` is per role; each role's consumer runs up to `slots` tasks at once.
@@ -138,6 +139,16 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             handler,
         ));
     }
+    let cancelled = bus
+        .client()
+        .subscribe(bus.subject(&subjects::run_event("cancelling")))
+        .await
+        .context("subscribing to run cancellations")?;
+    runtime.spawn(bus::stop_cancelled_runs(
+        worker.clone(),
+        cancelled,
+        runtime.shutdown.clone(),
+    ));
     runtime.spawn(bus::publish_heartbeats(
         bus.clone(),
         WorkerInfo {

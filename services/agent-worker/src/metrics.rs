@@ -16,7 +16,7 @@ pub const DISPATCH_LATENCY_SECONDS: &str = "colony_agent_worker_dispatch_latency
 pub const SLOTS_BUSY: &str = "colony_agent_worker_slots_busy";
 /// Tasks this worker can run at once: `slots × roles`.
 pub const SLOTS_TOTAL: &str = "colony_agent_worker_slots_total";
-/// Failed memory appends, by `step` (`prompt`, `reply`). They do not fail the task.
+/// Failed memory appends, by `step` (`prompt`, `reply`, `tool`). They do not fail the task.
 pub const MEMORY_FAILURES: &str = "colony_agent_worker_memory_failures_total";
 /// Trajectory steps (for memory's replay log) that could not be published, by `step`.
 pub const TRAJECTORY_FAILURES: &str = "colony_agent_worker_trajectory_failures_total";
@@ -70,11 +70,11 @@ pub fn describe() {
     );
     describe_counter!(
         MEMORY_FAILURES,
-        "Failed Memory.AppendMessages calls, by step (prompt, reply); the task goes on."
+        "Failed Memory.AppendMessages calls, by step (prompt, reply, tool); the task goes on."
     );
     describe_counter!(
         TRAJECTORY_FAILURES,
-        "Trajectory steps for the replay log that could not be published, by step (prompt, reply); the task goes on."
+        "Trajectory steps for the replay log that could not be published, by step (prompt, reply, tool); the task goes on."
     );
     describe_counter!(
         LEASE_HEARTBEAT_FAILURES,

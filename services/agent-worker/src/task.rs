@@ -91,13 +91,20 @@ pub struct TaskSpec {
     pub noop: bool,
     /// The tools the role may use (from the roster); the model is offered these only.
     pub tools: Vec<String>,
+    /// Cost budgets in micro-USD (0: none), named in every model call for the router to
+    /// enforce: the task's and its run's.
+    pub task_budget_micros_usd: u64,
+    pub run_budget_micros_usd: u64,
 }
 
 /// The orchestrator's answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This worker owns the attempt for `lease` unless it heartbeats.
-    Granted { task: TaskSpec, lease: Duration },
+    Granted {
+        task: Box<TaskSpec>,
+        lease: Duration,
+    },
     /// Someone else owns it, it is stale or finished: the dispatch was only a hint.
     Refused { reason: String },
 }
@@ -124,7 +131,9 @@ impl Usage {
     pub fn plus(self, other: Usage) -> Usage {
         Usage {
             prompt_tokens: self.prompt_tokens.saturating_add(other.prompt_tokens),
-            completion_tokens: self.completion_tokens.saturating_add(other.completion_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_add(other.completion_tokens),
             cost_micros_usd: self.cost_micros_usd.saturating_add(other.cost_micros_usd),
         }
     }

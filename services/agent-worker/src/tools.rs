@@ -11,7 +11,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::AgentConfig;
+use crate::sandbox::{self, CommandRequest, SandboxConfig, Workspace};
 use crate::task::{ChildTask, MemoryScope, TaskSpec, ToolCall, ToolSpec};
 use crate::worker::Peers;
 
@@ -19,9 +22,23 @@ pub const MEMORY_SEARCH: &str = "memory_search";
 pub const MEMORY_WRITE: &str = "memory_write";
 pub const SUGGEST_STRATEGY: &str = "suggest_strategy";
 pub const SPAWN_TASKS: &str = "spawn_tasks";
+pub const RUN_COMMAND: &str = "run_command";
+pub const READ_FILE: &str = "read_file";
+pub const WRITE_FILE: &str = "write_file";
 
 /// Every tool a roster may name.
-pub const ALL: [&str; 4] = [MEMORY_SEARCH, MEMORY_WRITE, SUGGEST_STRATEGY, SPAWN_TASKS];
+pub const ALL: [&str; 7] = [
+    MEMORY_SEARCH,
+    MEMORY_WRITE,
+    SUGGEST_STRATEGY,
+    SPAWN_TASKS,
+    RUN_COMMAND,
+    READ_FILE,
+    WRITE_FILE,
+];
+
+/// The tools that work in the task's workspace: offering one creates the workspace.
+pub const WORKSPACE_TOOLS: [&str; 3] = [RUN_COMMAND, READ_FILE, WRITE_FILE];
 
 /// Most results `memory_search` and `suggest_strategy` return.
 const MAX_RESULTS: u32 = 20;
@@ -98,6 +115,50 @@ pub fn spec(name: &str) -> Option<ToolSpec> {
                     "wait": {"type": "boolean", "description": "Pause this task until the children finish (default true)."}
                 },
                 "required": ["children"],
+                "additionalProperties": false
+            }),
+        ),
+        RUN_COMMAND => (
+            RUN_COMMAND,
+            "Run a program in this task's workspace directory and get its exit status, stdout \
+             and stderr (long output is shortened to its first, last and error lines). No \
+             shell unless you run one (program \"sh\", args [\"-c\", \"...\"]); paths in \
+             arguments must stay inside the workspace.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "program": {"type": "string", "description": "A program name found on PATH (for example \"ls\", \"python3\", \"sh\"), or a path inside the workspace."},
+                    "args": {"type": "array", "items": {"type": "string"}},
+                    "cwd": {"type": "string", "description": "Working directory, relative to the workspace (default: the workspace)."},
+                    "stdin": {"type": "string", "description": "Text written to the program's standard input."}
+                },
+                "required": ["program"],
+                "additionalProperties": false
+            }),
+        ),
+        READ_FILE => (
+            READ_FILE,
+            "Read a text file from this task's workspace.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "description": "Relative to the workspace."}
+                },
+                "required": ["path"],
+                "additionalProperties": false
+            }),
+        ),
+        WRITE_FILE => (
+            WRITE_FILE,
+            "Create or replace a text file in this task's workspace (parent directories are \
+             created).",
+            json!({
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "description": "Relative to the workspace."},
+                    "content": {"type": "string"}
+                },
+                "required": ["path", "content"],
                 "additionalProperties": false
             }),
         ),
@@ -178,6 +239,19 @@ struct SuggestArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReadArgs {
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteFileArgs {
+    path: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SpawnArgs {
     children: Vec<ChildTask>,
     #[serde(default)]
@@ -190,6 +264,12 @@ pub struct Toolbox<'a, P> {
     pub task: &'a TaskSpec,
     pub worker_id: &'a str,
     pub config: &'a AgentConfig,
+    pub sandbox: &'a SandboxConfig,
+    /// The task's workspace, when the role may use a workspace tool; or why it could not be
+    /// made (every workspace tool then answers with that).
+    pub workspace: Option<&'a Result<Workspace, sandbox::Error>>,
+    /// Cancelled when the attempt must stop: running commands are killed.
+    pub cancel: &'a CancellationToken,
 }
 
 impl<P: Peers> Toolbox<'_, P> {
@@ -260,7 +340,57 @@ impl<P: Peers> Toolbox<'_, P> {
                 Ok(args) => self.spawn_tasks(args).await,
                 Err(error) => error,
             },
+            RUN_COMMAND => match (arguments::<CommandRequest>(call), self.workspace()) {
+                (Ok(request), Ok(workspace)) => {
+                    match sandbox::run(workspace, &request, self.sandbox, self.cancel).await {
+                        Ok(output) => ToolOutcome::Answer {
+                            content: output.render(),
+                            failed: !output.success(),
+                        },
+                        Err(error) => ToolOutcome::error(error.to_string()),
+                    }
+                }
+                (Err(error), _) | (_, Err(error)) => error,
+            },
+            READ_FILE => match (arguments::<ReadArgs>(call), self.workspace()) {
+                (Ok(args), Ok(workspace)) => {
+                    match workspace.read_file(&args.path, self.sandbox.max_file_bytes) {
+                        Ok(file) if file.truncated => ToolOutcome::ok(format!(
+                            "{}\n… [the file has {} bytes; only the first {} were read]",
+                            file.text, file.total_bytes, self.sandbox.max_file_bytes
+                        )),
+                        Ok(file) => ToolOutcome::ok(file.text),
+                        Err(error) => ToolOutcome::error(error.to_string()),
+                    }
+                }
+                (Err(error), _) | (_, Err(error)) => error,
+            },
+            WRITE_FILE => match (arguments::<WriteFileArgs>(call), self.workspace()) {
+                (Ok(args), Ok(workspace)) => {
+                    let bytes = args.content.len();
+                    match workspace.write_file(
+                        &args.path,
+                        args.content.as_bytes(),
+                        self.sandbox.max_file_bytes,
+                    ) {
+                        Ok(()) => ToolOutcome::ok(format!("wrote {bytes} bytes to {}", args.path)),
+                        Err(error) => ToolOutcome::error(error.to_string()),
+                    }
+                }
+                (Err(error), _) | (_, Err(error)) => error,
+            },
             other => ToolOutcome::error(format!("this worker has no tool {other:?}")),
+        }
+    }
+
+    /// The workspace, or the error result saying why there is none.
+    fn workspace(&self) -> Result<&Workspace, ToolOutcome> {
+        match self.workspace {
+            Some(Ok(workspace)) => Ok(workspace),
+            Some(Err(error)) => Err(ToolOutcome::error(format!(
+                "the task's workspace could not be made: {error}"
+            ))),
+            None => Err(ToolOutcome::error("this task has no workspace")),
         }
     }
 
@@ -269,7 +399,11 @@ impl<P: Peers> Toolbox<'_, P> {
             return ToolOutcome::error("query is empty");
         }
         let limit = args.limit.unwrap_or(5).clamp(1, MAX_RESULTS);
-        match self.peers.search_memories(self.task, &args.query, limit).await {
+        match self
+            .peers
+            .search_memories(self.task, &args.query, limit)
+            .await
+        {
             Ok(found) if found.is_empty() => ToolOutcome::ok("no memories match"),
             Ok(found) => ToolOutcome::ok(
                 found
@@ -400,11 +534,7 @@ pub fn bounded(text: String, max_bytes: usize) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!(
-        "{}\n… [{} more bytes cut]",
-        &text[..end],
-        text.len() - end
-    )
+    format!("{}\n… [{} more bytes cut]", &text[..end], text.len() - end)
 }
 
 #[cfg(test)]

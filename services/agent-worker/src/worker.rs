@@ -3,9 +3,10 @@
 //! the report sink are traits so the edges (`grpc`, `bus`) stay at the edge and tests can
 //! fake them.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -13,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::config::AgentConfig;
 use crate::metrics;
-use crate::tools::{self, ToolOutcome, Toolbox};
+use crate::sandbox::{SandboxConfig, Workspace};
 use crate::task::{
     ChatMessage, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease, MemoryScope, Report,
     Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, WrittenMemory,
 };
+use crate::tools::{self, ToolOutcome, Toolbox};
 
 /// Delay before a dispatch whose claim could not be made is redelivered.
 pub const CLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -157,11 +159,81 @@ impl Drop for SlotGuard {
     }
 }
 
-/// Timing the worker needs beyond its peers' own deadlines.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
+/// What the worker needs of its configuration beyond its peers' own deadlines.
+#[derive(Debug, Clone)]
+pub struct Settings {
     /// The dispatch consumer's AckWait: progress must reach the bus more often than this.
     pub ack_wait: Duration,
+    /// The agent loop's bounds.
+    pub agent: AgentConfig,
+    /// Where workspace tools run and what their commands may use.
+    pub sandbox: SandboxConfig,
+}
+
+/// The tasks running in this worker by run, so that a cancelled run's tasks stop at once
+/// rather than at their next lease heartbeat.
+#[derive(Default)]
+struct Running {
+    /// By `(tenant, run_id)`: each running task's registration number and stop token.
+    runs: Mutex<HashMap<RunKey, Vec<(u64, CancellationToken)>>>,
+    next: AtomicU64,
+}
+
+type RunKey = (String, String);
+
+impl Running {
+    /// A token cancelled when `task`'s run is; it unregisters when dropped.
+    fn register(&self, task: &TaskSpec) -> RunningTask<'_> {
+        let key = (task.tenant.clone(), task.run_id.clone());
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .push((id, token.clone()));
+        RunningTask {
+            running: self,
+            key,
+            id,
+            token,
+        }
+    }
+
+    fn cancel(&self, tenant: &str, run_id: &str) -> usize {
+        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(tasks) = runs.get(&(tenant.to_owned(), run_id.to_owned())) else {
+            return 0;
+        };
+        for (_, token) in tasks {
+            token.cancel();
+        }
+        tasks.len()
+    }
+}
+
+struct RunningTask<'a> {
+    running: &'a Running,
+    key: RunKey,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl Drop for RunningTask<'_> {
+    fn drop(&mut self) {
+        let mut runs = self
+            .running
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(tasks) = runs.get_mut(&self.key) {
+            tasks.retain(|(id, _)| *id != self.id);
+            if tasks.is_empty() {
+                runs.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// How an attempt ended inside [`Worker::handle`].
@@ -169,6 +241,8 @@ enum Ended {
     Reported(&'static str),
     /// It spawned children and waits for them; the orchestrator queues it again.
     Parked,
+    /// Its run was cancelled: stopped at once, not reported (the orchestrator decided).
+    Cancelled,
     Lost(String),
     Abandoned,
 }
@@ -178,31 +252,36 @@ pub struct Worker<P, R> {
     peers: P,
     reporter: R,
     worker_id: String,
-    timing: Timing,
+    settings: Settings,
     slots: Slots,
     /// Cancelled when the shutdown grace runs out: every running task is abandoned.
     abandon: CancellationToken,
-    agent: AgentConfig,
+    running: Running,
 }
 
 impl<P: Peers, R: Reporter> Worker<P, R> {
+    /// Stops every task of the run at once (a run-cancelling event): its model call is dropped
+    /// and its commands' process groups are killed; nothing is reported. Returns how many.
+    pub fn cancel_run(&self, tenant: &str, run_id: &str) -> usize {
+        self.running.cancel(tenant, run_id)
+    }
+
     pub fn new(
         peers: P,
         reporter: R,
         worker_id: String,
-        timing: Timing,
+        settings: Settings,
         slots: Slots,
         abandon: CancellationToken,
-        agent: AgentConfig,
     ) -> Self {
         Self {
             peers,
             reporter,
             worker_id,
-            timing,
+            settings,
             slots,
             abandon,
-            agent,
+            running: Running::default(),
         }
     }
 
@@ -247,9 +326,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         let _slot = self.slots.occupy();
         let started = Instant::now();
         let token = self.abandon.child_token();
+        let run = self.running.register(&task);
         let ended = tokio::select! {
             biased;
             () = token.cancelled() => Ended::Abandoned,
+            () = run.token.cancelled() => Ended::Cancelled,
             reason = self.keep_lease(&task, lease, &progress) => Ended::Lost(reason),
             ended = self.run_and_report(&task, &token) => ended,
         };
@@ -268,10 +349,24 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "parked")
                     .increment(1);
             }
+            Ended::Cancelled => {
+                ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "cancelled")
+                    .increment(1);
+                tracing::info!("run cancelled; stopped without reporting");
+                self.remove_workspace(&task);
+                // One heartbeat tells the orchestrator the task has stopped (it answers
+                // "cancelled" and ends it) instead of it waiting for the lease to expire.
+                if let Err(error) = self.peers.heartbeat(&task, &self.worker_id).await {
+                    tracing::debug!(%error, "could not confirm the cancelled task's stop");
+                }
+            }
             Ended::Lost(reason) => {
                 ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "lost")
                     .increment(1);
                 tracing::info!(%reason, "lease lost; stopped without reporting");
+                if reason == "cancelled" {
+                    self.remove_workspace(&task);
+                }
             }
             Ended::Abandoned => {
                 ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "lost")
@@ -285,6 +380,13 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         Disposition::Done
     }
 
+    /// Deletes the task's workspace, if it has one (a task that will not run again here).
+    fn remove_workspace(&self, task: &TaskSpec) {
+        if let Err(error) = Workspace::remove_named(&self.settings.sandbox.root, &task.task_id) {
+            tracing::warn!(%error, "could not remove the task's workspace");
+        }
+    }
+
     /// Heartbeats the lease (and the dispatch message) until the orchestrator says the lease
     /// is lost; returns why. Never returns while the lease holds: it runs inside the caller's
     /// `select!`, which also waits on the task's token, so cancellation drops it.
@@ -294,7 +396,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         lease: Duration,
         progress: &impl Progress,
     ) -> String {
-        let mut period = lease_heartbeat_period(lease, self.timing.ack_wait);
+        let mut period = lease_heartbeat_period(lease, self.settings.ack_wait);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -303,7 +405,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             match self.peers.heartbeat(task, &self.worker_id).await {
                 Ok(Lease::Held { lease }) => {
                     let next = lease.map_or(period, |lease| {
-                        lease_heartbeat_period(lease, self.timing.ack_wait)
+                        lease_heartbeat_period(lease, self.settings.ack_wait)
                     });
                     if next != period {
                         period = next;
@@ -324,7 +426,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
 
     /// Runs the task and publishes its report.
     async fn run_and_report(&self, task: &TaskSpec, token: &CancellationToken) -> Ended {
-        let Some(outcome) = self.execute(task).await else {
+        let Some(outcome) = self.execute(task, token).await else {
             return Ended::Parked;
         };
         let report = Report {
@@ -365,7 +467,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
 
     /// The attempt's outcome; `None` when it parked (spawned children to wait for) and must
     /// not be reported.
-    async fn execute(&self, task: &TaskSpec) -> Option<TaskOutcome> {
+    async fn execute(&self, task: &TaskSpec, token: &CancellationToken) -> Option<TaskOutcome> {
         if task.noop {
             return Some(TaskOutcome::Succeeded {
                 output: task.instructions.clone(),
@@ -386,7 +488,23 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         };
         prompt.push(ChatMessage::new("user", task.instructions.clone()));
         self.remember(task, &prompt, "prompt", 1).await;
-        self.agent_loop(task, prompt).await
+        let offered = tools::offered(task);
+        // A workspace only for roles that may use it; it outlives a parked attempt (the
+        // parent's next attempt may run here again) and goes when the task is reported.
+        let workspace = offered
+            .iter()
+            .any(|tool| tools::WORKSPACE_TOOLS.contains(&tool.name))
+            .then(|| Workspace::create(&self.settings.sandbox.root, &task.task_id));
+        let outcome = self
+            .agent_loop(task, prompt, &offered, workspace.as_ref(), token)
+            .await;
+        if outcome.is_some()
+            && let Some(Ok(workspace)) = workspace
+            && let Err(error) = workspace.remove()
+        {
+            tracing::warn!(%error, "could not remove the task's workspace");
+        }
+        outcome
     }
 
     /// Model call → tool calls → their results → model call …, until the model answers
@@ -396,19 +514,24 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         &self,
         task: &TaskSpec,
         mut messages: Vec<ChatMessage>,
+        offered: &[ToolSpec],
+        workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
+        token: &CancellationToken,
     ) -> Option<TaskOutcome> {
-        let offered = tools::offered(task);
         let toolbox = Toolbox {
             peers: &self.peers,
             task,
             worker_id: &self.worker_id,
-            config: &self.agent,
+            config: &self.settings.agent,
+            sandbox: &self.settings.sandbox,
+            workspace,
+            cancel: token,
         };
         let mut usage = Usage::default();
         // Trajectory steps are numbered across the attempt: the prompt took 1..=len.
         let mut next_step = step_number(messages.len()) + 1;
-        for call in 1..=self.agent.max_steps {
-            let completion = match self.peers.complete(task, &messages, &offered).await {
+        for call in 1..=self.settings.agent.max_steps {
+            let completion = match self.peers.complete(task, &messages, offered).await {
                 Ok(completion) => completion,
                 Err(error) => {
                     tracing::warn!(%error, class = %error.class(), call, "model call failed");
@@ -425,10 +548,8 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 }
             };
             usage = usage.plus(completion.usage);
-            let reply = ChatMessage::assistant(
-                completion.content.clone(),
-                completion.tool_calls.clone(),
-            );
+            let reply =
+                ChatMessage::assistant(completion.content.clone(), completion.tool_calls.clone());
             self.remember(task, std::slice::from_ref(&reply), "reply", next_step)
                 .await;
             next_step += 1;
@@ -465,7 +586,8 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             next_step += step_number(results.len());
             messages.extend(results);
         }
-        ::metrics::histogram!(metrics::AGENT_STEPS).record(f64::from(self.agent.max_steps));
+        ::metrics::histogram!(metrics::AGENT_STEPS)
+            .record(f64::from(self.settings.agent.max_steps));
         ::metrics::counter!(metrics::AGENT_STOPPED, "reason" => "max_steps").increment(1);
         let last_tools: Vec<&str> = messages
             .iter()
@@ -484,7 +606,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             message: format!(
                 "the agent made {} model calls (agent.max_steps) without a final answer; it was \
                  still calling tools ({})",
-                self.agent.max_steps,
+                self.settings.agent.max_steps,
                 last_tools.join(", ")
             ),
             usage,
@@ -624,17 +746,19 @@ mod tests {
             context: vec![ChatMessage::new("system", "be brief")],
             noop: false,
             tools: Vec::new(),
+            task_budget_micros_usd: 0,
+            run_budget_micros_usd: 0,
         }
     }
 
     impl Peers for FakePeers {
         async fn claim(&self, _: &Dispatch, _: &str) -> Result<Claim, Error> {
             Ok(Claim::Granted {
-                task: TaskSpec {
+                task: Box::new(TaskSpec {
                     noop: self.noop,
                     tools: self.tools.clone(),
                     ..spec()
-                },
+                }),
                 lease: Duration::from_secs(3),
             })
         }
@@ -800,15 +924,20 @@ mod tests {
             peers,
             reporter,
             "w1".into(),
-            Timing {
+            Settings {
                 ack_wait: Duration::from_secs(30),
+                agent: AgentConfig {
+                    max_steps: 4,
+                    ..AgentConfig::default()
+                },
+                sandbox: SandboxConfig {
+                    root: std::env::temp_dir()
+                        .join(format!("colony-worker-unit-{}", std::process::id())),
+                    ..SandboxConfig::default()
+                },
             },
             Slots::default(),
             CancellationToken::new(),
-            AgentConfig {
-                max_steps: 4,
-                ..AgentConfig::default()
-            },
         )
     }
 
@@ -1036,28 +1165,49 @@ mod tests {
         assert_eq!(last[2].tool_calls[0].name, tools::MEMORY_SEARCH);
         assert_eq!(last[3].role, "tool");
         assert_eq!(last[3].tool_call_id, "c1");
-        assert!(last[3].content.contains("staging needs the VPN"), "{}", last[3].content);
+        assert!(
+            last[3].content.contains("staging needs the VPN"),
+            "{}",
+            last[3].content
+        );
         assert!(
             last[5].content.starts_with("error: tool \"rm_rf\" is not available to role \"generalist\"; available: memory_search, memory_write"),
             "{}",
             last[5].content
         );
         assert!(
-            last[7].content.starts_with("error: the arguments of memory_write do not match its schema"),
+            last[7]
+                .content
+                .starts_with("error: the arguments of memory_write do not match its schema"),
             "{}",
             last[7].content
         );
         // Trajectory: prompt 1-2, then one step per message after it.
         assert_eq!(
             *worker.reporter.steps.lock().unwrap(),
-            [(1, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7), (8, 8), (9, 9)]
+            [
+                (1, 2),
+                (3, 3),
+                (4, 4),
+                (5, 5),
+                (6, 6),
+                (7, 7),
+                (8, 8),
+                (9, 9)
+            ]
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_agent_that_never_answers_stops_at_max_steps() {
         let script = (0..10)
-            .map(|n| calls_tool(&format!("c{n}"), tools::MEMORY_SEARCH, r#"{"query": "more"}"#))
+            .map(|n| {
+                calls_tool(
+                    &format!("c{n}"),
+                    tools::MEMORY_SEARCH,
+                    r#"{"query": "more"}"#,
+                )
+            })
             .collect();
         let worker = worker(
             FakePeers::scripted(script, &[tools::MEMORY_SEARCH]),
@@ -1099,8 +1249,7 @@ mod tests {
             published_outcome(&worker),
             TaskOutcome::Failed {
                 class: ErrorClass::UserFixable,
-                message: "router: provider says slow down (model call 2 of the agent loop)"
-                    .into(),
+                message: "router: provider says slow down (model call 2 of the agent loop)".into(),
                 usage: completion().usage,
             }
         );
@@ -1127,5 +1276,30 @@ mod tests {
         assert_eq!(spawned.len(), 1);
         assert_eq!(spawned[0][0].role, "researcher");
         assert_eq!(worker.slots.busy(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_run_stops_its_tasks_at_once_without_a_report() {
+        let mut peers = FakePeers::new(Ok(completion()));
+        peers.router_delay = Duration::from_secs(600);
+        let worker = Arc::new(worker(peers, FakeReporter::default()));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let running = {
+            let worker = worker.clone();
+            tracker.spawn(async move {
+                let progress = CountProgress::default();
+                worker.handle("generalist", dispatch(), &progress).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(worker.cancel_run("acme", "other-run"), 0);
+        assert_eq!(worker.cancel_run("acme", "r1"), 1);
+        let started = tokio::time::Instant::now();
+        assert_eq!(running.await.unwrap(), Disposition::Done);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(worker.reporter.published.lock().unwrap().is_empty());
+        assert_eq!(worker.slots.busy(), 0);
+        // Unregistered once it stopped.
+        assert_eq!(worker.cancel_run("acme", "r1"), 0);
     }
 }

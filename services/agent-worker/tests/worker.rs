@@ -89,7 +89,7 @@ fn spec(request: &v1::ClaimTaskRequest) -> v1::TaskSpec {
             ..Default::default()
         }],
         kind: v1::TaskKind::Agent as i32,
-        tools: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -366,12 +366,11 @@ impl Memories {
     /// The versions of memories changed (by the database's clock) after `since`, tombstones
     /// included: ids and revisions only, so re-reading an overlap costs little.
     pub async fn changed_since(&self, since: DateTime<Utc>) -> Result<Vec<RowVersion>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, tenant, revision FROM memory.memories WHERE changed_at > $1",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, tenant, revision FROM memory.memories WHERE changed_at > $1")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|row| {
                 Ok(RowVersion {

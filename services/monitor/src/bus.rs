@@ -45,6 +45,7 @@ fn run_kind(kind: i32) -> &'static str {
         Ok(v1::RunEventKind::Failed) => "run.failed",
         Ok(v1::RunEventKind::Cancelled) => "run.cancelled",
         Ok(v1::RunEventKind::Planned) => "run.planned",
+        Ok(v1::RunEventKind::Cancelling) => "run.cancelling",
         Ok(v1::RunEventKind::Unspecified) | Err(_) => "run.unspecified",
     }
 }

@@ -90,6 +90,7 @@ impl OrchestratorService {
                 let tier = self.tier(&task.role);
                 let kind = self.kind(&task.role);
                 let tools = self.tools(&task.role);
+                let task_budget = self.task_budget_micros(&task.role);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -109,6 +110,10 @@ impl OrchestratorService {
                         context,
                         kind: kind as i32,
                         tools,
+                        task_budget_micros_usd: task_budget,
+                        run_budget_micros_usd: task
+                            .run_budget_micros_usd
+                            .map_or(0, |micros| u64::try_from(micros).unwrap_or(0)),
                     }),
                     lease_ms,
                 }
@@ -124,6 +129,17 @@ impl OrchestratorService {
             .get(role)
             .map(|r| r.tools.clone())
             .unwrap_or_default()
+    }
+
+    /// The task budget of `role` in micro-USD; 0 (none) when the roster sets none.
+    fn task_budget_micros(&self, role: &str) -> u64 {
+        self.store
+            .roster()
+            .roles
+            .get(role)
+            .and_then(|r| r.task_budget_usd)
+            // Validated finite and >= 0 at load.
+            .map_or(0, |usd| (usd * 1e6).round() as u64)
     }
 
     /// The wire kind of `role`'s tasks; an unknown role's tasks are agent tasks.

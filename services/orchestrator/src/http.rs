@@ -48,6 +48,26 @@ struct CreateRun {
     /// The run's tasks, given by the caller instead of the dial's template or a planner;
     /// validated like a planner's plan (roles, ids, cycles, bounds).
     plan: Option<Vec<PlannedTask>>,
+    /// The most the run's model calls may cost, in US dollars; the router refuses a call that
+    /// would pass it. Absent: no run budget.
+    budget_usd: Option<f64>,
+}
+
+/// The largest run budget accepted, in US dollars: a typo guard, not a policy.
+const MAX_RUN_BUDGET_USD: f64 = 1_000_000.0;
+
+/// A run budget in micro-USD, or why it is refused.
+fn budget_micros(budget_usd: Option<f64>) -> Result<Option<u64>, String> {
+    match budget_usd {
+        None => Ok(None),
+        Some(usd) if usd.is_finite() && (0.0..=MAX_RUN_BUDGET_USD).contains(&usd) => {
+            // In range, so the product fits.
+            Ok(Some((usd * 1e6).round() as u64))
+        }
+        Some(usd) => Err(format!(
+            "budget_usd must be a number from 0 to {MAX_RUN_BUDGET_USD}, not {usd}"
+        )),
+    }
 }
 
 /// The tenant a request acts for, or why its header is refused.
@@ -140,6 +160,8 @@ async fn create_run_inner(
             Error::InvalidRequest(format!("priority is {priority}; it must be -10..10")),
         ));
     }
+    let budget = budget_micros(body.budget_usd)
+        .map_err(|message| rejected("invalid_request", Error::InvalidRequest(message)))?;
     if let Err(wait) = state.rate.acquire(&tenant).await {
         return Err(rejected(
             "rate_limited",
@@ -174,6 +196,7 @@ async fn create_run_inner(
         )
         .map_err(|error| rejected("invalid_plan", error))?;
     new.priority = priority;
+    new.budget_micros_usd = budget;
     let (run_id, _) = state.store.create_dag_run(&new).await?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
     crate::store::count_created(&new);

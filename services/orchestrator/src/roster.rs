@@ -25,8 +25,13 @@ pub struct Role {
     pub prompt: String,
     /// Model tier asked of the router; empty for `runs.tier`.
     pub tier: String,
-    /// Tools the role may use (recorded; tool calls come with a later version).
+    /// Tools the role's agents may call (`memory_search`, `memory_write`, `suggest_strategy`,
+    /// `spawn_tasks`, `run_command`, `read_file`, `write_file`); the worker offers the model
+    /// these only. Empty: plain completions.
     pub tools: Vec<String>,
+    /// The most one task of this role may spend on model calls, in US dollars; the router
+    /// refuses a call that would pass it. Unset: no task budget.
+    pub task_budget_usd: Option<f64>,
     /// Tasks of this role a worker should run at once (advisory: workers size their slots).
     pub concurrency: u32,
     /// Every task of this role waits for a human's approval before it runs.
@@ -53,6 +58,7 @@ impl Default for Role {
             prompt: String::new(),
             tier: String::new(),
             tools: Vec::new(),
+            task_budget_usd: None,
             concurrency: 4,
             requires_approval: false,
             kind: RoleKind::Agent,
@@ -303,6 +309,13 @@ impl RosterConfig {
             }
             if role.prompt.trim().is_empty() {
                 problems.push(format!("roster.roles.{name}.prompt: must not be empty"));
+            }
+            if let Some(budget) = role.task_budget_usd
+                && !(budget.is_finite() && budget >= 0.0)
+            {
+                problems.push(format!(
+                    "roster.roles.{name}.task_budget_usd: must be a number >= 0, not {budget}"
+                ));
             }
             if role.concurrency == 0 {
                 problems.push(format!(

@@ -63,6 +63,9 @@ pub struct NewDagRun {
     pub tasks: Vec<PlannedTask>,
     /// -10..10, higher first within the tenant (flow control); 0 by default.
     pub priority: i16,
+    /// The run's cost budget in millionths of a US dollar, enforced by the router; `None` for
+    /// none.
+    pub budget_micros_usd: Option<u64>,
 }
 
 /// The topology of a run and why (see [`crate::topology::choose`]).
@@ -156,6 +159,8 @@ pub struct RunView {
     pub output: Option<String>,
     pub failure: Option<Failure>,
     pub usage: Usage,
+    /// The run's cost budget, `null` for none.
+    pub budget_usd: Option<f64>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     /// `null` for runs created before topologies were recorded.
@@ -178,6 +183,8 @@ pub struct ClaimedTask {
     pub waited: f64,
     /// Its dependencies' outputs (inline up to `roster.inline_output_bytes`).
     pub dependencies: Vec<DependencyOutput>,
+    /// Its run's cost budget (micro-USD), if the run has one.
+    pub run_budget_micros_usd: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +444,7 @@ impl Store {
             },
             failure_policy: FailurePolicy::FailFast,
             priority: 0,
+            budget_micros_usd: None,
             tasks: vec![PlannedTask {
                 id: "answer".into(),
                 role: new.role.clone(),
@@ -493,8 +501,8 @@ impl Store {
             .map_err(|e| Error::InvalidRequest(format!("dial inputs: {e}")))?;
         sqlx::query(
             "INSERT INTO orchestrator.runs (id, tenant, goal, status, topology, topology_reason, \
-                 topology_overridden, dial_inputs, failure_policy, priority) \
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
+                 topology_overridden, dial_inputs, failure_policy, priority, budget_micros_usd) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(run_id)
         .bind(&new.tenant)
@@ -505,6 +513,10 @@ impl Store {
         .bind(inputs)
         .bind(new.failure_policy.as_str())
         .bind(new.priority.clamp(-10, 10))
+        .bind(
+            new.budget_micros_usd
+                .map(|micros| i64::try_from(micros).unwrap_or(i64::MAX)),
+        )
         .execute(&mut *tx)
         .await?;
         enqueue_run_event(
@@ -528,7 +540,7 @@ impl Store {
             "SELECT id, tenant, goal, status, output, failed_task_id, failure_reason, error_class, \
                     prompt_tokens, completion_tokens, cost_micros_usd, created_at, finished_at, \
                     topology, topology_reason, topology_overridden, dial_inputs, \
-                    failure_policy, plan_source, plan_errors \
+                    failure_policy, plan_source, plan_errors, budget_micros_usd \
              FROM orchestrator.runs WHERE id = $1 AND tenant = $2",
         )
         .bind(run_id)
@@ -578,6 +590,9 @@ impl Store {
                 completion_tokens: row.get("completion_tokens"),
                 cost_usd: row.get::<i64, _>("cost_micros_usd") as f64 / 1e6,
             },
+            budget_usd: row
+                .get::<Option<i64>, _>("budget_micros_usd")
+                .map(|micros| micros as f64 / 1e6),
             created_at: row.get("created_at"),
             finished_at: row.get("finished_at"),
             topology: topology.map(|topology| TopologyView {

@@ -37,6 +37,7 @@ async fn task_of(store: &Store, tenant: &str) -> Uuid {
                 depends_on: Vec::new(),
             }],
             priority: 0,
+            budget_micros_usd: None,
         })
         .await
         .unwrap();

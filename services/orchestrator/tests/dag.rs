@@ -58,6 +58,7 @@ async fn create(
             failure_policy: policy,
             tasks,
             priority: 0,
+            budget_micros_usd: None,
         })
         .await
         .unwrap()

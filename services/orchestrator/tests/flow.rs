@@ -40,6 +40,7 @@ async fn run_of(store: &Store, tenant: &str, priority: i16) -> (Uuid, Uuid) {
                 depends_on: Vec::new(),
             }],
             priority,
+            budget_micros_usd: None,
         })
         .await
         .unwrap();

@@ -58,6 +58,7 @@ async fn create(store: &Store, policy: FailurePolicy) -> (Uuid, Uuid) {
             failure_policy: policy,
             tasks: vec![child("answer", "generalist", &[])],
             priority: 0,
+            budget_micros_usd: None,
         })
         .await
         .unwrap();

@@ -237,6 +237,21 @@ impl Workspace {
         fs::remove_dir_all(&self.root)
             .map_err(|source| Error::io(&self.root.display().to_string(), source))
     }
+
+    /// Deletes the workspace `<root>/<name>` if there is one (a directory, not a link);
+    /// returns whether there was.
+    pub fn remove_named(root: &Path, name: &str) -> Result<bool, Error> {
+        check_name(name)?;
+        let dir = root.join(name);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.file_type().is_dir() => fs::remove_dir_all(&dir)
+                .map(|()| true)
+                .map_err(|source| Error::io(&dir.display().to_string(), source)),
+            Ok(_) => Ok(false),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(Error::io(&dir.display().to_string(), source)),
+        }
+    }
 }
 
 fn check_name(name: &str) -> Result<(), Error> {

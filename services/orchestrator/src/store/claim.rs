@@ -126,6 +126,8 @@ impl Store {
                  WHERE id = ANY($1) \
                  RETURNING id, tenant, run_id, role, instructions, attempt, \
                            EXTRACT(EPOCH FROM (now() - ready_at))::float8 AS waited, \
+                           (SELECT r.budget_micros_usd FROM orchestrator.runs r \
+                            WHERE r.id = tasks.run_id) AS run_budget, \
                            (EXISTS (SELECT 1 FROM orchestrator.task_dependencies d \
                                     WHERE d.task_id = tasks.id) \
                             OR EXISTS (SELECT 1 FROM orchestrator.tasks c \
@@ -165,6 +167,7 @@ impl Store {
                     instructions: row.get("instructions"),
                     waited: row.get("waited"),
                     dependencies,
+                    run_budget_micros_usd: row.get("run_budget"),
                 };
                 events.push(
                     TaskEvent {

@@ -7,7 +7,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::lifecycle::{LOCKED_COLUMNS, LockedTask};
-use super::outcome::{Effects, settle_run};
+use super::outcome::{self, Effects, settle_run};
 use super::{RunView, Store, TASK_VIEW_COLUMNS, TaskEvent, TaskView, enqueue_dispatch};
 use crate::Error;
 use colony_proto::v1;
@@ -52,8 +52,9 @@ impl Store {
         .iter()
         .map(LockedTask::from_row)
         .collect();
-        let status: String = sqlx::query_scalar(
-            "SELECT status FROM orchestrator.runs WHERE id = $1 AND tenant = $2 FOR UPDATE",
+        let (status, revision): (String, i32) = sqlx::query_as(
+            "SELECT status, revision FROM orchestrator.runs \
+             WHERE id = $1 AND tenant = $2 FOR UPDATE",
         )
         .bind(run_id)
         .bind(tenant)
@@ -93,6 +94,20 @@ impl Store {
                 }
                 _ => {}
             }
+        }
+        if running > 0 {
+            // Workers hear this at once and stop the running tasks; a worker that misses it
+            // learns at its next lease heartbeat.
+            outcome::enqueue_run_event(
+                &mut tx,
+                tenant,
+                run_id,
+                revision,
+                v1::RunEventKind::Cancelling,
+                "",
+                None,
+            )
+            .await?;
         }
         // With no task running, the last stop_cancelled has already ended the run; this
         // covers a run without tasks to stop.

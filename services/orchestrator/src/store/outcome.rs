@@ -121,6 +121,7 @@ fn run_event_row(
         v1::RunEventKind::Failed => "failed",
         v1::RunEventKind::Cancelled => "cancelled",
         v1::RunEventKind::Planned => "planned",
+        v1::RunEventKind::Cancelling => "cancelling",
         v1::RunEventKind::Unspecified => "unspecified",
     };
     let event = v1::RunEvent {

@@ -87,6 +87,7 @@ impl Store {
             failure_policy,
             tasks,
             priority: 0,
+            budget_micros_usd: None,
         })
     }
 }
