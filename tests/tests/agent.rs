@@ -48,6 +48,24 @@ contains = "3 notes/words.txt"
 reply = "The file has 3 words."
 
 [[deployments.script]]
+contains = "Resume after a crash"
+
+[[deployments.script.tool_calls]]
+name = "write_file"
+arguments = '{"path": "step1.txt", "content": "one\n"}'
+
+[[deployments.script]]
+contains = "wrote 4 bytes to step1.txt"
+
+[[deployments.script.tool_calls]]
+name = "run_command"
+arguments = '{"program": "sh", "args": ["-c", "test -e second && echo resumed-ok || { echo $$ > pid; touch second; exec sleep 60; }"]}'
+
+[[deployments.script]]
+contains = "resumed-ok"
+reply = "finished after a resume"
+
+[[deployments.script]]
 contains = "Wait for a long time"
 
 [[deployments.script.tool_calls]]
@@ -73,6 +91,10 @@ hybrid = [{ id = "answer", role = "generalist", instructions = "{goal}" }]
 const MAX_TOKENS: i64 = 100;
 
 async fn start() -> Stack {
+    start_with_lease("30s").await
+}
+
+async fn start_with_lease(lease: &'static str) -> Stack {
     Stack::start(StackOptions {
         router_toml: ROUTER.into(),
         orchestrator_toml: ORCHESTRATOR.into(),
@@ -80,6 +102,7 @@ async fn start() -> Stack {
             "ORCHESTRATOR__RUNS__MAX_TOKENS".into(),
             MAX_TOKENS.to_string(),
         )],
+        lease,
         ..StackOptions::default()
     })
     .await
@@ -335,5 +358,73 @@ async fn a_run_budget_stops_the_agent_loop_between_model_calls() {
         body.to_string()
             .contains("budget_usd must be a number from 0"),
         "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_attempt_resumes_from_the_checkpoint_of_a_killed_worker() {
+    let mut stack = start_with_lease("2s").await;
+    let run_id = submit(&stack, "Resume after a crash.").await;
+    // Attempt 1: the model writes a file (checkpointed), then runs a command that marks the
+    // workspace and hangs. The worker is killed there.
+    let workspaces = stack.config_dir.join("workspaces");
+    let pid: i32 = eventually(Duration::from_secs(30), "the hanging command", || {
+        let workspaces = workspaces.clone();
+        async move {
+            let workspace = std::fs::read_dir(&workspaces)
+                .ok()?
+                .flatten()
+                .next()?
+                .path();
+            std::fs::read_to_string(workspace.join("pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        }
+    })
+    .await;
+    stack.workers[0].kill();
+    // A killed worker cannot stop its commands: this one is the test's to end.
+    drop(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status(),
+    );
+    stack.start_worker().await;
+
+    // Attempt 2 (after the lease expired) resumes with the conversation so far: it asks the
+    // model once for the command and once for the answer, not three times from the start.
+    let run = stack.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let output: String = sqlx::query_scalar(
+        "SELECT output FROM orchestrator.tasks WHERE run_id = $1::uuid AND role = 'generalist'",
+    )
+    .bind(&run_id)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(output, "finished after a resume");
+    let calls: Vec<(i32, i64)> = eventually(Duration::from_secs(10), "the ledger", || {
+        let pool = stack.db.pool.clone();
+        let run_id = run_id.clone();
+        async move {
+            let calls: Vec<(i32, i64)> = sqlx::query_as(
+                "SELECT attempt, count(*) FROM router.usage_ledger WHERE run_id = $1 \
+                 GROUP BY attempt ORDER BY attempt",
+            )
+            .bind(&run_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (calls.iter().map(|(_, n)| n).sum::<i64>() == 4).then_some(calls)
+        }
+    })
+    .await;
+    assert_eq!(calls, [(1, 2), (2, 2)]);
+    let worker_metrics = stack.metrics(&stack.worker_urls[1]).await;
+    assert_eq!(
+        metric_sum(&worker_metrics, "colony_agent_worker_resumed_total"),
+        1.0
     );
 }

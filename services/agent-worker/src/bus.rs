@@ -9,7 +9,8 @@ use colony_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::task::{ChatMessage, Dispatch, Report, TaskOutcome, TaskSpec, Usage};
+use crate::grpc::usage_to_proto;
+use crate::task::{ChatMessage, Dispatch, Report, TaskOutcome, TaskSpec};
 use crate::worker::{Disposition, Peers, Progress, Reporter, Slots, Worker};
 
 /// The durable consumer every replica shares for `role`, so replicas split the work queue.
@@ -64,14 +65,6 @@ pub async fn handle<P: Peers, R: Reporter>(
         Disposition::Retry(delay) => Outcome::Retry(delay),
         Disposition::Reject(reason) => Outcome::Terminate(reason),
     }
-}
-
-fn usage_to_proto(usage: Usage) -> Option<v1::Usage> {
-    Some(v1::Usage {
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        cost_micros_usd: usage.cost_micros_usd,
-    })
 }
 
 pub fn report_to_proto(report: &Report) -> v1::TaskReport {
@@ -249,7 +242,7 @@ pub async fn publish_heartbeats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::ErrorClass;
+    use crate::task::{ErrorClass, Usage};
 
     #[test]
     fn dispatches_need_tenant_task_and_attempt() {

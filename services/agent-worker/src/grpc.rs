@@ -16,8 +16,8 @@ use tonic::{Code, Request, Status};
 use crate::claims::{ClaimLoop, ClaimQueue};
 use crate::error::{Error, Peer};
 use crate::task::{
-    ChatMessage, ChildTask, Claim, Completion, Dispatch, ErrorClass, FoundMemory, Lease,
-    MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, WrittenMemory,
+    ChatMessage, Checkpoint, ChildTask, Claim, Completion, Dispatch, ErrorClass, FoundMemory,
+    Lease, MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, WrittenMemory,
 };
 use crate::worker::Peers;
 
@@ -192,6 +192,14 @@ fn scope(kind: v1::ScopeKind, id: &str) -> v1::Scope {
     }
 }
 
+pub(crate) fn usage_to_proto(usage: Usage) -> Option<v1::Usage> {
+    Some(v1::Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost_micros_usd: usage.cost_micros_usd,
+    })
+}
+
 fn usage_from_proto(usage: Option<v1::Usage>) -> Usage {
     let usage = usage.unwrap_or_default();
     Usage {
@@ -256,6 +264,15 @@ pub fn claim_from_proto(
             tools: spec.tools,
             task_budget_micros_usd: spec.task_budget_micros_usd,
             run_budget_micros_usd: spec.run_budget_micros_usd,
+            checkpoint: spec.checkpoint.map(|checkpoint| Checkpoint {
+                model_calls: checkpoint.model_calls,
+                messages: checkpoint
+                    .messages
+                    .into_iter()
+                    .map(from_proto_message)
+                    .collect(),
+                usage: usage_from_proto(checkpoint.usage),
+            }),
         }),
         lease: Duration::from_millis(response.lease_ms),
     })
@@ -369,6 +386,34 @@ impl Peers for GrpcPeers {
                 .map(tool_call_from_proto)
                 .collect(),
         })
+    }
+
+    async fn save_checkpoint(
+        &self,
+        task: &TaskSpec,
+        worker_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<Option<String>, Error> {
+        let message = v1::SaveCheckpointRequest {
+            tenant: task.tenant.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            worker_id: worker_id.to_owned(),
+            checkpoint: Some(v1::Checkpoint {
+                model_calls: checkpoint.model_calls,
+                messages: checkpoint.messages.iter().map(to_proto_message).collect(),
+                usage: usage_to_proto(checkpoint.usage),
+                attempt: task.attempt,
+            }),
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.save_checkpoint(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok((!response.saved).then_some(response.reason))
     }
 
     async fn search_memories(

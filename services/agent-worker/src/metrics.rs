@@ -25,6 +25,10 @@ pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_
 /// Failed report publishes; retried with backoff while the task is live.
 pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_failures_total";
 
+/// Checkpoints of the agent loop, by `result` (`saved`, `refused`, `error`).
+pub const CHECKPOINTS: &str = "colony_agent_worker_checkpoints_total";
+/// Attempts that resumed from an earlier attempt's checkpoint.
+pub const RESUMED: &str = "colony_agent_worker_resumed_total";
 /// Tool calls made by agents, by `tool` and `result` (`ok`, `error`).
 pub const TOOL_CALLS: &str = "colony_agent_worker_tool_calls_total";
 /// Time one tool call took, by `tool`.
@@ -83,6 +87,14 @@ pub fn describe() {
     describe_counter!(
         REPORT_PUBLISH_FAILURES,
         "Failed TaskReport publishes; retried with backoff while the task is live."
+    );
+    describe_counter!(
+        CHECKPOINTS,
+        "Checkpoints of the agent loop saved through the orchestrator, by result (saved, refused, error)."
+    );
+    describe_counter!(
+        RESUMED,
+        "Attempts that resumed from an earlier attempt's checkpoint instead of starting over."
     );
     describe_counter!(
         TOOL_CALLS,

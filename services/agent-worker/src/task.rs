@@ -95,6 +95,20 @@ pub struct TaskSpec {
     /// enforce: the task's and its run's.
     pub task_budget_micros_usd: u64,
     pub run_budget_micros_usd: u64,
+    /// Where an earlier attempt's agent loop was: this attempt resumes from it.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Where an attempt's agent loop was after a step, saved through the orchestrator so that the
+/// next attempt of the task resumes there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Model calls made so far, over every attempt that contributed.
+    pub model_calls: u32,
+    /// The conversation so far: prompt, the model's turns, tool results.
+    pub messages: Vec<ChatMessage>,
+    /// Usage of those model calls.
+    pub usage: Usage,
 }
 
 /// The orchestrator's answer to a claim.

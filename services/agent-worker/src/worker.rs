@@ -16,8 +16,8 @@ use crate::config::AgentConfig;
 use crate::metrics;
 use crate::sandbox::{SandboxConfig, Workspace};
 use crate::task::{
-    ChatMessage, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease, MemoryScope, Report,
-    Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, WrittenMemory,
+    ChatMessage, Checkpoint, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease,
+    MemoryScope, Report, Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, WrittenMemory,
 };
 use crate::tools::{self, ToolOutcome, Toolbox};
 
@@ -65,6 +65,14 @@ pub trait Peers: Send + Sync + 'static {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
+    /// `Orchestrator.SaveCheckpoint`: `None` when saved, else why the attempt is no longer
+    /// this worker's.
+    fn save_checkpoint(
+        &self,
+        task: &TaskSpec,
+        worker_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> impl Future<Output = Result<Option<String>, Error>> + Send;
     /// `Memory.SearchMemories` over what the task may see: its tenant's shared memories, its
     /// role's and its run's.
     fn search_memories(
@@ -475,19 +483,37 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 deployment: String::new(),
             });
         }
-        let mut prompt = match self.resolve_context(task).await {
-            Ok(context) => context,
-            Err(error) => {
-                tracing::warn!(%error, class = %error.class(), "fetching a dependency output failed");
-                return Some(TaskOutcome::Failed {
-                    class: error.class(),
-                    message: error.to_string(),
+        let resume = match &task.checkpoint {
+            Some(checkpoint) => {
+                tracing::info!(
+                    model_calls = checkpoint.model_calls,
+                    messages = checkpoint.messages.len(),
+                    "resuming from the checkpoint of an earlier attempt"
+                );
+                ::metrics::counter!(metrics::RESUMED).increment(1);
+                checkpoint.clone()
+            }
+            None => {
+                let mut prompt = match self.resolve_context(task).await {
+                    Ok(context) => context,
+                    Err(error) => {
+                        tracing::warn!(%error, class = %error.class(), "fetching a dependency output failed");
+                        return Some(TaskOutcome::Failed {
+                            class: error.class(),
+                            message: error.to_string(),
+                            usage: Usage::default(),
+                        });
+                    }
+                };
+                prompt.push(ChatMessage::new("user", task.instructions.clone()));
+                self.remember(task, &prompt, "prompt", 1).await;
+                Checkpoint {
+                    model_calls: 0,
+                    messages: prompt,
                     usage: Usage::default(),
-                });
+                }
             }
         };
-        prompt.push(ChatMessage::new("user", task.instructions.clone()));
-        self.remember(task, &prompt, "prompt", 1).await;
         let offered = tools::offered(task);
         // A workspace only for roles that may use it; it outlives a parked attempt (the
         // parent's next attempt may run here again) and goes when the task is reported.
@@ -496,7 +522,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             .any(|tool| tools::WORKSPACE_TOOLS.contains(&tool.name))
             .then(|| Workspace::create(&self.settings.sandbox.root, &task.task_id));
         let outcome = self
-            .agent_loop(task, prompt, &offered, workspace.as_ref(), token)
+            .agent_loop(task, resume, &offered, workspace.as_ref(), token)
             .await;
         if outcome.is_some()
             && let Some(Ok(workspace)) = workspace
@@ -513,7 +539,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
     async fn agent_loop(
         &self,
         task: &TaskSpec,
-        mut messages: Vec<ChatMessage>,
+        start: Checkpoint,
         offered: &[ToolSpec],
         workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
         token: &CancellationToken,
@@ -527,10 +553,15 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             workspace,
             cancel: token,
         };
-        let mut usage = Usage::default();
-        // Trajectory steps are numbered across the attempt: the prompt took 1..=len.
+        let Checkpoint {
+            model_calls,
+            mut messages,
+            mut usage,
+        } = start;
+        // Trajectory steps are numbered across the attempt: the prompt took 1..=len (after a
+        // resume, the conversation so far stands where the prompt would).
         let mut next_step = step_number(messages.len()) + 1;
-        for call in 1..=self.settings.agent.max_steps {
+        for call in model_calls.saturating_add(1)..=self.settings.agent.max_steps {
             let completion = match self.peers.complete(task, &messages, offered).await {
                 Ok(completion) => completion,
                 Err(error) => {
@@ -585,6 +616,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             self.remember(task, &results, "tool", next_step).await;
             next_step += step_number(results.len());
             messages.extend(results);
+            self.checkpoint(task, call, &messages, usage).await;
         }
         ::metrics::histogram!(metrics::AGENT_STEPS)
             .record(f64::from(self.settings.agent.max_steps));
@@ -611,6 +643,32 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             ),
             usage,
         })
+    }
+
+    /// Saves where the loop is after model call `call` and its tools. A failure is logged and
+    /// counted: the attempt goes on, and a later one resumes from an older checkpoint.
+    async fn checkpoint(&self, task: &TaskSpec, call: u32, messages: &[ChatMessage], usage: Usage) {
+        let checkpoint = Checkpoint {
+            model_calls: call,
+            messages: messages.to_vec(),
+            usage,
+        };
+        let result = match self
+            .peers
+            .save_checkpoint(task, &self.worker_id, &checkpoint)
+            .await
+        {
+            Ok(None) => "saved",
+            Ok(Some(reason)) => {
+                tracing::info!(%reason, "checkpoint refused; the lease check will stop the task");
+                "refused"
+            }
+            Err(error) => {
+                tracing::warn!(%error, "checkpoint not saved; continuing");
+                "error"
+            }
+        };
+        ::metrics::counter!(metrics::CHECKPOINTS, "result" => result).increment(1);
     }
 
     /// Appends to the run's conversation and publishes the messages as the attempt's steps
@@ -703,8 +761,11 @@ mod tests {
         /// Memory searches: the queries.
         searches: Mutex<Vec<String>>,
         spawned: Mutex<Vec<Vec<ChildTask>>>,
+        checkpoints: Mutex<Vec<Checkpoint>>,
         noop: bool,
         tools: Vec<String>,
+        /// Handed to the claimed task, as an earlier attempt's.
+        resume_from: Option<Checkpoint>,
     }
 
     impl FakePeers {
@@ -719,8 +780,10 @@ mod tests {
                 appends: Mutex::new(Vec::new()),
                 searches: Mutex::default(),
                 spawned: Mutex::default(),
+                checkpoints: Mutex::default(),
                 noop: false,
                 tools: Vec::new(),
+                resume_from: None,
             }
         }
 
@@ -748,6 +811,7 @@ mod tests {
             tools: Vec::new(),
             task_budget_micros_usd: 0,
             run_budget_micros_usd: 0,
+            checkpoint: None,
         }
     }
 
@@ -757,6 +821,7 @@ mod tests {
                 task: Box::new(TaskSpec {
                     noop: self.noop,
                     tools: self.tools.clone(),
+                    checkpoint: self.resume_from.clone(),
                     ..spec()
                 }),
                 lease: Duration::from_secs(3),
@@ -804,6 +869,16 @@ mod tests {
                     class,
                     message: "provider says slow down".into(),
                 })
+        }
+
+        async fn save_checkpoint(
+            &self,
+            _: &TaskSpec,
+            _: &str,
+            checkpoint: &Checkpoint,
+        ) -> Result<Option<String>, Error> {
+            self.checkpoints.lock().unwrap().push(checkpoint.clone());
+            Ok(None)
         }
 
         async fn search_memories(
@@ -1098,6 +1173,17 @@ mod tests {
         assert_eq!(worker.slots.busy(), 0);
     }
 
+    /// Handles the test dispatch on a task of its own.
+    fn handle_in_background(
+        worker: &Arc<Worker<FakePeers, FakeReporter>>,
+    ) -> tokio::task::JoinHandle<Disposition> {
+        let worker = worker.clone();
+        tokio_util::task::TaskTracker::new().spawn(async move {
+            let progress = CountProgress::default();
+            worker.handle("generalist", dispatch(), &progress).await
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn abandonment_stops_report_retries() {
         let reporter = FakeReporter {
@@ -1106,14 +1192,7 @@ mod tests {
         };
         let worker = Arc::new(worker(FakePeers::new(Ok(completion())), reporter));
         let abandon = worker.abandon.clone();
-        let tracker = tokio_util::task::TaskTracker::new();
-        let running = {
-            let worker = worker.clone();
-            tracker.spawn(async move {
-                let progress = CountProgress::default();
-                worker.handle("generalist", dispatch(), &progress).await
-            })
-        };
+        let running = handle_in_background(&worker);
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(worker.reporter.attempts.load(Ordering::SeqCst) > 3);
         abandon.cancel();
@@ -1283,14 +1362,7 @@ mod tests {
         let mut peers = FakePeers::new(Ok(completion()));
         peers.router_delay = Duration::from_secs(600);
         let worker = Arc::new(worker(peers, FakeReporter::default()));
-        let tracker = tokio_util::task::TaskTracker::new();
-        let running = {
-            let worker = worker.clone();
-            tracker.spawn(async move {
-                let progress = CountProgress::default();
-                worker.handle("generalist", dispatch(), &progress).await
-            })
-        };
+        let running = handle_in_background(&worker);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(worker.cancel_run("acme", "other-run"), 0);
         assert_eq!(worker.cancel_run("acme", "r1"), 1);
@@ -1301,5 +1373,57 @@ mod tests {
         assert_eq!(worker.slots.busy(), 0);
         // Unregistered once it stopped.
         assert_eq!(worker.cancel_run("acme", "r1"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_tool_round_is_checkpointed_and_a_later_attempt_resumes_from_it() {
+        let search = || calls_tool("c1", tools::MEMORY_SEARCH, r#"{"query": "vpn"}"#);
+        let first = FakePeers::scripted(
+            vec![search(), search(), Err(ErrorClass::Transient)],
+            &[tools::MEMORY_SEARCH],
+        );
+        let worker1 = worker(first, FakeReporter::default());
+        let progress = CountProgress::default();
+        worker1.handle("generalist", dispatch(), &progress).await;
+        // Two tool rounds, two checkpoints; the third model call failed the attempt.
+        let saved = worker1.peers.checkpoints.lock().unwrap().clone();
+        assert_eq!(saved.len(), 2);
+        let last = saved[1].clone();
+        assert_eq!(last.model_calls, 2);
+        // system, user, (assistant, tool) twice.
+        assert_eq!(last.messages.len(), 6);
+        assert_eq!(last.usage.prompt_tokens, 14);
+
+        // The next attempt starts from there: no prompt again, the conversation as saved,
+        // and the calls already made count against max_steps (4).
+        let mut second = FakePeers::scripted(
+            vec![
+                search(),
+                Ok(Completion {
+                    content: "resumed".into(),
+                    ..completion()
+                }),
+            ],
+            &[tools::MEMORY_SEARCH],
+        );
+        second.resume_from = Some(last.clone());
+        let worker2 = worker(second, FakeReporter::default());
+        worker2.handle("generalist", dispatch(), &progress).await;
+        let TaskOutcome::Succeeded { output, usage, .. } = published_outcome(&worker2) else {
+            panic!("the resumed attempt succeeds");
+        };
+        assert_eq!(output, "resumed");
+        // Four model calls in all, two of them in this attempt.
+        assert_eq!(usage.prompt_tokens, 28);
+        let calls = worker2.peers.calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].0, last.messages);
+        // Nothing of the prompt was appended to memory again.
+        let appends = worker2.peers.appends.lock().unwrap();
+        assert!(appends.iter().all(|messages| {
+            messages
+                .iter()
+                .all(|message| message.role == "assistant" || message.role == "tool")
+        }));
     }
 }

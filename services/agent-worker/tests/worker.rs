@@ -150,7 +150,16 @@ impl Orchestrator for FakeOrchestrator {
         &self,
         _request: Request<v1::SpawnTasksRequest>,
     ) -> Result<Response<v1::SpawnTasksResponse>, Status> {
-        Err(Status::unimplemented("the worker does not spawn yet"))
+        Err(Status::unimplemented("these tasks have no tools"))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        _request: Request<v1::SaveCheckpointRequest>,
+    ) -> Result<Response<v1::SaveCheckpointResponse>, Status> {
+        Err(Status::unimplemented(
+            "these tasks have no tools, so no checkpoints",
+        ))
     }
 
     async fn heartbeat_task(

@@ -51,6 +51,21 @@ fn traced<T>(
     (span, request)
 }
 
+/// The largest checkpoint accepted, encoded. gRPC messages stop at 4 MiB by default; a
+/// checkpoint must also fit in the claim that hands it on.
+const MAX_CHECKPOINT_BYTES: usize = 3 * 1024 * 1024;
+
+/// A stored checkpoint, or `None` (and a warning) when it no longer decodes: the attempt then
+/// starts afresh rather than failing.
+fn decode_checkpoint(bytes: &[u8]) -> Option<v1::Checkpoint> {
+    use prost::Message as _;
+    v1::Checkpoint::decode(bytes)
+        .inspect_err(
+            |error| tracing::warn!(%error, "a stored checkpoint does not decode; starting afresh"),
+        )
+        .ok()
+}
+
 /// Claims, spawns and heartbeats act for a worker: it must say which.
 fn require_worker_id(worker_id: &str) -> Result<(), Status> {
     if worker_id.is_empty() {
@@ -114,6 +129,7 @@ impl OrchestratorService {
                         run_budget_micros_usd: task
                             .run_budget_micros_usd
                             .map_or(0, |micros| u64::try_from(micros).unwrap_or(0)),
+                        checkpoint: task.checkpoint.as_deref().and_then(decode_checkpoint),
                     }),
                     lease_ms,
                 }
@@ -291,6 +307,48 @@ impl Orchestrator for OrchestratorService {
                 task_id: id.to_string(),
                 role,
                 output,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        request: Request<v1::SaveCheckpointRequest>,
+    ) -> Result<Response<v1::SaveCheckpointResponse>, Status> {
+        use prost::Message as _;
+        let (span, request) = traced(request, "SaveCheckpoint", |r| &r.task_id);
+        async move {
+            require_worker_id(&request.worker_id)?;
+            let checkpoint = request
+                .checkpoint
+                .ok_or_else(|| Status::invalid_argument("checkpoint is required"))?;
+            let bytes = checkpoint.encode_to_vec();
+            if bytes.len() > MAX_CHECKPOINT_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the checkpoint is {} bytes; the limit is {MAX_CHECKPOINT_BYTES}",
+                    bytes.len()
+                )));
+            }
+            let refused = self
+                .store
+                .save_checkpoint(
+                    &request.tenant,
+                    task_id(&request.task_id)?,
+                    attempt(request.attempt)?,
+                    &request.worker_id,
+                    &bytes,
+                )
+                .await?;
+            ::metrics::counter!(
+                metrics::CHECKPOINTS,
+                "result" => if refused.is_none() { "saved" } else { "refused" }
+            )
+            .increment(1);
+            Ok(Response::new(v1::SaveCheckpointResponse {
+                saved: refused.is_none(),
+                reason: refused.unwrap_or_default(),
             }))
         }
         .instrument(span)

@@ -26,6 +26,7 @@ pub const PLANS: &str = "colony_orchestrator_plans_total";
 pub const TOPOLOGIES: &str = "colony_orchestrator_topologies_total";
 pub const APPROVALS: &str = "colony_orchestrator_approvals_total";
 pub const SPAWNS: &str = "colony_orchestrator_spawns_total";
+pub const CHECKPOINTS: &str = "colony_orchestrator_checkpoints_total";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -57,6 +58,10 @@ pub fn describe() {
     describe_counter!(
         SPAWNS,
         "SpawnTasks calls by result: spawned, parked (spawned and waits), refused."
+    );
+    describe_counter!(
+        CHECKPOINTS,
+        "SaveCheckpoint calls by result: saved, refused (the attempt is no longer the caller's)."
     );
     describe_counter!(
         REPORTS,

@@ -185,6 +185,8 @@ pub struct ClaimedTask {
     pub dependencies: Vec<DependencyOutput>,
     /// Its run's cost budget (micro-USD), if the run has one.
     pub run_budget_micros_usd: Option<i64>,
+    /// The last checkpoint an earlier attempt saved (an encoded `colony.v1.Checkpoint`).
+    pub checkpoint: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -719,6 +721,38 @@ impl Store {
             return Ok(Some("cancelled".into()));
         }
         tx.rollback().await?;
+        Ok(Some(self.refusal(tenant, task_id, attempt).await?))
+    }
+
+    /// Saves `checkpoint` (opaque bytes) for `attempt` if `worker` holds its lease and it
+    /// runs; otherwise says why not, as a refused heartbeat would.
+    pub async fn save_checkpoint(
+        &self,
+        tenant: &str,
+        task_id: Uuid,
+        attempt: i32,
+        worker: &str,
+        checkpoint: &[u8],
+    ) -> Result<Option<String>, Error> {
+        let saved = sqlx::query(
+            "INSERT INTO orchestrator.task_checkpoints (task_id, attempt, checkpoint) \
+             SELECT id, attempt, $5 FROM orchestrator.tasks \
+             WHERE id = $1 AND tenant = $2 AND attempt = $3 AND lease_owner = $4 \
+               AND state = 'running' \
+             ON CONFLICT (task_id) DO UPDATE \
+             SET attempt = EXCLUDED.attempt, checkpoint = EXCLUDED.checkpoint, saved_at = now()",
+        )
+        .bind(task_id)
+        .bind(tenant)
+        .bind(attempt)
+        .bind(worker)
+        .bind(checkpoint)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if saved == 1 {
+            return Ok(None);
+        }
         Ok(Some(self.refusal(tenant, task_id, attempt).await?))
     }
 

@@ -358,3 +358,58 @@ async fn an_unclaimed_attempt_is_dispatched_again() {
         0
     );
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_saves_checkpoints_and_the_next_claim_carries_the_last() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (_, task_id) = new_run(&store).await;
+    let Claim::Granted(first) = store.claim("acme", task_id, 1, "w1", LEASE).await.unwrap() else {
+        panic!("the first claim is granted");
+    };
+    assert_eq!(first.checkpoint, None);
+    assert_eq!(
+        store
+            .save_checkpoint("acme", task_id, 1, "w1", b"step one")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .save_checkpoint("acme", task_id, 1, "w1", b"step two")
+            .await
+            .unwrap(),
+        None
+    );
+    // Another worker, another tenant, another attempt: refused, nothing stored.
+    for (tenant, attempt, worker) in [("acme", 1, "w2"), ("other", 1, "w1"), ("acme", 2, "w1")] {
+        let refused = store
+            .save_checkpoint(tenant, task_id, attempt, worker, b"intruder")
+            .await
+            .unwrap();
+        assert!(refused.is_some(), "{tenant} {attempt} {worker}");
+    }
+    // The lease runs out: the next attempt's claim carries the last checkpoint saved.
+    sqlx::query(
+        "UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second' \
+         WHERE id = $1",
+    )
+    .bind(task_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    store.reap_expired(10).await.unwrap();
+    sqlx::query(
+        "UPDATE orchestrator.tasks SET not_before = now() - interval '1 millisecond' \
+         WHERE id = $1",
+    )
+    .bind(task_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let Claim::Granted(second) = store.claim("acme", task_id, 2, "w2", LEASE).await.unwrap() else {
+        panic!("the second attempt is granted");
+    };
+    assert_eq!(second.checkpoint.as_deref(), Some(&b"step two"[..]));
+}

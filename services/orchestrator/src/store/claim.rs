@@ -128,6 +128,8 @@ impl Store {
                            EXTRACT(EPOCH FROM (now() - ready_at))::float8 AS waited, \
                            (SELECT r.budget_micros_usd FROM orchestrator.runs r \
                             WHERE r.id = tasks.run_id) AS run_budget, \
+                           (SELECT c.checkpoint FROM orchestrator.task_checkpoints c \
+                            WHERE c.task_id = tasks.id) AS checkpoint, \
                            (EXISTS (SELECT 1 FROM orchestrator.task_dependencies d \
                                     WHERE d.task_id = tasks.id) \
                             OR EXISTS (SELECT 1 FROM orchestrator.tasks c \
@@ -168,6 +170,7 @@ impl Store {
                     waited: row.get("waited"),
                     dependencies,
                     run_budget_micros_usd: row.get("run_budget"),
+                    checkpoint: row.get("checkpoint"),
                 };
                 events.push(
                     TaskEvent {

@@ -178,6 +178,11 @@ impl Store {
         if spawn.wait {
             self.park(&mut tx, &parent, inserted.ids.len(), &mut effects)
                 .await?;
+            // The parent's next attempt starts afresh, its children's outputs in its context.
+            sqlx::query("DELETE FROM orchestrator.task_checkpoints WHERE task_id = $1")
+                .bind(parent.id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         effects.record();
