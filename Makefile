@@ -22,8 +22,10 @@ ROUTER_ARGS ?=
 INFERENCE_ARGS ?=
 # Extra arguments for the memory bench, e.g. make bench-memory MEMORY_ARGS="--memories 20000"
 MEMORY_ARGS ?=
+# Extra arguments for the worker bench, e.g. make bench-worker WORKER_ARGS="--slots 1 --runs 800"
+WORKER_ARGS ?=
 
-.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory up down proto
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory bench-worker up down proto
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -49,6 +51,16 @@ define MEMORY_BENCH
 	$(CARGO) build --release -p colony-e2e --bin memory-bench
 	target/release/memory-bench $(MEMORY_ARGS)
 endef
+
+# The worker bench, in `bench` and `bench-worker`: throughput with 1, 2 and 4 agent-worker
+# replicas and a 50-ms scripted model, and the worker's own time per step.
+define WORKER_BENCH
+	$(CARGO) build --release --workspace --bins
+	target/release/worker-bench $(WORKER_ARGS)
+endef
+
+WORKER_KEYS := worker_throughput_1 worker_throughput_2 worker_throughput_4 worker_scaling_1_to_4 \
+	worker_step_overhead_ms
 
 MEMORY_KEYS := memory_search_p50_ms memory_search_p99_ms memory_recall_at_10 memory_writes_per_s \
 	memory_index_rebuild_s memory_rss_mb
@@ -114,7 +126,7 @@ test: deps build-deps models sdk-env lint build ## deps, build-deps, models, sdk
 run: build-deps models ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router, inference and memory benches on release builds, then a summary (docs/benchmarks.md)
+bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router, inference, memory and worker benches on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
@@ -123,10 +135,11 @@ bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router,
 	$(ROUTER_BENCH)
 	$(INFERENCE_BENCH)
 	$(MEMORY_BENCH)
+	$(WORKER_BENCH)
 	@$(call bench_summary,dispatch_p50_ms dispatch_p99_ms dispatch_p99_loaded_ms \
 		dispatch_loaded_completed_per_s throughput_tasks_per_s drain_cpu_us_per_task_total \
 		drain_cpu_us_per_task_postgres drain_cpu_us_per_task_nats model_throughput_tasks_per_s \
-		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS) $(MEMORY_KEYS))
+		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS) $(MEMORY_KEYS) $(WORKER_KEYS))
 	@python3 -c 'import json; r=json.load(open("target/bench/results.json")); \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
@@ -142,6 +155,10 @@ bench-inference: deps build-deps models ## Embedded inference bench only (chat n
 bench-memory: deps build-deps models ## Memory bench only (search p50/p99 and recall@10 over 100,000 vectors, writes/s), then its summary
 	$(MEMORY_BENCH)
 	@$(call bench_summary,$(MEMORY_KEYS))
+
+bench-worker: deps build-deps models ## Worker bench only (throughput with 1, 2 and 4 replicas, a 50-ms model; overhead per step), then its summary
+	$(WORKER_BENCH)
+	@$(call bench_summary,$(WORKER_KEYS))
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build

@@ -1,8 +1,105 @@
-//! What the benches share: merging figures into `target/bench/results.json`, and reading a
-//! process's CPU time and resident memory from `/proc` (Linux only; elsewhere nothing is found).
+//! What the benches share: merging figures into `target/bench/results.json`, driving a stack's
+//! runs (maintenance mode, waiting for runs by goal prefix, a PostgreSQL checkpoint before a
+//! phase), and reading a process's CPU time and resident memory from `/proc` (Linux only;
+//! elsewhere nothing is found).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::Stack;
+
+/// How often [`wait_finished`] counts finished runs. The count scans the runs table (≈ 10 ms
+/// of PostgreSQL's time once it holds 15,000 runs), so polling is kept rare: figures are
+/// taken from PostgreSQL's own timestamps, not from this clock.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// How long any one phase may take to finish its runs before a bench gives up.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Turns the orchestrator's maintenance mode (dispatch paused) on or off.
+pub async fn set_paused(stack: &Stack, paused: bool) -> anyhow::Result<()> {
+    let response = stack
+        .http
+        .post(format!("{}/v1/admin/maintenance", stack.orchestrator_url))
+        .json(&serde_json::json!({ "paused": paused }))
+        .send()
+        .await
+        .context("setting maintenance mode")?;
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "setting maintenance mode: HTTP {status}"
+    );
+    Ok(())
+}
+
+/// Runs whose goal starts with `phase` and a space, and have reached `statuses`.
+pub async fn count_runs(stack: &Stack, phase: &str, statuses: &[&str]) -> anyhow::Result<usize> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orchestrator.runs WHERE goal LIKE $1 AND status = ANY($2)",
+    )
+    .bind(format!("{phase} %"))
+    .bind(statuses)
+    .fetch_one(&stack.db.pool)
+    .await?;
+    Ok(usize::try_from(count)?)
+}
+
+/// Waits until the `total` runs of `phase` have finished, printing progress.
+pub async fn wait_finished(stack: &Stack, phase: &str, total: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    let mut last_report = Instant::now();
+    loop {
+        let done = count_runs(stack, phase, &["succeeded", "failed", "cancelled"]).await?;
+        if done >= total {
+            return Ok(());
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("  {phase}: {done}/{total} runs finished");
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{phase}: only {done}/{total} runs finished within {} s",
+            PHASE_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Seconds from the end of maintenance mode to the last run of `phase` finishing, both by
+/// PostgreSQL's clock (the maintenance row's change time is stamped in the resuming
+/// transaction).
+pub async fn drained_secs(stack: &Stack, phase: &str) -> anyhow::Result<f64> {
+    let span: Option<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM ((SELECT max(finished_at) FROM orchestrator.runs \
+                                     WHERE goal LIKE $1) - changed_at))::float8 \
+         FROM orchestrator.maintenance WHERE singleton",
+    )
+    .bind(format!("{phase} %"))
+    .fetch_optional(&stack.db.pool)
+    .await?
+    .flatten();
+    let span = span.with_context(|| format!("{phase}: no maintenance row or no finished runs"))?;
+    anyhow::ensure!(
+        span > 0.0,
+        "{phase}: no time between resume and last finish"
+    );
+    Ok(span)
+}
+
+/// Flushes what earlier work left in PostgreSQL's buffers, so that a checkpoint does not land
+/// in the middle of the next measurement.
+pub async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
+    sqlx::query("CHECKPOINT")
+        .execute(&stack.db.pool)
+        .await
+        .context("CHECKPOINT before a phase (the bench's database user must be a superuser)")?;
+    Ok(())
+}
 
 /// `target/bench/results.json`: one object, figure name → number, shared by every bench.
 pub fn results_path() -> PathBuf {
@@ -35,6 +132,24 @@ pub fn record(
     }
     std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     Ok(path)
+}
+
+/// CPU seconds (user + system) used so far by the processes of each kind in `accounts`
+/// (`(start of the name in /proc/<pid>/stat, which keeps 15 bytes; the key it counts
+/// under)`), summed per key: the stack's services, PostgreSQL's and NATS's processes, the
+/// bench. It counts whatever else runs under those names too, so a bench should run alone.
+/// Linux only; elsewhere the map is empty.
+pub fn cpu_seconds<'a>(accounts: &[(&str, &'a str)]) -> BTreeMap<&'a str, f64> {
+    let mut used = BTreeMap::new();
+    for process in processes() {
+        if let Some((_, key)) = accounts
+            .iter()
+            .find(|(name, _)| process.comm.starts_with(name))
+        {
+            *used.entry(*key).or_insert(0.0) += process.cpu_secs;
+        }
+    }
+    used
 }
 
 /// One process as `/proc/<pid>/stat` describes it.

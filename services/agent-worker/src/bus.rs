@@ -129,7 +129,9 @@ impl Reporter for BusReporter {
         first: u32,
         messages: &[ChatMessage],
     ) -> Result<(), Error> {
-        for (step, message) in (first..).zip(messages) {
+        // Published together: each waits for JetStream's ack, and one at a time they would
+        // add a round trip per message to the task.
+        let publishes = (first..).zip(messages).map(|(step, message)| {
             let event = v1::TrajectoryStep {
                 tenant: task.tenant.clone(),
                 run_id: task.run_id.clone(),
@@ -145,10 +147,13 @@ impl Reporter for BusReporter {
                 "step-{}-{}-{}-{}-{step}",
                 task.tenant, task.run_id, task.task_id, task.attempt
             );
-            self.bus
-                .publish(subjects::TRAJECTORY_STEP, &msg_id, &event)
-                .await?;
-        }
+            async move {
+                self.bus
+                    .publish(subjects::TRAJECTORY_STEP, &msg_id, &event)
+                    .await
+            }
+        });
+        futures::future::try_join_all(publishes).await?;
         Ok(())
     }
 }

@@ -25,6 +25,8 @@ pub const LEASE_HEARTBEAT_FAILURES: &str = "colony_agent_worker_lease_heartbeat_
 /// Failed report publishes; retried with backoff while the task is live.
 pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_failures_total";
 
+/// Time one model call took as the worker saw it (`Router.Complete`, round trip).
+pub const MODEL_CALL_SECONDS: &str = "colony_agent_worker_model_call_duration_seconds";
 /// Checkpoints of the agent loop, by `result` (`saved`, `refused`, `error`).
 pub const CHECKPOINTS: &str = "colony_agent_worker_checkpoints_total";
 /// Attempts that resumed from an earlier attempt's checkpoint.
@@ -87,6 +89,11 @@ pub fn describe() {
     describe_counter!(
         REPORT_PUBLISH_FAILURES,
         "Failed TaskReport publishes; retried with backoff while the task is live."
+    );
+    describe_histogram!(
+        MODEL_CALL_SECONDS,
+        Unit::Seconds,
+        "Time one model call took as the worker saw it (Router.Complete round trip)."
     );
     describe_counter!(
         CHECKPOINTS,

@@ -506,7 +506,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     }
                 };
                 prompt.push(ChatMessage::new("user", task.instructions.clone()));
-                self.remember(task, &prompt, "prompt", 1).await;
+                // Remembered by the loop, alongside its first model call.
                 Checkpoint {
                     model_calls: 0,
                     messages: prompt,
@@ -558,11 +558,29 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             mut messages,
             mut usage,
         } = start;
+        // A fresh prompt is not in memory yet; it is appended while the first call runs (the
+        // reply is appended after both, so the session keeps its order).
+        let mut unremembered = if model_calls == 0 { messages.len() } else { 0 };
         // Trajectory steps are numbered across the attempt: the prompt took 1..=len (after a
         // resume, the conversation so far stands where the prompt would).
         let mut next_step = step_number(messages.len()) + 1;
         for call in model_calls.saturating_add(1)..=self.settings.agent.max_steps {
-            let completion = match self.peers.complete(task, &messages, offered).await {
+            let asked = Instant::now();
+            let call_model = async {
+                let answer = self.peers.complete(task, &messages, offered).await;
+                ::metrics::histogram!(metrics::MODEL_CALL_SECONDS)
+                    .record(asked.elapsed().as_secs_f64());
+                answer
+            };
+            let remember_prompt = async {
+                if unremembered > 0 {
+                    self.remember(task, &messages[..unremembered], "prompt", 1)
+                        .await;
+                }
+            };
+            let (answer, ()) = tokio::join!(call_model, remember_prompt);
+            unremembered = 0;
+            let completion = match answer {
                 Ok(completion) => completion,
                 Err(error) => {
                     tracing::warn!(%error, class = %error.class(), call, "model call failed");
@@ -681,11 +699,16 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         step: &'static str,
         first_step: u32,
     ) {
-        if let Err(error) = self.peers.append(task, messages).await {
+        // Neither waits for the other: both are on the task's critical path.
+        let (appended, published) = tokio::join!(
+            self.peers.append(task, messages),
+            self.reporter.steps(task, first_step, messages)
+        );
+        if let Err(error) = appended {
             ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => step).increment(1);
             tracing::warn!(%error, step, "memory append failed; continuing without it");
         }
-        if let Err(error) = self.reporter.steps(task, first_step, messages).await {
+        if let Err(error) = published {
             ::metrics::counter!(metrics::TRAJECTORY_FAILURES, "step" => step).increment(1);
             tracing::warn!(%error, step, "trajectory publish failed; continuing without it");
         }

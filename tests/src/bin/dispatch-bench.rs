@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use colony_e2e::bench::{checkpoint, drained_secs, set_paused, wait_finished};
 use colony_e2e::{Stack, StackOptions, bench};
 use futures::StreamExt;
 use tokio::task::JoinSet;
@@ -49,14 +50,6 @@ timeout = "30s"
 reply = "done"
 delay = "0ms"
 "#;
-
-/// How often the bench counts finished runs. The count scans the runs table (≈ 10 ms of
-/// PostgreSQL's time once it holds 15,000 runs), so polling is kept rare: every figure is
-/// taken from PostgreSQL's own timestamps, and only the bench's cross-check uses this clock.
-const POLL: Duration = Duration::from_secs(1);
-
-/// How long any one phase may take to finish its runs before the bench gives up.
-const PHASE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// What each run's single task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,74 +186,6 @@ const CPU_ACCOUNTS: [(&str, &str); 8] = [
     ("dispatch-bench", "drain_cpu_us_per_task_bench"),
 ];
 
-/// CPU seconds (user + system) used so far by every process of each [`CPU_ACCOUNTS`] kind on
-/// this machine: the stack's services, PostgreSQL's and NATS's processes, and the bench. It
-/// counts whatever else runs under those names too, so the bench should run alone. Linux
-/// only; elsewhere the map is empty.
-fn cpu_seconds() -> BTreeMap<&'static str, f64> {
-    let mut used = BTreeMap::new();
-    for process in bench::processes() {
-        if let Some((_, figure)) = CPU_ACCOUNTS
-            .iter()
-            .find(|(name, _)| process.comm.starts_with(name))
-        {
-            *used.entry(*figure).or_insert(0.0) += process.cpu_secs;
-        }
-    }
-    used
-}
-
-/// Turns maintenance mode on or off.
-async fn set_paused(stack: &Stack, paused: bool) -> anyhow::Result<()> {
-    let response = stack
-        .http
-        .post(format!("{}/v1/admin/maintenance", stack.orchestrator_url))
-        .json(&serde_json::json!({ "paused": paused }))
-        .send()
-        .await
-        .context("setting maintenance mode")?;
-    let status = response.status();
-    anyhow::ensure!(
-        status.is_success(),
-        "setting maintenance mode: HTTP {status}"
-    );
-    Ok(())
-}
-
-/// Runs whose goal starts with `phase` and have reached `statuses`.
-async fn count_runs(stack: &Stack, phase: &str, statuses: &[&str]) -> anyhow::Result<usize> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM orchestrator.runs WHERE goal LIKE $1 AND status = ANY($2)",
-    )
-    .bind(format!("{phase} %"))
-    .bind(statuses)
-    .fetch_one(&stack.db.pool)
-    .await?;
-    Ok(usize::try_from(count)?)
-}
-
-/// Waits until the `total` runs of `phase` have finished, printing progress.
-async fn wait_finished(stack: &Stack, phase: &str, total: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PHASE_TIMEOUT;
-    let mut last_report = Instant::now();
-    loop {
-        let done = count_runs(stack, phase, &["succeeded", "failed", "cancelled"]).await?;
-        if done >= total {
-            return Ok(());
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("  {phase}: {done}/{total} runs finished");
-            last_report = Instant::now();
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{phase}: only {done}/{total} runs finished within {} s",
-            PHASE_TIMEOUT.as_secs()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Sorted dispatch latencies in ms of the tasks whose goal starts with `phase`. Both
 /// timestamps come from PostgreSQL's clock, so the difference is exact.
 async fn latencies(stack: &Stack, phase: &str) -> anyhow::Result<Vec<f64>> {
@@ -325,15 +250,6 @@ async fn offer(
         done??;
     }
     Ok(offered)
-}
-
-/// Flushes what earlier work left in PostgreSQL's buffers (see the module docs).
-async fn checkpoint(stack: &Stack) -> anyhow::Result<()> {
-    sqlx::query("CHECKPOINT")
-        .execute(&stack.db.pool)
-        .await
-        .context("CHECKPOINT before a phase (the bench's database user must be a superuser)")?;
-    Ok(())
 }
 
 #[tokio::main]
@@ -446,23 +362,12 @@ async fn main() -> anyhow::Result<()> {
         );
         eprintln!("drain: {total} runs queued; maintenance off, draining");
         let resumed = Instant::now();
-        let cpu_before = cpu_seconds();
+        let cpu_before = bench::cpu_seconds(&CPU_ACCOUNTS);
         set_paused(&stack, false).await?;
         wait_finished(&stack, "drain", total).await?;
-        let cpu_after = cpu_seconds();
+        let cpu_after = bench::cpu_seconds(&CPU_ACCOUNTS);
         let observed = resumed.elapsed().as_secs_f64();
-        // Resume (the maintenance row's change time, stamped in the resuming transaction) →
-        // last drain run finished, both by PostgreSQL's clock.
-        let span: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM ((SELECT max(finished_at) FROM orchestrator.runs \
-                                         WHERE goal LIKE 'drain %') - changed_at))::float8 \
-             FROM orchestrator.maintenance WHERE singleton",
-        )
-        .fetch_optional(&stack.db.pool)
-        .await?
-        .flatten();
-        let span = span.context("drain: no maintenance row or no finished runs")?;
-        anyhow::ensure!(span > 0.0, "drain: no time between resume and last finish");
+        let span = drained_secs(&stack, "drain").await?;
         figures.insert("throughput_tasks_per_s", total as f64 / span);
         let mut cpu_total = 0.0;
         for (name, after) in &cpu_after {
@@ -481,7 +386,7 @@ async fn main() -> anyhow::Result<()> {
         notes.push(format!(
             "drain: {total} runs in {span:.2} s from resume to last finish \
              (bench clock, polled every {} ms: {observed:.2} s)",
-            POLL.as_millis()
+            bench::POLL.as_millis()
         ));
     }
 
