@@ -17,12 +17,16 @@ use crate::claims::{ClaimLoop, ClaimQueue};
 use crate::error::{Error, Peer};
 use crate::task::{
     ChatMessage, Checkpoint, ChildTask, Claim, Completion, Dispatch, ErrorClass, FoundMemory,
-    Lease, MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, WrittenMemory,
+    Judge, Lease, MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, Validation,
+    WrittenMemory,
 };
 use crate::worker::Peers;
 
 /// Metadata a Colony service puts on a failed call to say which [`ErrorClass`] it is.
 pub use colony_proto::ERROR_CLASS_METADATA;
+
+/// Regenerations when the roster leaves `max_rounds` at 0.
+const DEFAULT_VALIDATION_ROUNDS: u32 = 2;
 
 /// The worker's three peers over gRPC. Channels connect lazily, so the worker starts (and
 /// stays ready) while a peer is down; calls then fail as transient and are retried.
@@ -272,6 +276,24 @@ pub fn claim_from_proto(
                     .map(from_proto_message)
                     .collect(),
                 usage: usage_from_proto(checkpoint.usage),
+            }),
+            validation: spec.validation.map(|validation| Validation {
+                judges: validation
+                    .judges
+                    .into_iter()
+                    .map(|judge| Judge {
+                        name: judge.name,
+                        prompt: judge.prompt,
+                        tier: judge.tier,
+                    })
+                    .collect(),
+                rubric: validation.rubric,
+                max_rounds: if validation.max_rounds == 0 {
+                    DEFAULT_VALIDATION_ROUNDS
+                } else {
+                    validation.max_rounds
+                },
+                fail_on_reject: validation.fail_on_reject,
             }),
         }),
         lease: Duration::from_millis(response.lease_ms),

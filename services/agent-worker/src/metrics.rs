@@ -27,6 +27,9 @@ pub const REPORT_PUBLISH_FAILURES: &str = "colony_agent_worker_report_publish_fa
 
 /// Time one model call took as the worker saw it (`Router.Complete`, round trip).
 pub const MODEL_CALL_SECONDS: &str = "colony_agent_worker_model_call_duration_seconds";
+/// Judges' verdicts on answers, by `verdict` (`accepted`, `rejected`, and how a task ended
+/// still rejected: `accepted_with_warning` or `failed`).
+pub const VALIDATIONS: &str = "colony_agent_worker_validations_total";
 /// Checkpoints of the agent loop, by `result` (`saved`, `refused`, `error`).
 pub const CHECKPOINTS: &str = "colony_agent_worker_checkpoints_total";
 /// Attempts that resumed from an earlier attempt's checkpoint.
@@ -94,6 +97,10 @@ pub fn describe() {
         MODEL_CALL_SECONDS,
         Unit::Seconds,
         "Time one model call took as the worker saw it (Router.Complete round trip)."
+    );
+    describe_counter!(
+        VALIDATIONS,
+        "Judges' verdicts on answers, by verdict (accepted, rejected, accepted_with_warning, failed)."
     );
     describe_counter!(
         CHECKPOINTS,

@@ -97,6 +97,27 @@ pub struct TaskSpec {
     pub run_budget_micros_usd: u64,
     /// Where an earlier attempt's agent loop was: this attempt resumes from it.
     pub checkpoint: Option<Checkpoint>,
+    /// How the answer is checked before it is reported; `None`: not checked.
+    pub validation: Option<Validation>,
+}
+
+/// Judges that check an answer (LLM as judge with a rubric) and the bounded regeneration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    pub judges: Vec<Judge>,
+    pub rubric: String,
+    /// Regenerations with a judge's critique before the policy decides.
+    pub max_rounds: u32,
+    /// Still rejected after `max_rounds`: fail the task, or report the answer with a warning.
+    pub fail_on_reject: bool,
+}
+
+/// One judge: `self` or a reviewer/validator role, with its prompt and model tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judge {
+    pub name: String,
+    pub prompt: String,
+    pub tier: String,
 }
 
 /// Where an attempt's agent loop was after a step, saved through the orchestrator so that the

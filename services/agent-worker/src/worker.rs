@@ -17,7 +17,8 @@ use crate::metrics;
 use crate::sandbox::{SandboxConfig, Workspace};
 use crate::task::{
     ChatMessage, Checkpoint, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease,
-    MemoryScope, Report, Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, WrittenMemory,
+    MemoryScope, Report, Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, Validation,
+    WrittenMemory,
 };
 use crate::tools::{self, ToolOutcome, Toolbox};
 
@@ -242,6 +243,48 @@ impl Drop for RunningTask<'_> {
             }
         }
     }
+}
+
+/// How the agent loop ended.
+enum LoopEnd {
+    /// The model answered without calling a tool: `output`, and the loop's state with the
+    /// answer as its last message.
+    Answered {
+        state: Checkpoint,
+        output: String,
+        deployment: String,
+    },
+    /// It failed, or parked (`None`).
+    Ended(Option<TaskOutcome>),
+}
+
+/// A judge's critique, or `None` when its answer starts with ACCEPT. An answer that is
+/// neither ACCEPT nor REJECT counts as a rejection, its text the critique: a judge that cannot
+/// say yes has not accepted.
+fn rejection(verdict: &str) -> Option<String> {
+    let text = verdict.trim();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_uppercase();
+    if first.starts_with("ACCEPT") {
+        return None;
+    }
+    let critique = if first.starts_with("REJECT") {
+        text.get("REJECT".len()..)
+            .unwrap_or("")
+            .trim_start_matches([':', ' ', '-'])
+            .trim()
+    } else {
+        text
+    };
+    Some(if critique.is_empty() {
+        "(no reason given)".to_owned()
+    } else {
+        critique.to_owned()
+    })
 }
 
 /// How an attempt ended inside [`Worker::handle`].
@@ -522,7 +565,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             .any(|tool| tools::WORKSPACE_TOOLS.contains(&tool.name))
             .then(|| Workspace::create(&self.settings.sandbox.root, &task.task_id));
         let outcome = self
-            .agent_loop(task, resume, &offered, workspace.as_ref(), token)
+            .answer_and_validate(task, resume, &offered, workspace.as_ref(), token)
             .await;
         if outcome.is_some()
             && let Some(Ok(workspace)) = workspace
@@ -531,6 +574,137 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             tracing::warn!(%error, "could not remove the task's workspace");
         }
         outcome
+    }
+
+    /// Runs the agent loop to an answer, then has the task's judges check it: a rejection goes
+    /// back to the model as a critique and the loop answers again, at most `max_rounds` times;
+    /// then the policy reports the answer with a warning or fails the task.
+    async fn answer_and_validate(
+        &self,
+        task: &TaskSpec,
+        mut state: Checkpoint,
+        offered: &[ToolSpec],
+        workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
+        token: &CancellationToken,
+    ) -> Option<TaskOutcome> {
+        let mut rounds = 0;
+        loop {
+            let (answered, output, deployment) = match self
+                .agent_loop(task, state, offered, workspace, token)
+                .await
+            {
+                LoopEnd::Answered {
+                    state,
+                    output,
+                    deployment,
+                } => (state, output, deployment),
+                LoopEnd::Ended(outcome) => return outcome,
+            };
+            let succeeded = |usage| {
+                Some(TaskOutcome::Succeeded {
+                    output: output.clone(),
+                    usage,
+                    deployment: deployment.clone(),
+                })
+            };
+            let Some(validation) = &task.validation else {
+                return succeeded(answered.usage);
+            };
+            let mut usage = answered.usage;
+            let verdict = self.judge(task, validation, &output, &mut usage).await;
+            let (judge, critique) = match verdict {
+                Ok(None) => {
+                    ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "accepted").increment(1);
+                    return succeeded(usage);
+                }
+                Ok(Some(rejection)) => rejection,
+                Err(error) => {
+                    tracing::warn!(%error, "a judge's model call failed");
+                    return Some(TaskOutcome::Failed {
+                        class: error.class(),
+                        message: format!("validating the answer: {error}"),
+                        usage,
+                    });
+                }
+            };
+            ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "rejected").increment(1);
+            if rounds >= validation.max_rounds {
+                let summary = format!(
+                    "judge {judge} still rejected the answer after {rounds} regeneration(s): \
+                     {critique}"
+                );
+                if validation.fail_on_reject {
+                    ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "failed").increment(1);
+                    return Some(TaskOutcome::Failed {
+                        class: ErrorClass::UserFixable,
+                        message: summary,
+                        usage,
+                    });
+                }
+                ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "accepted_with_warning")
+                    .increment(1);
+                tracing::warn!(warning = %summary, "answer reported with a warning");
+                return succeeded(usage);
+            }
+            rounds += 1;
+            tracing::info!(%judge, rounds, "answer rejected; regenerating with the critique");
+            let critique = ChatMessage::new(
+                "user",
+                format!(
+                    "A reviewer ({judge}) rejected your answer:\n{critique}\n\nRevise your \
+                     answer so that it meets the rubric."
+                ),
+            );
+            let step = step_number(answered.messages.len()) + 1;
+            self.remember(task, std::slice::from_ref(&critique), "critique", step)
+                .await;
+            let mut messages = answered.messages;
+            messages.push(critique);
+            state = Checkpoint {
+                model_calls: answered.model_calls,
+                messages,
+                usage,
+            };
+        }
+    }
+
+    /// Asks each judge in turn; the first rejection ends it. `Ok(None)`: accepted by all;
+    /// `Ok(Some((judge, critique)))`: rejected. The judges' usage is added to `usage`.
+    async fn judge(
+        &self,
+        task: &TaskSpec,
+        validation: &Validation,
+        output: &str,
+        usage: &mut Usage,
+    ) -> Result<Option<(String, String)>, Error> {
+        for judge in &validation.judges {
+            let messages = [
+                ChatMessage::new(
+                    "system",
+                    format!(
+                        "{}\n\nYou are checking another agent's answer against this rubric:\n{}\n\n\
+                         Reply ACCEPT on the first line if the answer meets the rubric. \
+                         Otherwise reply REJECT on the first line, then what must change.",
+                        judge.prompt, validation.rubric
+                    ),
+                ),
+                ChatMessage::new(
+                    "user",
+                    format!("Task:\n{}\n\nAnswer:\n{output}", task.instructions),
+                ),
+            ];
+            let as_judge = TaskSpec {
+                tier: judge.tier.clone(),
+                checkpoint: None,
+                ..task.clone()
+            };
+            let verdict = self.peers.complete(&as_judge, &messages, &[]).await?;
+            *usage = usage.plus(verdict.usage);
+            if let Some(critique) = rejection(&verdict.content) {
+                return Ok(Some((judge.name.clone(), critique)));
+            }
+        }
+        Ok(None)
     }
 
     /// Model call → tool calls → their results → model call …, until the model answers
@@ -543,7 +717,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         offered: &[ToolSpec],
         workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
         token: &CancellationToken,
-    ) -> Option<TaskOutcome> {
+    ) -> LoopEnd {
         let toolbox = Toolbox {
             peers: &self.peers,
             task,
@@ -589,11 +763,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     } else {
                         format!("{error} (model call {call} of the agent loop)")
                     };
-                    return Some(TaskOutcome::Failed {
+                    return LoopEnd::Ended(Some(TaskOutcome::Failed {
                         class: error.class(),
                         message,
                         usage,
-                    });
+                    }));
                 }
             };
             usage = usage.plus(completion.usage);
@@ -605,11 +779,15 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             messages.push(reply);
             if completion.tool_calls.is_empty() {
                 ::metrics::histogram!(metrics::AGENT_STEPS).record(f64::from(call));
-                return Some(TaskOutcome::Succeeded {
+                return LoopEnd::Answered {
+                    state: Checkpoint {
+                        model_calls: call,
+                        messages,
+                        usage,
+                    },
                     output: completion.content,
-                    usage,
                     deployment: completion.deployment,
-                });
+                };
             }
             let mut results = Vec::with_capacity(completion.tool_calls.len());
             for tool_call in &completion.tool_calls {
@@ -627,7 +805,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                             children,
                             "spawned child tasks and parked until they finish; not reporting"
                         );
-                        return None;
+                        return LoopEnd::Ended(None);
                     }
                 }
             }
@@ -651,7 +829,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     .collect()
             })
             .unwrap_or_default();
-        Some(TaskOutcome::Failed {
+        LoopEnd::Ended(Some(TaskOutcome::Failed {
             class: ErrorClass::UserFixable,
             message: format!(
                 "the agent made {} model calls (agent.max_steps) without a final answer; it was \
@@ -660,7 +838,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 last_tools.join(", ")
             ),
             usage,
-        })
+        }))
     }
 
     /// Saves where the loop is after model call `call` and its tools. A failure is logged and
@@ -789,6 +967,7 @@ mod tests {
         tools: Vec<String>,
         /// Handed to the claimed task, as an earlier attempt's.
         resume_from: Option<Checkpoint>,
+        validation: Option<Validation>,
     }
 
     impl FakePeers {
@@ -807,6 +986,7 @@ mod tests {
                 noop: false,
                 tools: Vec::new(),
                 resume_from: None,
+                validation: None,
             }
         }
 
@@ -835,6 +1015,7 @@ mod tests {
             task_budget_micros_usd: 0,
             run_budget_micros_usd: 0,
             checkpoint: None,
+            validation: None,
         }
     }
 
@@ -845,6 +1026,7 @@ mod tests {
                     noop: self.noop,
                     tools: self.tools.clone(),
                     checkpoint: self.resume_from.clone(),
+                    validation: self.validation.clone(),
                     ..spec()
                 }),
                 lease: Duration::from_secs(3),
@@ -1448,5 +1630,126 @@ mod tests {
                 .iter()
                 .all(|message| message.role == "assistant" || message.role == "tool")
         }));
+    }
+
+    fn says(content: &str) -> Result<Completion, ErrorClass> {
+        Ok(Completion {
+            content: content.into(),
+            ..completion()
+        })
+    }
+
+    fn reviewed(rounds: u32, fail_on_reject: bool) -> Option<Validation> {
+        Some(Validation {
+            judges: vec![crate::task::Judge {
+                name: "reviewer".into(),
+                prompt: "You review answers.".into(),
+                tier: "frontier".into(),
+            }],
+            rubric: "Name the city.".into(),
+            max_rounds: rounds,
+            fail_on_reject,
+        })
+    }
+
+    #[test]
+    fn verdicts_are_read_from_the_first_line() {
+        assert_eq!(rejection("ACCEPT"), None);
+        assert_eq!(rejection("  accept - fine\nmore"), None);
+        assert_eq!(
+            rejection("REJECT: name the city"),
+            Some("name the city".into())
+        );
+        assert_eq!(rejection("Reject\nit is vague"), Some("it is vague".into()));
+        assert_eq!(rejection("REJECT"), Some("(no reason given)".into()));
+        // Neither: not accepted.
+        assert_eq!(
+            rejection("looks good to me"),
+            Some("looks good to me".into())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_answer_is_regenerated_with_the_critique_until_the_judge_accepts() {
+        let mut peers = FakePeers::scripted(
+            vec![
+                says("somewhere in France"),
+                says("REJECT: name the city"),
+                says("Paris"),
+                says("ACCEPT"),
+            ],
+            &[],
+        );
+        peers.validation = reviewed(2, true);
+        let worker = worker(peers, FakeReporter::default());
+        let progress = CountProgress::default();
+        worker.handle("generalist", dispatch(), &progress).await;
+        let TaskOutcome::Succeeded { output, usage, .. } = published_outcome(&worker) else {
+            panic!("the task succeeds");
+        };
+        assert_eq!(output, "Paris");
+        // Two answers and two verdicts.
+        assert_eq!(usage.prompt_tokens, 28);
+        let calls = worker.peers.calls.lock().unwrap();
+        assert_eq!(calls.len(), 4);
+        // The judge saw the rubric and the answer, with no tools.
+        assert!(calls[1].0[0].content.contains("Name the city."));
+        assert!(
+            calls[1].0[1]
+                .content
+                .ends_with("Answer:\nsomewhere in France")
+        );
+        assert!(calls[1].1.is_empty());
+        // The regeneration saw its first answer and the critique.
+        let regenerate = &calls[2].0;
+        assert_eq!(regenerate[2].content, "somewhere in France");
+        assert!(
+            regenerate[3]
+                .content
+                .contains("(reviewer) rejected your answer:\nname the city"),
+            "{}",
+            regenerate[3].content
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_still_rejected_after_the_rounds_fails_or_passes_with_a_warning() {
+        for fail_on_reject in [true, false] {
+            let mut peers = FakePeers::scripted(
+                vec![
+                    says("France"),
+                    says("REJECT: vague"),
+                    says("Europe"),
+                    says("REJECT: worse"),
+                ],
+                &[],
+            );
+            peers.validation = reviewed(1, fail_on_reject);
+            let worker = worker(peers, FakeReporter::default());
+            let progress = CountProgress::default();
+            worker.handle("generalist", dispatch(), &progress).await;
+            let outcome = published_outcome(&worker);
+            if fail_on_reject {
+                assert_eq!(
+                    outcome,
+                    TaskOutcome::Failed {
+                        class: ErrorClass::UserFixable,
+                        message: "judge reviewer still rejected the answer after 1 \
+                                  regeneration(s): worse"
+                            .into(),
+                        usage: Usage {
+                            prompt_tokens: 28,
+                            completion_tokens: 4,
+                            cost_micros_usd: 12,
+                        },
+                    }
+                );
+            } else {
+                let TaskOutcome::Succeeded { output, .. } = outcome else {
+                    panic!("accepted with a warning");
+                };
+                assert_eq!(output, "Europe");
+            }
+        }
     }
 }

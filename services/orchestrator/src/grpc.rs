@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::config::RunsConfig;
 use crate::metrics;
 use crate::plan::PlannedTask;
-use crate::roster::{PLANNER, RoleKind};
+use crate::roster::{OnReject, PLANNER, RoleKind, SELF_JUDGE};
 use crate::store::{Claim, ClaimRequest, ClaimedTask, Spawn, Store};
 
 pub struct OrchestratorService {
@@ -106,6 +106,7 @@ impl OrchestratorService {
                 let kind = self.kind(&task.role);
                 let tools = self.tools(&task.role);
                 let task_budget = self.task_budget_micros(&task.role);
+                let validation = self.validation(&task.role);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -130,6 +131,7 @@ impl OrchestratorService {
                             .run_budget_micros_usd
                             .map_or(0, |micros| u64::try_from(micros).unwrap_or(0)),
                         checkpoint: task.checkpoint.as_deref().and_then(decode_checkpoint),
+                        validation,
                     }),
                     lease_ms,
                 }
@@ -145,6 +147,34 @@ impl OrchestratorService {
             .get(role)
             .map(|r| r.tools.clone())
             .unwrap_or_default()
+    }
+
+    /// How `role`'s answers are checked, with each judge's prompt and tier resolved.
+    fn validation(&self, role: &str) -> Option<v1::Validation> {
+        let roster = self.store.roster();
+        let config = roster.roles.get(role)?.validation.as_ref()?;
+        let judges = config
+            .judges
+            .iter()
+            .map(|judge| {
+                let as_role = if judge == SELF_JUDGE { role } else { judge };
+                v1::Judge {
+                    name: judge.clone(),
+                    prompt: roster
+                        .roles
+                        .get(as_role)
+                        .map(|r| r.prompt.clone())
+                        .unwrap_or_default(),
+                    tier: self.tier(as_role),
+                }
+            })
+            .collect();
+        Some(v1::Validation {
+            judges,
+            rubric: config.rubric.clone(),
+            max_rounds: config.max_rounds,
+            fail_on_reject: config.on_reject == OnReject::Fail,
+        })
     }
 
     /// The task budget of `role` in micro-USD; 0 (none) when the roster sets none.

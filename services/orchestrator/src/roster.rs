@@ -32,6 +32,8 @@ pub struct Role {
     /// The most one task of this role may spend on model calls, in US dollars; the router
     /// refuses a call that would pass it. Unset: no task budget.
     pub task_budget_usd: Option<f64>,
+    /// How the role's answers are checked before they are reported; unset: not checked.
+    pub validation: Option<ValidationConfig>,
     /// Tasks of this role a worker should run at once (advisory: workers size their slots).
     pub concurrency: u32,
     /// Every task of this role waits for a human's approval before it runs.
@@ -39,6 +41,41 @@ pub struct Role {
     /// What a worker does with the role's tasks.
     pub kind: RoleKind,
 }
+
+/// `roster.roles.<name>.validation`: judges that check the role's answers (LLM as judge with a
+/// rubric) and the bounded regeneration when one rejects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// In order: `self` (the role checks its own answer), then reviewer or validator roles of
+    /// the roster, each judging with its own prompt and tier.
+    pub judges: Vec<String>,
+    /// What the judges check the answer against.
+    pub rubric: String,
+    /// Regenerations with a judge's critique before `on_reject` decides.
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
+    #[serde(default)]
+    pub on_reject: OnReject,
+}
+
+fn default_max_rounds() -> u32 {
+    2
+}
+
+/// What happens to an answer still rejected after `max_rounds` regenerations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnReject {
+    /// Reported as succeeded, with the last critique logged and counted as a warning.
+    #[default]
+    AcceptWithWarning,
+    /// The task fails (`user_fixable`) with the last critique.
+    Fail,
+}
+
+/// The judge name that stands for the task's own role.
+pub const SELF_JUDGE: &str = "self";
 
 /// What a worker does with a role's tasks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +96,7 @@ impl Default for Role {
             tier: String::new(),
             tools: Vec::new(),
             task_budget_usd: None,
+            validation: None,
             concurrency: 4,
             requires_approval: false,
             kind: RoleKind::Agent,
@@ -317,6 +355,27 @@ impl RosterConfig {
                     "roster.roles.{name}.task_budget_usd: must be a number >= 0, not {budget}"
                 ));
             }
+            if let Some(validation) = &role.validation {
+                if validation.judges.is_empty() {
+                    problems.push(format!(
+                        "roster.roles.{name}.validation.judges: name at least one judge \
+                         (\"{SELF_JUDGE}\" or a role)"
+                    ));
+                }
+                for judge in &validation.judges {
+                    if judge != SELF_JUDGE && !self.roles.contains_key(judge) {
+                        problems.push(format!(
+                            "roster.roles.{name}.validation.judges: {judge:?} is neither \
+                             \"{SELF_JUDGE}\" nor a role of the roster"
+                        ));
+                    }
+                }
+                if validation.rubric.trim().is_empty() {
+                    problems.push(format!(
+                        "roster.roles.{name}.validation.rubric: must not be empty"
+                    ));
+                }
+            }
             if role.concurrency == 0 {
                 problems.push(format!(
                     "roster.roles.{name}.concurrency: must be at least 1"
@@ -412,5 +471,44 @@ mod tests {
         let text = problems.join("\n");
         assert!(text.contains("roster.templates.hybrid"), "{text}");
         assert!(text.contains("roster.templates.monolith"), "{text}");
+    }
+
+    #[test]
+    fn validation_names_known_judges_and_a_rubric() {
+        let mut roster = RosterConfig::default();
+        let writer = roster.roles.get_mut("writer").unwrap();
+        writer.validation = Some(ValidationConfig {
+            judges: vec![SELF_JUDGE.into(), "reviewer".into()],
+            rubric: "Cites its sources.".into(),
+            max_rounds: default_max_rounds(),
+            on_reject: OnReject::Fail,
+        });
+        writer.task_budget_usd = Some(0.5);
+        let mut problems = Vec::new();
+        roster.validate(&mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let writer = roster.roles.get_mut("writer").unwrap();
+        writer.validation = Some(ValidationConfig {
+            judges: vec!["critic".into()],
+            rubric: " ".into(),
+            max_rounds: 2,
+            on_reject: OnReject::AcceptWithWarning,
+        });
+        writer.task_budget_usd = Some(f64::NAN);
+        roster.validate(&mut problems);
+        let text = problems.join("\n");
+        assert!(
+            text.contains(r#"roster.roles.writer.validation.judges: "critic" is neither"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("roster.roles.writer.validation.rubric: must not be empty"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roster.roles.writer.task_budget_usd: must be a number >= 0"),
+            "{text}"
+        );
     }
 }
