@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use colony_e2e::bench::{checkpoint, drained_secs, set_paused, wait_finished};
-use colony_e2e::{Stack, StackOptions, bench, metric_sum};
+use colony_e2e::{Stack, StackOptions, bench, metric_sum, scripted_router};
 use tokio::task::JoinSet;
 
 /// Where the CPU goes, printed per stack: `/proc` name prefix → what it is.
@@ -73,27 +73,6 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn router(model_ms: u64) -> String {
-    format!(
-        r#"
-default_deployment = "slow"
-
-[[deployments]]
-name = "slow"
-provider = "scripted"
-model = "scripted-slow"
-tier = "mid"
-input_price_per_mtok = 0.0
-output_price_per_mtok = 0.0
-timeout = "30s"
-
-[[deployments.script]]
-reply = "done"
-delay = "{model_ms}ms"
-"#
-    )
-}
-
 /// Submits `total` single-task runs of `phase`, 32 requests at a time.
 async fn submit_all(stack: &Stack, phase: &str, total: usize) -> anyhow::Result<()> {
     let mut requests = JoinSet::new();
@@ -127,7 +106,7 @@ async fn submit_all(stack: &Stack, phase: &str, total: usize) -> anyhow::Result<
 /// One stack with `replicas` workers: its throughput in tasks/s, and the workers' metrics.
 async fn measure(args: &Args, replicas: usize) -> anyhow::Result<(f64, Vec<String>)> {
     let stack = Stack::start(StackOptions {
-        router_toml: router(args.model_ms),
+        router_toml: scripted_router("done", &format!("{}ms", args.model_ms)),
         workers: replicas,
         worker_slots: args.slots,
         log_filter: "warn",
