@@ -66,6 +66,17 @@ contains = "resumed-ok"
 reply = "finished after a resume"
 
 [[deployments.script]]
+contains = "Finish while draining"
+
+[[deployments.script.tool_calls]]
+name = "run_command"
+arguments = '{"program": "sh", "args": ["-c", "echo $$ > pid; sleep 2; echo drained-ok"]}'
+
+[[deployments.script]]
+contains = "drained-ok"
+reply = "finished during the drain"
+
+[[deployments.script]]
 contains = "Wait for a long time"
 
 [[deployments.script.tool_calls]]
@@ -427,4 +438,37 @@ async fn a_retried_attempt_resumes_from_the_checkpoint_of_a_killed_worker() {
         metric_sum(&worker_metrics, "colony_agent_worker_resumed_total"),
         1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_task_finish_its_command_and_report() {
+    let mut stack = start().await;
+    let run_id = submit(&stack, "Finish while draining.").await;
+    let workspaces = stack.config_dir.join("workspaces");
+    eventually(Duration::from_secs(30), "the command running", || {
+        let workspaces = workspaces.clone();
+        async move {
+            let workspace = std::fs::read_dir(&workspaces)
+                .ok()?
+                .flatten()
+                .next()?
+                .path();
+            workspace.join("pid").exists().then_some(())
+        }
+    })
+    .await;
+    // The worker stops taking work, lets the task's two-second command end, has the model
+    // answer, reports, and only then exits (well inside its 30 s shutdown grace).
+    let code = stack.workers[0].terminate(Duration::from_secs(25));
+    assert_eq!(code, Some(0), "the worker exits cleanly after draining");
+    let run = stack.wait_run(&run_id, Duration::from_secs(10)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let output: String = sqlx::query_scalar(
+        "SELECT output FROM orchestrator.tasks WHERE run_id = $1::uuid AND role = 'generalist'",
+    )
+    .bind(&run_id)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(output, "finished during the drain");
 }
