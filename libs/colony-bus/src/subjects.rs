@@ -10,6 +10,8 @@ pub const USAGE_RECORDED: &str = "colony.v1.usage.recorded";
 pub const DEAD_LETTER: &str = "colony.v1.deadletter";
 /// A step of a task attempt, for the memory service's replay log.
 pub const TRAJECTORY_STEP: &str = "colony.v1.event.trajectory.step";
+/// Text a running task's model is writing (`TaskTokens`), for whoever watches the run.
+pub const TASK_TOKENS: &str = "colony.v1.event.tokens";
 /// Memories changed on one memory replica; the others refresh their index.
 pub const MEMORY_CHANGED: &str = "colony.v1.event.memory.changed";
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::grpc::usage_to_proto;
-use crate::task::{ChatMessage, Dispatch, Report, TaskOutcome, TaskSpec};
+use crate::task::{ChatMessage, Dispatch, Report, TaskOutcome, TaskSpec, TokenChunk};
 use crate::worker::{Disposition, Peers, Progress, Reporter, Slots, Worker};
 
 /// The durable consumer every replica shares for `role`, so replicas split the work queue.
@@ -96,6 +96,11 @@ pub fn report_to_proto(report: &Report) -> v1::TaskReport {
         worker_id: report.worker_id.clone(),
         outcome: Some(outcome),
         finished_at: Some(colony_proto::timestamp(report.finished_at)),
+        verdict: report.verdict.as_ref().map(|verdict| v1::Verdict {
+            tier: verdict.tier.clone(),
+            accepted: verdict.accepted,
+            rejections: verdict.rejections,
+        }),
     }
 }
 
@@ -155,6 +160,28 @@ impl Reporter for BusReporter {
         });
         futures::future::try_join_all(publishes).await?;
         Ok(())
+    }
+
+    async fn tokens(&self, task: &TaskSpec, chunk: &TokenChunk) -> Result<(), Error> {
+        let event = v1::TaskTokens {
+            tenant: task.tenant.clone(),
+            run_id: task.run_id.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            model_call: chunk.model_call,
+            seq: chunk.seq,
+            text: chunk.text.clone(),
+            done: chunk.done,
+            sent_at: Some(colony_proto::now()),
+        };
+        let msg_id = format!(
+            "tokens-{}-{}-{}-{}-{}-{}",
+            task.tenant, task.run_id, task.task_id, task.attempt, chunk.model_call, chunk.seq
+        );
+        self.bus
+            .publish(subjects::TASK_TOKENS, &msg_id, &event)
+            .await
+            .map_err(Error::from)
     }
 }
 
@@ -288,9 +315,22 @@ mod tests {
                 usage: Usage::default(),
             },
             finished_at: SystemTime::UNIX_EPOCH + Duration::from_secs(10),
+            verdict: Some(crate::task::Verdict {
+                tier: "mid".into(),
+                accepted: false,
+                rejections: 3,
+            }),
         };
         let proto = report_to_proto(&report);
         assert_eq!(proto.attempt, 3);
+        assert_eq!(
+            proto.verdict,
+            Some(v1::Verdict {
+                tier: "mid".into(),
+                accepted: false,
+                rejections: 3
+            })
+        );
         assert_eq!(proto.finished_at.unwrap().seconds, 10);
         let Some(v1::task_report::Outcome::Failed(failed)) = proto.outcome else {
             panic!("a failed outcome");

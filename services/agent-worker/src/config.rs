@@ -62,6 +62,13 @@ pub struct AgentConfig {
     pub tool_timeout: Duration,
     /// A tool result longer than this is cut (saying so) before the model reads it.
     pub max_tool_result_bytes: usize,
+    /// Share of the model's context window (the task's `context_window`) a conversation may
+    /// fill before a model call; the rest is left for the answer. Beyond it the task escalates
+    /// to a larger-context tier, or its older turns are compressed through memory.
+    pub context_fill: f64,
+    /// Ask the router for streamed answers and publish their text on the bus as it is written
+    /// (`colony.v1.event.tokens`); off: whole answers only.
+    pub stream_tokens: bool,
 }
 
 impl Default for AgentConfig {
@@ -70,6 +77,8 @@ impl Default for AgentConfig {
             max_steps: 12,
             tool_timeout: Duration::from_secs(120),
             max_tool_result_bytes: 16 * 1024,
+            context_fill: 0.75,
+            stream_tokens: true,
         }
     }
 }
@@ -200,6 +209,9 @@ impl Validate for Config {
         }
         if self.agent.max_tool_result_bytes < 256 {
             problems.push("agent.max_tool_result_bytes: must be at least 256".into());
+        }
+        if !(self.agent.context_fill > 0.0 && self.agent.context_fill <= 1.0) {
+            problems.push("agent.context_fill: must be above 0 and at most 1".into());
         }
         if self.heartbeat_interval < Duration::from_millis(100) {
             problems.push("heartbeat_interval: must be at least 100ms".into());

@@ -9,6 +9,7 @@ use colony_proto::v1;
 use colony_proto::v1::memory_client::MemoryClient;
 use colony_proto::v1::orchestrator_client::OrchestratorClient;
 use colony_proto::v1::router_client::RouterClient;
+use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
@@ -16,9 +17,9 @@ use tonic::{Code, Request, Status};
 use crate::claims::{ClaimLoop, ClaimQueue};
 use crate::error::{Error, Peer};
 use crate::task::{
-    ChatMessage, Checkpoint, ChildTask, Claim, Completion, Dispatch, ErrorClass, FoundMemory,
-    Judge, Lease, MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage, Validation,
-    WrittenMemory,
+    ChatMessage, Checkpoint, ChildTask, Claim, Completion, Dispatch, ErrorClass, Escalation,
+    FoundMemory, Judge, Lease, MemoryScope, Spawned, Strategy, TaskSpec, ToolCall, ToolSpec, Usage,
+    Validation, WrittenMemory,
 };
 use crate::worker::Peers;
 
@@ -130,9 +131,22 @@ pub(crate) async fn call<T>(
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Error> {
+    within(peer, deadline, async {
+        call.await.map(tonic::Response::into_inner)
+    })
+    .await
+}
+
+/// `work` (one or more calls to `peer`) with `deadline` and a little slack for the peer's own
+/// deadline error to arrive first.
+async fn within<T>(
+    peer: Peer,
+    deadline: Duration,
+    work: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Error> {
     let limit = deadline + Duration::from_millis(500);
-    match tokio::time::timeout(limit, call).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(status)) => Err(status_error(peer, &status, deadline)),
         Err(_) => Err(Error::Call {
             peer,
@@ -295,9 +309,49 @@ pub fn claim_from_proto(
                 },
                 fail_on_reject: validation.fail_on_reject,
             }),
+            context_window: spec.context_window,
+            escalation: spec.escalation.map(|escalation| Escalation {
+                tier: escalation.tier,
+                context_window: escalation.context_window,
+            }),
         }),
         lease: Duration::from_millis(response.lease_ms),
     })
+}
+
+/// A router request for `task`'s model call: its tier, budgets and the tools offered.
+fn complete_request(
+    task: &TaskSpec,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+) -> v1::CompleteRequest {
+    v1::CompleteRequest {
+        tenant: task.tenant.clone(),
+        run_id: task.run_id.clone(),
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        deployment: String::new(),
+        tier: task.tier.clone(),
+        messages: messages.iter().map(to_proto_message).collect(),
+        max_tokens: task.max_tokens,
+        tools: tools.iter().map(tool_to_proto).collect(),
+        task_budget_micros_usd: task.task_budget_micros_usd,
+        run_budget_micros_usd: task.run_budget_micros_usd,
+        ..Default::default()
+    }
+}
+
+fn completion_from_proto(response: v1::CompleteResponse) -> Completion {
+    Completion {
+        content: response.content,
+        usage: usage_from_proto(response.usage),
+        deployment: response.deployment,
+        tool_calls: response
+            .tool_calls
+            .into_iter()
+            .map(tool_call_from_proto)
+            .collect(),
+    }
 }
 
 impl Peers for GrpcPeers {
@@ -377,20 +431,7 @@ impl Peers for GrpcPeers {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> Result<Completion, Error> {
-        let message = v1::CompleteRequest {
-            tenant: task.tenant.clone(),
-            run_id: task.run_id.clone(),
-            task_id: task.task_id.clone(),
-            attempt: task.attempt,
-            deployment: String::new(),
-            tier: task.tier.clone(),
-            messages: messages.iter().map(to_proto_message).collect(),
-            max_tokens: task.max_tokens,
-            tools: tools.iter().map(tool_to_proto).collect(),
-            task_budget_micros_usd: task.task_budget_micros_usd,
-            run_budget_micros_usd: task.run_budget_micros_usd,
-            ..Default::default()
-        };
+        let message = complete_request(task, messages, tools);
         let mut client = self.router.clone();
         let response = call(
             Peer::Router,
@@ -398,16 +439,39 @@ impl Peers for GrpcPeers {
             client.complete(request(message, self.completion_timeout)),
         )
         .await?;
-        Ok(Completion {
-            content: response.content,
-            usage: usage_from_proto(response.usage),
-            deployment: response.deployment,
-            tool_calls: response
-                .tool_calls
-                .into_iter()
-                .map(tool_call_from_proto)
-                .collect(),
-        })
+        Ok(completion_from_proto(response))
+    }
+
+    async fn complete_streamed(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        deltas: &mpsc::UnboundedSender<String>,
+    ) -> Result<Completion, Error> {
+        use futures::StreamExt as _;
+        use v1::complete_chunk::Chunk;
+        let deadline = self.completion_timeout;
+        let message = complete_request(task, messages, tools);
+        let mut client = self.router.clone();
+        let streamed = async {
+            let mut chunks = client
+                .complete_stream(request(message, deadline))
+                .await?
+                .into_inner();
+            while let Some(chunk) = chunks.next().await {
+                match chunk?.chunk {
+                    // A closed receiver only means no one forwards the text any more.
+                    Some(Chunk::Delta(text)) => drop(deltas.send(text)),
+                    Some(Chunk::Done(response)) => return Ok(completion_from_proto(response)),
+                    Some(Chunk::ToolCall(_)) | None => {}
+                }
+            }
+            Err(Status::unavailable(
+                "the router's stream ended without its final chunk",
+            ))
+        };
+        within(Peer::Router, deadline, streamed).await
     }
 
     async fn save_checkpoint(
@@ -436,6 +500,59 @@ impl Peers for GrpcPeers {
         )
         .await?;
         Ok((!response.saved).then_some(response.reason))
+    }
+
+    async fn compress(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<String>, Error> {
+        // Its own session, so that the summaries cover this conversation only (the run's
+        // session interleaves its tasks); the originals stay stored there.
+        let session_id = format!("{}/{}/{}/context", task.run_id, task.task_id, task.attempt);
+        let append = v1::AppendMessagesRequest {
+            tenant: task.tenant.clone(),
+            session_id: session_id.clone(),
+            run_id: task.run_id.clone(),
+            task_id: task.task_id.clone(),
+            // The tool calls are part of what happened: written out for the summariser.
+            messages: messages
+                .iter()
+                .map(|message| {
+                    let mut proto = to_proto_message(message);
+                    for call in &message.tool_calls {
+                        proto
+                            .content
+                            .push_str(&format!("\n[called {}({})]", call.name, call.arguments));
+                    }
+                    proto
+                })
+                .collect(),
+        };
+        let mut client = self.memory.clone();
+        call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.append_messages(request(append, self.rpc_timeout)),
+        )
+        .await?;
+        let compress = v1::CompressSessionRequest {
+            tenant: task.tenant.clone(),
+            session_id,
+            keep_recent: Some(0),
+        };
+        // Summarising is model calls through the router: the completion deadline applies.
+        let response = call(
+            Peer::Memory,
+            self.completion_timeout,
+            client.compress_session(request(compress, self.completion_timeout)),
+        )
+        .await?;
+        Ok(response
+            .summaries
+            .into_iter()
+            .map(|summary| summary.text)
+            .collect())
     }
 
     async fn search_memories(
@@ -558,6 +675,29 @@ impl Peers for GrpcPeers {
                 })
             })
             .collect())
+    }
+
+    async fn record_strategy_outcome(
+        &self,
+        task: &TaskSpec,
+        strategy_id: i64,
+        success: bool,
+    ) -> Result<(), Error> {
+        let message = v1::RecordStrategyOutcomeRequest {
+            tenant: task.tenant.clone(),
+            strategy_id,
+            success,
+            run_id: task.run_id.clone(),
+            task_id: task.task_id.clone(),
+        };
+        let mut client = self.memory.clone();
+        call(
+            Peer::Memory,
+            self.rpc_timeout,
+            client.record_strategy_outcome(request(message, self.rpc_timeout)),
+        )
+        .await
+        .map(drop)
     }
 
     async fn spawn(

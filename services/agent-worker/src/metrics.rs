@@ -32,6 +32,11 @@ pub const MODEL_CALL_SECONDS: &str = "colony_agent_worker_model_call_duration_se
 pub const VALIDATIONS: &str = "colony_agent_worker_validations_total";
 /// Checkpoints of the agent loop, by `result` (`saved`, `refused`, `error`).
 pub const CHECKPOINTS: &str = "colony_agent_worker_checkpoints_total";
+/// Conversations that would have overflowed the model's context window, by `action`
+/// (`escalated`, `compressed`, `failed`).
+pub const CONTEXT_OVERFLOWS: &str = "colony_agent_worker_context_overflows_total";
+/// Chunks of streamed model text published for watchers, by `result` (`published`, `error`).
+pub const TOKEN_CHUNKS: &str = "colony_agent_worker_token_chunks_total";
 /// Attempts that resumed from an earlier attempt's checkpoint.
 pub const RESUMED: &str = "colony_agent_worker_resumed_total";
 /// Tool calls made by agents, by `tool` and `result` (`ok`, `error`).
@@ -123,6 +128,14 @@ pub fn describe() {
         AGENT_STEPS,
         Unit::Count,
         "Model calls the agent loop made in one attempt."
+    );
+    describe_counter!(
+        CONTEXT_OVERFLOWS,
+        "Conversations that would have overflowed the model's context window, by action (escalated, compressed, failed)."
+    );
+    describe_counter!(
+        TOKEN_CHUNKS,
+        "Chunks of streamed model text published on the bus for watchers, by result (published, error)."
     );
     describe_counter!(
         AGENT_STOPPED,

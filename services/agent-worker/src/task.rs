@@ -64,6 +64,16 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+/// A piece of what the model is writing in model call `model_call` of an attempt: `text` as
+/// chunk `seq` of the call's stream, or its end (`done`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenChunk {
+    pub model_call: u32,
+    pub seq: u32,
+    pub text: String,
+    pub done: bool,
+}
+
 /// A tool offered to the model: its name, what it does, and its arguments' JSON Schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolSpec {
@@ -99,6 +109,17 @@ pub struct TaskSpec {
     pub checkpoint: Option<Checkpoint>,
     /// How the answer is checked before it is reported; `None`: not checked.
     pub validation: Option<Validation>,
+    /// The context window in tokens of the task's tier; 0 when unknown (never compressed).
+    pub context_window: u64,
+    /// A larger-context tier to move to when the conversation would overflow.
+    pub escalation: Option<Escalation>,
+}
+
+/// A tier with a larger context window the task may move to on overflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Escalation {
+    pub tier: String,
+    pub context_window: u64,
 }
 
 /// Judges that check an answer (LLM as judge with a rubric) and the bounded regeneration.
@@ -225,6 +246,19 @@ pub struct Report {
     pub worker_id: String,
     pub outcome: TaskOutcome,
     pub finished_at: SystemTime,
+    /// How the answer fared with the judges; `None` when it was not validated.
+    pub verdict: Option<Verdict>,
+}
+
+/// The judges' verdict on an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The tier whose model wrote the answer.
+    pub tier: String,
+    /// Accepted in the end, or still rejected after the rounds.
+    pub accepted: bool,
+    /// Rejections before the end.
+    pub rejections: u32,
 }
 
 impl Report {

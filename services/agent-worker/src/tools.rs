@@ -268,6 +268,9 @@ pub struct Toolbox<'a, P> {
     /// The task's workspace, when the role may use a workspace tool; or why it could not be
     /// made (every workspace tool then answers with that).
     pub workspace: Option<&'a Result<Workspace, sandbox::Error>>,
+    /// Ids of the strategies `suggest_strategy` gave the agent: their outcome is recorded once
+    /// the answer is judged.
+    pub suggested: &'a std::sync::Mutex<Vec<i64>>,
     /// Cancelled when the attempt must stop: running commands are killed.
     pub cancel: &'a CancellationToken,
 }
@@ -461,23 +464,35 @@ impl<P: Peers> Toolbox<'_, P> {
             Ok(found) if found.is_empty() => {
                 ToolOutcome::ok("no strategies are known for tasks like this yet")
             }
-            Ok(found) => ToolOutcome::ok(
-                found
-                    .iter()
-                    .map(|strategy| {
-                        format!(
-                            "- {} (id {}, {} wins, {} losses)\n  when: {}\n  how: {}",
-                            strategy.title,
-                            strategy.id,
-                            strategy.wins,
-                            strategy.losses,
-                            strategy.when_to_use,
-                            strategy.strategy
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
+            Ok(found) => {
+                let mut suggested = self
+                    .suggested
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for strategy in &found {
+                    if !suggested.contains(&strategy.id) {
+                        suggested.push(strategy.id);
+                    }
+                }
+                drop(suggested);
+                ToolOutcome::ok(
+                    found
+                        .iter()
+                        .map(|strategy| {
+                            format!(
+                                "- {} (id {}, {} wins, {} losses)\n  when: {}\n  how: {}",
+                                strategy.title,
+                                strategy.id,
+                                strategy.wins,
+                                strategy.losses,
+                                strategy.when_to_use,
+                                strategy.strategy
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            }
             Err(error) => ToolOutcome::error(error.to_string()),
         }
     }

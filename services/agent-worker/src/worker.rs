@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -17,8 +18,8 @@ use crate::metrics;
 use crate::sandbox::{SandboxConfig, Workspace};
 use crate::task::{
     ChatMessage, Checkpoint, ChildTask, Claim, Dispatch, ErrorClass, FoundMemory, Lease,
-    MemoryScope, Report, Spawned, Strategy, TaskOutcome, TaskSpec, ToolSpec, Usage, Validation,
-    WrittenMemory,
+    MemoryScope, Report, Spawned, Strategy, TaskOutcome, TaskSpec, TokenChunk, ToolSpec, Usage,
+    Validation, Verdict, WrittenMemory,
 };
 use crate::tools::{self, ToolOutcome, Toolbox};
 
@@ -66,6 +67,15 @@ pub trait Peers: Send + Sync + 'static {
         messages: &[ChatMessage],
         tools: &[ToolSpec],
     ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
+    /// `Router.CompleteStream`: as [`Peers::complete`], sending the answer's text to `deltas`
+    /// as the model writes it.
+    fn complete_streamed(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        deltas: &mpsc::UnboundedSender<String>,
+    ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
     /// `Orchestrator.SaveCheckpoint`: `None` when saved, else why the attempt is no longer
     /// this worker's.
     fn save_checkpoint(
@@ -74,6 +84,13 @@ pub trait Peers: Send + Sync + 'static {
         worker_id: &str,
         checkpoint: &Checkpoint,
     ) -> impl Future<Output = Result<Option<String>, Error>> + Send;
+    /// The summaries (oldest first) of `messages`, made by memory: they are appended to the
+    /// attempt's own context session and `Memory.CompressSession` summarises all of them.
+    fn compress(
+        &self,
+        task: &TaskSpec,
+        messages: &[ChatMessage],
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
     /// `Memory.SearchMemories` over what the task may see: its tenant's shared memories, its
     /// role's and its run's.
     fn search_memories(
@@ -97,6 +114,13 @@ pub trait Peers: Send + Sync + 'static {
         about: &str,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Strategy>, Error>> + Send;
+    /// `Memory.RecordStrategyOutcome`: whether a strategy the task was given helped.
+    fn record_strategy_outcome(
+        &self,
+        task: &TaskSpec,
+        strategy_id: i64,
+        success: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
     /// `Orchestrator.SpawnTasks`: children of this attempt, optionally parking it until they
     /// finish.
     fn spawn(
@@ -117,6 +141,12 @@ pub trait Reporter: Send + Sync + 'static {
         task: &TaskSpec,
         first: u32,
         messages: &[ChatMessage],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Publishes a piece of what the task's model is writing.
+    fn tokens(
+        &self,
+        task: &TaskSpec,
+        chunk: &TokenChunk,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
@@ -253,6 +283,8 @@ enum LoopEnd {
         state: Checkpoint,
         output: String,
         deployment: String,
+        /// The tier that answered (the task's, or the one it escalated to).
+        tier: String,
     },
     /// It failed, or parked (`None`).
     Ended(Option<TaskOutcome>),
@@ -477,7 +509,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
 
     /// Runs the task and publishes its report.
     async fn run_and_report(&self, task: &TaskSpec, token: &CancellationToken) -> Ended {
-        let Some(outcome) = self.execute(task, token).await else {
+        let Some((outcome, verdict)) = self.execute(task, token).await else {
             return Ended::Parked;
         };
         let report = Report {
@@ -488,6 +520,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             worker_id: self.worker_id.clone(),
             outcome,
             finished_at: SystemTime::now(),
+            verdict,
         };
         if self.publish(&report, token).await {
             Ended::Reported(report.outcome.kind())
@@ -518,13 +551,30 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
 
     /// The attempt's outcome; `None` when it parked (spawned children to wait for) and must
     /// not be reported.
-    async fn execute(&self, task: &TaskSpec, token: &CancellationToken) -> Option<TaskOutcome> {
+    async fn execute(
+        &self,
+        task: &TaskSpec,
+        token: &CancellationToken,
+    ) -> Option<(TaskOutcome, Option<Verdict>)> {
+        let failed = |class, message| {
+            Some((
+                TaskOutcome::Failed {
+                    class,
+                    message,
+                    usage: Usage::default(),
+                },
+                None,
+            ))
+        };
         if task.noop {
-            return Some(TaskOutcome::Succeeded {
-                output: task.instructions.clone(),
-                usage: Usage::default(),
-                deployment: String::new(),
-            });
+            return Some((
+                TaskOutcome::Succeeded {
+                    output: task.instructions.clone(),
+                    usage: Usage::default(),
+                    deployment: String::new(),
+                },
+                None,
+            ));
         }
         let resume = match &task.checkpoint {
             Some(checkpoint) => {
@@ -541,11 +591,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     Ok(context) => context,
                     Err(error) => {
                         tracing::warn!(%error, class = %error.class(), "fetching a dependency output failed");
-                        return Some(TaskOutcome::Failed {
-                            class: error.class(),
-                            message: error.to_string(),
-                            usage: Usage::default(),
-                        });
+                        return failed(error.class(), error.to_string());
                     }
                 };
                 prompt.push(ChatMessage::new("user", task.instructions.clone()));
@@ -578,7 +624,9 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
 
     /// Runs the agent loop to an answer, then has the task's judges check it: a rejection goes
     /// back to the model as a critique and the loop answers again, at most `max_rounds` times;
-    /// then the policy reports the answer with a warning or fails the task.
+    /// then the policy reports the answer with a warning or fails the task. The verdict is
+    /// reported (the orchestrator measures the tier's quality by it) and decides whether the
+    /// strategies the agent was given count as wins or losses.
     async fn answer_and_validate(
         &self,
         task: &TaskSpec,
@@ -586,45 +634,53 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         offered: &[ToolSpec],
         workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
         token: &CancellationToken,
-    ) -> Option<TaskOutcome> {
+    ) -> Option<(TaskOutcome, Option<Verdict>)> {
+        let suggested = Mutex::new(Vec::new());
         let mut rounds = 0;
         loop {
-            let (answered, output, deployment) = match self
-                .agent_loop(task, state, offered, workspace, token)
+            let (answered, output, deployment, tier) = match self
+                .agent_loop(task, state, offered, workspace, &suggested, token)
                 .await
             {
                 LoopEnd::Answered {
                     state,
                     output,
                     deployment,
-                } => (state, output, deployment),
-                LoopEnd::Ended(outcome) => return outcome,
-            };
-            let succeeded = |usage| {
-                Some(TaskOutcome::Succeeded {
-                    output: output.clone(),
-                    usage,
-                    deployment: deployment.clone(),
-                })
+                    tier,
+                } => (state, output, deployment, tier),
+                LoopEnd::Ended(outcome) => return outcome.map(|outcome| (outcome, None)),
             };
             let Some(validation) = &task.validation else {
-                return succeeded(answered.usage);
+                let outcome = TaskOutcome::Succeeded {
+                    output,
+                    usage: answered.usage,
+                    deployment,
+                };
+                return Some((outcome, None));
             };
             let mut usage = answered.usage;
-            let verdict = self.judge(task, validation, &output, &mut usage).await;
-            let (judge, critique) = match verdict {
+            let (judge, critique) = match self.judge(task, validation, &output, &mut usage).await {
                 Ok(None) => {
                     ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "accepted").increment(1);
-                    return succeeded(usage);
+                    let outcome = TaskOutcome::Succeeded {
+                        output,
+                        usage,
+                        deployment,
+                    };
+                    return Some(
+                        self.judged(task, outcome, tier, true, rounds, &suggested)
+                            .await,
+                    );
                 }
                 Ok(Some(rejection)) => rejection,
                 Err(error) => {
                     tracing::warn!(%error, "a judge's model call failed");
-                    return Some(TaskOutcome::Failed {
+                    let outcome = TaskOutcome::Failed {
                         class: error.class(),
                         message: format!("validating the answer: {error}"),
                         usage,
-                    });
+                    };
+                    return Some((outcome, None));
                 }
             };
             ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "rejected").increment(1);
@@ -633,18 +689,27 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     "judge {judge} still rejected the answer after {rounds} regeneration(s): \
                      {critique}"
                 );
-                if validation.fail_on_reject {
+                let outcome = if validation.fail_on_reject {
                     ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "failed").increment(1);
-                    return Some(TaskOutcome::Failed {
+                    TaskOutcome::Failed {
                         class: ErrorClass::UserFixable,
                         message: summary,
                         usage,
-                    });
-                }
-                ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "accepted_with_warning")
-                    .increment(1);
-                tracing::warn!(warning = %summary, "answer reported with a warning");
-                return succeeded(usage);
+                    }
+                } else {
+                    ::metrics::counter!(metrics::VALIDATIONS, "verdict" => "accepted_with_warning")
+                        .increment(1);
+                    tracing::warn!(warning = %summary, "answer reported with a warning");
+                    TaskOutcome::Succeeded {
+                        output,
+                        usage,
+                        deployment,
+                    }
+                };
+                return Some(
+                    self.judged(task, outcome, tier, false, rounds + 1, &suggested)
+                        .await,
+                );
             }
             rounds += 1;
             tracing::info!(%judge, rounds, "answer rejected; regenerating with the critique");
@@ -666,6 +731,34 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 usage,
             };
         }
+    }
+
+    /// The judged outcome with its verdict, after telling memory whether the strategies the
+    /// agent was given (`suggested`) helped: a win when the answer was accepted in the end, a
+    /// loss when it was still rejected. A failed record is logged; the report goes on.
+    async fn judged(
+        &self,
+        task: &TaskSpec,
+        outcome: TaskOutcome,
+        tier: String,
+        accepted: bool,
+        rejections: u32,
+        suggested: &Mutex<Vec<i64>>,
+    ) -> (TaskOutcome, Option<Verdict>) {
+        let strategies =
+            std::mem::take(&mut *suggested.lock().unwrap_or_else(PoisonError::into_inner));
+        let recorded = strategies.iter().map(|&id| async move {
+            if let Err(error) = self.peers.record_strategy_outcome(task, id, accepted).await {
+                tracing::warn!(%error, strategy = id, "could not record the strategy's outcome");
+            }
+        });
+        futures::future::join_all(recorded).await;
+        let verdict = Verdict {
+            tier,
+            accepted,
+            rejections,
+        };
+        (outcome, Some(verdict))
     }
 
     /// Asks each judge in turn; the first rejection ends it. `Ok(None)`: accepted by all;
@@ -716,6 +809,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         start: Checkpoint,
         offered: &[ToolSpec],
         workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
+        suggested: &Mutex<Vec<i64>>,
         token: &CancellationToken,
     ) -> LoopEnd {
         let toolbox = Toolbox {
@@ -725,6 +819,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             config: &self.settings.agent,
             sandbox: &self.settings.sandbox,
             workspace,
+            suggested,
             cancel: token,
         };
         let Checkpoint {
@@ -738,10 +833,46 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         // Trajectory steps are numbered across the attempt: the prompt took 1..=len (after a
         // resume, the conversation so far stands where the prompt would).
         let mut next_step = step_number(messages.len()) + 1;
+        // The task as asked of a larger-context tier, once the conversation outgrew its own.
+        let mut escalated: Option<TaskSpec> = None;
         for call in model_calls.saturating_add(1)..=self.settings.agent.max_steps {
+            let window = escalated.as_ref().unwrap_or(task).context_window;
+            if overflows(&messages, window, self.settings.agent.context_fill) {
+                if unremembered > 0 {
+                    // The prompt is stored as it was, before any of it is compressed.
+                    self.remember(task, &messages[..unremembered], "prompt", 1)
+                        .await;
+                    unremembered = 0;
+                }
+                match self.fit_context(task, &mut escalated, &mut messages).await {
+                    Ok(Some(summary)) => {
+                        self.remember(task, std::slice::from_ref(&summary), "summary", next_step)
+                            .await;
+                        next_step += 1;
+                    }
+                    Ok(None) => {}
+                    Err((class, message)) => {
+                        return LoopEnd::Ended(Some(TaskOutcome::Failed {
+                            class,
+                            message,
+                            usage,
+                        }));
+                    }
+                }
+            }
+            let asking = escalated.as_ref().unwrap_or(task);
             let asked = Instant::now();
+            let (deltas, written) = mpsc::unbounded_channel();
             let call_model = async {
-                let answer = self.peers.complete(task, &messages, offered).await;
+                // Dropped when the call ends, which ends the forwarding below.
+                let deltas = deltas;
+                let answer = if self.settings.agent.stream_tokens {
+                    self.peers
+                        .complete_streamed(asking, &messages, offered, &deltas)
+                        .await
+                } else {
+                    self.peers.complete(asking, &messages, offered).await
+                };
                 ::metrics::histogram!(metrics::MODEL_CALL_SECONDS)
                     .record(asked.elapsed().as_secs_f64());
                 answer
@@ -752,7 +883,11 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                         .await;
                 }
             };
-            let (answer, ()) = tokio::join!(call_model, remember_prompt);
+            let (answer, (), ()) = tokio::join!(
+                call_model,
+                remember_prompt,
+                self.forward_tokens(task, call, written)
+            );
             unremembered = 0;
             let completion = match answer {
                 Ok(completion) => completion,
@@ -787,6 +922,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     },
                     output: completion.content,
                     deployment: completion.deployment,
+                    tier: asking.tier.clone(),
                 };
             }
             let mut results = Vec::with_capacity(completion.tool_calls.len());
@@ -839,6 +975,159 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             ),
             usage,
         }))
+    }
+
+    /// Publishes what the model writes in model call `call` as it arrives, joining the deltas
+    /// that arrive while the previous chunk is published, then the call's end. A failed
+    /// publish is counted and skipped: watchers miss text, the task goes on.
+    async fn forward_tokens(
+        &self,
+        task: &TaskSpec,
+        call: u32,
+        mut written: mpsc::UnboundedReceiver<String>,
+    ) {
+        let mut seq = 0;
+        let mut streamed = false;
+        while let Some(mut text) = written.recv().await {
+            while let Ok(more) = written.try_recv() {
+                text.push_str(&more);
+            }
+            streamed = true;
+            self.publish_tokens(task, call, &mut seq, text, false).await;
+        }
+        if streamed {
+            self.publish_tokens(task, call, &mut seq, String::new(), true)
+                .await;
+        }
+    }
+
+    async fn publish_tokens(
+        &self,
+        task: &TaskSpec,
+        call: u32,
+        seq: &mut u32,
+        text: String,
+        done: bool,
+    ) {
+        let chunk = TokenChunk {
+            model_call: call,
+            seq: *seq,
+            text,
+            done,
+        };
+        *seq += 1;
+        let result = match self.reporter.tokens(task, &chunk).await {
+            Ok(()) => "published",
+            Err(error) => {
+                tracing::debug!(%error, "streamed tokens not published");
+                "error"
+            }
+        };
+        ::metrics::counter!(metrics::TOKEN_CHUNKS, "result" => result).increment(1);
+    }
+
+    /// Makes `messages` fit the share `agent.context_fill` of the model's context window
+    /// before a call: moves the task to its escalation tier when the conversation fits there
+    /// (once per attempt), otherwise replaces its older turns by memory's summaries of them
+    /// (the system prompt, the instructions and the most recent turns stay as they are).
+    /// Returns the summary message when it compressed; an error when it cannot fit.
+    async fn fit_context(
+        &self,
+        task: &TaskSpec,
+        escalated: &mut Option<TaskSpec>,
+        messages: &mut Vec<ChatMessage>,
+    ) -> Result<Option<ChatMessage>, (ErrorClass, String)> {
+        let fill = self.settings.agent.context_fill;
+        let window = escalated.as_ref().unwrap_or(task).context_window;
+        if !overflows(messages, window, fill) {
+            return Ok(None);
+        }
+        let limit = fill_limit(window, fill);
+        let needed = estimate_tokens(messages);
+        if escalated.is_none()
+            && let Some(larger) = &task.escalation
+            && needed <= fill_limit(larger.context_window, fill)
+        {
+            ::metrics::counter!(metrics::CONTEXT_OVERFLOWS, "action" => "escalated").increment(1);
+            tracing::info!(
+                needed,
+                limit,
+                tier = %larger.tier,
+                "the conversation outgrew the context window; escalating to a larger tier"
+            );
+            *escalated = Some(TaskSpec {
+                tier: larger.tier.clone(),
+                context_window: larger.context_window,
+                escalation: None,
+                checkpoint: None,
+                ..task.clone()
+            });
+            return Ok(None);
+        }
+        let failed = |message: String| {
+            ::metrics::counter!(metrics::CONTEXT_OVERFLOWS, "action" => "failed").increment(1);
+            (ErrorClass::UserFixable, message)
+        };
+        let Some(plan) = plan_compression(messages, &task.instructions, limit / 2) else {
+            return Err(failed(format!(
+                "the conversation needs about {needed} tokens, more than {limit} \
+                 (agent.context_fill of the {window}-token context window), and has no older \
+                 turns left to compress"
+            )));
+        };
+        let older: Vec<ChatMessage> = plan.older.iter().map(|&i| messages[i].clone()).collect();
+        let summaries = match self.peers.compress(task, &older).await {
+            Ok(summaries) if !summaries.is_empty() => summaries,
+            Ok(_) => {
+                return Err(failed(
+                    "compressing the conversation through memory returned no summary".into(),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "compressing the conversation through memory failed");
+                ::metrics::counter!(metrics::CONTEXT_OVERFLOWS, "action" => "failed").increment(1);
+                return Err((
+                    error.class(),
+                    format!("compressing the conversation through memory failed: {error}"),
+                ));
+            }
+        };
+        let summary = ChatMessage::new(
+            "user",
+            format!(
+                "{COMPRESSED_HEADING} ({} messages):\n{}",
+                older.len(),
+                summaries.join("\n\n")
+            ),
+        );
+        let mut compressed = Vec::with_capacity(messages.len() - older.len() + 1);
+        compressed.extend(
+            messages
+                .drain(..plan.tail_start)
+                .enumerate()
+                .filter_map(|(i, message)| (!plan.older.contains(&i)).then_some(message)),
+        );
+        compressed.push(summary.clone());
+        compressed.append(messages);
+        *messages = compressed;
+        let after = estimate_tokens(messages);
+        if after > limit {
+            return Err(failed(format!(
+                "the conversation still needs about {after} tokens after compressing {} older \
+                 messages, more than {limit} (agent.context_fill of the {window}-token context \
+                 window)",
+                older.len()
+            )));
+        }
+        ::metrics::counter!(metrics::CONTEXT_OVERFLOWS, "action" => "compressed").increment(1);
+        tracing::info!(
+            needed,
+            after,
+            limit,
+            compressed = older.len(),
+            "the conversation outgrew the context window; older turns compressed through memory"
+        );
+        Ok(Some(summary))
     }
 
     /// Saves where the loop is after model call `call` and its tools. A failure is logged and
@@ -913,6 +1202,88 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
     }
 }
 
+/// First words of the message that stands for compressed turns.
+pub const COMPRESSED_HEADING: &str =
+    "Summary of the earlier conversation, compressed to fit the model's context window";
+
+/// Tokens of `messages` as memory estimates them: one per four characters of content and tool
+/// calls, at least one per message.
+fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|message| {
+            let chars = message.content.chars().count()
+                + message
+                    .tool_calls
+                    .iter()
+                    .map(|call| call.name.len() + call.arguments.chars().count())
+                    .sum::<usize>();
+            u64::try_from(chars.div_ceil(4).max(1)).unwrap_or(u64::MAX)
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// The tokens a conversation may take of a `window`-token context; 0 when the window is
+/// unknown (no limit).
+fn fill_limit(window: u64, fill: f64) -> u64 {
+    // Context windows are far below 2^52: the conversion is exact.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a product of a token count and a share in (0, 1]"
+    )]
+    let limit = (window as f64 * fill) as u64;
+    limit
+}
+
+/// Whether `messages` take more than the share `fill` of a `window`-token context (never
+/// when the window is unknown).
+fn overflows(messages: &[ChatMessage], window: u64, fill: f64) -> bool {
+    let limit = fill_limit(window, fill);
+    limit > 0 && estimate_tokens(messages) > limit
+}
+
+/// Which messages a compression replaces.
+#[derive(Debug, PartialEq, Eq)]
+struct CompressionPlan {
+    /// Indexes of the messages to summarise, in order: everything before `tail_start` but the
+    /// leading system messages and the task's instructions.
+    older: Vec<usize>,
+    /// The first of the recent messages kept as they are.
+    tail_start: usize,
+}
+
+/// Keeps the most recent messages within `tail_tokens` (never starting at a tool result, whose
+/// call would be summarised away); `None` when nothing older is left to summarise.
+fn plan_compression(
+    messages: &[ChatMessage],
+    instructions: &str,
+    tail_tokens: u64,
+) -> Option<CompressionPlan> {
+    let head = messages
+        .iter()
+        .take_while(|message| message.role == "system")
+        .count();
+    let mut tail_start = messages.len();
+    let mut tokens = 0;
+    while tail_start > head {
+        let next = estimate_tokens(&messages[tail_start - 1..tail_start]);
+        if tokens + next > tail_tokens {
+            break;
+        }
+        tokens += next;
+        tail_start -= 1;
+    }
+    while tail_start < messages.len() && messages[tail_start].role == "tool" {
+        tail_start += 1;
+    }
+    let older: Vec<usize> = (head..tail_start)
+        .filter(|&i| !(messages[i].role == "user" && messages[i].content == instructions))
+        .collect();
+    (!older.is_empty()).then_some(CompressionPlan { older, tail_start })
+}
+
 /// A count of messages as a trajectory step number (saturating; attempts are far shorter).
 fn step_number(count: usize) -> u32 {
     u32::try_from(count).unwrap_or(u32::MAX / 2)
@@ -933,7 +1304,7 @@ mod tests {
 
     use super::*;
     use crate::error::Peer;
-    use crate::task::{Completion, ErrorClass, Usage};
+    use crate::task::{Completion, ErrorClass, Escalation, Usage};
 
     #[test]
     fn lease_heartbeats_fit_lease_and_ack_wait() {
@@ -968,6 +1339,15 @@ mod tests {
         /// Handed to the claimed task, as an earlier attempt's.
         resume_from: Option<Checkpoint>,
         validation: Option<Validation>,
+        /// The claimed task's context window and escalation.
+        context_window: u64,
+        escalation: Option<Escalation>,
+        /// The tier each model call asked for.
+        tiers: Mutex<Vec<String>>,
+        /// What each compression was given.
+        compressions: Mutex<Vec<Vec<ChatMessage>>>,
+        /// Strategy outcomes recorded: the strategy and whether it helped.
+        outcomes: Mutex<Vec<(i64, bool)>>,
     }
 
     impl FakePeers {
@@ -987,6 +1367,11 @@ mod tests {
                 tools: Vec::new(),
                 resume_from: None,
                 validation: None,
+                context_window: 0,
+                escalation: None,
+                tiers: Mutex::default(),
+                compressions: Mutex::default(),
+                outcomes: Mutex::default(),
             }
         }
 
@@ -1016,6 +1401,8 @@ mod tests {
             run_budget_micros_usd: 0,
             checkpoint: None,
             validation: None,
+            context_window: 0,
+            escalation: None,
         }
     }
 
@@ -1027,6 +1414,8 @@ mod tests {
                     tools: self.tools.clone(),
                     checkpoint: self.resume_from.clone(),
                     validation: self.validation.clone(),
+                    context_window: self.context_window,
+                    escalation: self.escalation.clone(),
                     ..spec()
                 }),
                 lease: Duration::from_secs(3),
@@ -1056,12 +1445,22 @@ mod tests {
             Ok(format!("the long output of {task_id}"))
         }
 
-        async fn complete(
+        async fn compress(
             &self,
             _: &TaskSpec,
             messages: &[ChatMessage],
+        ) -> Result<Vec<String>, Error> {
+            self.compressions.lock().unwrap().push(messages.to_vec());
+            Ok(vec![format!("{} messages, briefly", messages.len())])
+        }
+
+        async fn complete(
+            &self,
+            task: &TaskSpec,
+            messages: &[ChatMessage],
             tools: &[ToolSpec],
         ) -> Result<Completion, Error> {
+            self.tiers.lock().unwrap().push(task.tier.clone());
             self.calls.lock().unwrap().push((
                 messages.to_vec(),
                 tools.iter().map(|tool| tool.name).collect(),
@@ -1074,6 +1473,20 @@ mod tests {
                     class,
                     message: "provider says slow down".into(),
                 })
+        }
+
+        async fn complete_streamed(
+            &self,
+            task: &TaskSpec,
+            messages: &[ChatMessage],
+            tools: &[ToolSpec],
+            deltas: &mpsc::UnboundedSender<String>,
+        ) -> Result<Completion, Error> {
+            let completion = self.complete(task, messages, tools).await?;
+            for word in completion.content.split_inclusive(' ') {
+                deltas.send(word.to_owned()).unwrap();
+            }
+            Ok(completion)
         }
 
         async fn save_checkpoint(
@@ -1119,7 +1532,24 @@ mod tests {
             _: &str,
             _: u32,
         ) -> Result<Vec<Strategy>, Error> {
-            Ok(Vec::new())
+            Ok(vec![Strategy {
+                id: 41,
+                title: "ask for the VPN first".into(),
+                when_to_use: "staging access".into(),
+                strategy: "check the VPN before anything else".into(),
+                wins: 3,
+                losses: 1,
+            }])
+        }
+
+        async fn record_strategy_outcome(
+            &self,
+            _: &TaskSpec,
+            strategy_id: i64,
+            success: bool,
+        ) -> Result<(), Error> {
+            self.outcomes.lock().unwrap().push((strategy_id, success));
+            Ok(())
         }
 
         async fn spawn(
@@ -1148,6 +1578,7 @@ mod tests {
         published: Mutex<Vec<Report>>,
         /// First and last step number of each `steps` call.
         steps: Mutex<Vec<(u32, u32)>>,
+        tokens: Mutex<Vec<TokenChunk>>,
     }
 
     impl Reporter for FakeReporter {
@@ -1175,6 +1606,11 @@ mod tests {
         ) -> Result<(), Error> {
             let last = first + messages.len() as u32 - 1;
             self.steps.lock().unwrap().push((first, last));
+            Ok(())
+        }
+
+        async fn tokens(&self, _: &TaskSpec, chunk: &TokenChunk) -> Result<(), Error> {
+            self.tokens.lock().unwrap().push(chunk.clone());
             Ok(())
         }
     }
@@ -1632,6 +2068,212 @@ mod tests {
         }));
     }
 
+    fn searches(rounds: usize, answer: &str) -> Vec<Result<Completion, ErrorClass>> {
+        let mut script: Vec<_> = (0..rounds)
+            .map(|i| {
+                calls_tool(
+                    &format!("c{i}"),
+                    tools::MEMORY_SEARCH,
+                    r#"{"query": "staging access"}"#,
+                )
+            })
+            .collect();
+        script.push(says(answer));
+        script
+    }
+
+    #[test]
+    fn compression_keeps_the_prompt_and_recent_turns_and_never_starts_at_a_tool_result() {
+        let call = |id: &str| {
+            ChatMessage::assistant(
+                String::new(),
+                vec![crate::task::ToolCall {
+                    id: id.into(),
+                    name: "read_file".into(),
+                    arguments: r#"{"path": "notes.txt"}"#.into(),
+                }],
+            )
+        };
+        let messages = vec![
+            ChatMessage::new("system", "be brief"),
+            ChatMessage::new("user", "dependency output ".repeat(20)),
+            ChatMessage::new("user", "say hi"),
+            call("a"),
+            ChatMessage::tool_result("a", "x".repeat(80)),
+            call("b"),
+            ChatMessage::tool_result("b", "y".repeat(40)),
+        ];
+        // The last result (10 tokens) fits 12 tokens, its call (9) does not: the result alone
+        // would be an orphan, so neither is kept.
+        let plan = plan_compression(&messages, "say hi", 12).unwrap();
+        assert_eq!(
+            plan,
+            CompressionPlan {
+                older: vec![1, 3, 4, 5, 6],
+                tail_start: 7
+            }
+        );
+        let plan = plan_compression(&messages, "say hi", 19).unwrap();
+        assert_eq!(
+            plan,
+            CompressionPlan {
+                older: vec![1, 3, 4],
+                tail_start: 5
+            }
+        );
+        // Only the system prompt and the instructions: nothing to compress.
+        assert_eq!(plan_compression(&messages[..1], "say hi", 0), None);
+        assert_eq!(
+            plan_compression(&[messages[0].clone(), messages[2].clone()], "say hi", 0),
+            None
+        );
+        assert!(
+            !overflows(&messages, 0, 0.75),
+            "an unknown window never overflows"
+        );
+        assert!(overflows(&messages, 100, 0.75));
+        assert!(!overflows(&messages, 1000, 0.75));
+    }
+
+    #[tokio::test]
+    async fn a_conversation_outgrowing_the_window_has_its_older_turns_compressed_through_memory() {
+        let mut peers = FakePeers::scripted(searches(3, "use the VPN"), &[tools::MEMORY_SEARCH]);
+        peers.context_window = 80;
+        let worker = worker(peers, FakeReporter::default());
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+
+        let TaskOutcome::Succeeded { output, .. } = published_outcome(&worker) else {
+            panic!("the task succeeds");
+        };
+        assert_eq!(output, "use the VPN");
+        let compressions = worker.peers.compressions.lock().unwrap();
+        assert_eq!(compressions.len(), 1, "compressed once");
+        // The first two tool rounds went to memory; neither the system prompt nor the
+        // instructions did.
+        assert_eq!(compressions[0].len(), 4);
+        assert!(
+            compressions[0]
+                .iter()
+                .all(|m| m.role != "system" && m.content != "say hi")
+        );
+        let calls = worker.peers.calls.lock().unwrap();
+        let limit = fill_limit(80, 0.75);
+        for (messages, _) in calls.iter() {
+            assert!(estimate_tokens(messages) <= limit, "{messages:?}");
+        }
+        let last = &calls[3].0;
+        assert_eq!(last[0].content, "be brief");
+        assert_eq!(last[1].content, "say hi");
+        assert!(
+            last[2].content.starts_with(COMPRESSED_HEADING),
+            "{}",
+            last[2].content
+        );
+        assert!(
+            last[2].content.ends_with("4 messages, briefly"),
+            "{}",
+            last[2].content
+        );
+        // The most recent round stays as it was: the call, then its result.
+        assert_eq!(last[3].tool_calls[0].id, "c2");
+        assert_eq!(last[4].tool_call_id, "c2");
+        assert_eq!(last.len(), 5);
+        // The summary is remembered as a step of its own.
+        assert!(
+            worker
+                .peers
+                .appends
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|messages| messages[0].content.starts_with(COMPRESSED_HEADING))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_role_with_a_larger_tier_escalates_instead_of_compressing() {
+        let mut peers = FakePeers::scripted(searches(3, "use the VPN"), &[tools::MEMORY_SEARCH]);
+        peers.context_window = 80;
+        peers.escalation = Some(Escalation {
+            tier: "frontier".into(),
+            context_window: 1000,
+        });
+        let worker = worker(peers, FakeReporter::default());
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+
+        assert!(matches!(
+            published_outcome(&worker),
+            TaskOutcome::Succeeded { .. }
+        ));
+        assert!(worker.peers.compressions.lock().unwrap().is_empty());
+        assert_eq!(
+            *worker.peers.tiers.lock().unwrap(),
+            ["budget", "budget", "budget", "frontier"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_conversation_that_cannot_fit_fails_with_the_numbers() {
+        let mut peers = FakePeers::scripted(searches(3, "use the VPN"), &[tools::MEMORY_SEARCH]);
+        peers.context_window = 10;
+        let worker = worker(peers, FakeReporter::default());
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+
+        let TaskOutcome::Failed { class, message, .. } = published_outcome(&worker) else {
+            panic!("the task fails");
+        };
+        assert_eq!(class, ErrorClass::UserFixable);
+        assert!(
+            message.starts_with("the conversation still needs about ")
+                && message.contains("(agent.context_fill of the 10-token context window)"),
+            "{message}"
+        );
+        assert_eq!(worker.peers.calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_streamed_to_watchers_as_it_is_written() {
+        let peers = FakePeers::scripted(
+            vec![
+                calls_tool("c1", tools::MEMORY_SEARCH, r#"{"query": "vpn"}"#),
+                says("use the VPN now"),
+            ],
+            &[tools::MEMORY_SEARCH],
+        );
+        let worker = worker(peers, FakeReporter::default());
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+
+        assert!(matches!(
+            published_outcome(&worker),
+            TaskOutcome::Succeeded { .. }
+        ));
+        let tokens = worker.reporter.tokens.lock().unwrap();
+        // The tool-calling first call wrote no text: nothing streamed for it.
+        assert!(
+            tokens.iter().all(|chunk| chunk.model_call == 2),
+            "{tokens:?}"
+        );
+        let text: String = tokens.iter().map(|chunk| chunk.text.as_str()).collect();
+        assert_eq!(text, "use the VPN now");
+        assert!(
+            tokens
+                .iter()
+                .enumerate()
+                .all(|(i, chunk)| chunk.seq as usize == i)
+        );
+        let last = tokens.last().unwrap();
+        assert!(last.done && last.text.is_empty());
+        assert_eq!(tokens.iter().filter(|chunk| chunk.done).count(), 1);
+    }
+
     fn says(content: &str) -> Result<Completion, ErrorClass> {
         Ok(Completion {
             content: content.into(),
@@ -1673,12 +2315,13 @@ mod tests {
     async fn a_rejected_answer_is_regenerated_with_the_critique_until_the_judge_accepts() {
         let mut peers = FakePeers::scripted(
             vec![
+                calls_tool("s1", tools::SUGGEST_STRATEGY, r#"{"task": "capitals"}"#),
                 says("somewhere in France"),
                 says("REJECT: name the city"),
                 says("Paris"),
                 says("ACCEPT"),
             ],
-            &[],
+            &[tools::SUGGEST_STRATEGY],
         );
         peers.validation = reviewed(2, true);
         let worker = worker(peers, FakeReporter::default());
@@ -1688,27 +2331,38 @@ mod tests {
             panic!("the task succeeds");
         };
         assert_eq!(output, "Paris");
-        // Two answers and two verdicts.
-        assert_eq!(usage.prompt_tokens, 28);
+        // A strategy call, two answers and two verdicts.
+        assert_eq!(usage.prompt_tokens, 35);
+        // Accepted after one regeneration: the verdict goes with the report, and the strategy
+        // the agent was given counts as a win.
+        assert_eq!(
+            worker.reporter.published.lock().unwrap()[0].verdict,
+            Some(Verdict {
+                tier: "budget".into(),
+                accepted: true,
+                rejections: 1
+            })
+        );
+        assert_eq!(*worker.peers.outcomes.lock().unwrap(), [(41, true)]);
         let calls = worker.peers.calls.lock().unwrap();
-        assert_eq!(calls.len(), 4);
+        assert_eq!(calls.len(), 5);
         // The judge saw the rubric and the answer, with no tools.
-        assert!(calls[1].0[0].content.contains("Name the city."));
+        assert!(calls[2].0[0].content.contains("Name the city."));
         assert!(
-            calls[1].0[1]
+            calls[2].0[1]
                 .content
                 .ends_with("Answer:\nsomewhere in France")
         );
-        assert!(calls[1].1.is_empty());
+        assert!(calls[2].1.is_empty());
         // The regeneration saw its first answer and the critique.
-        let regenerate = &calls[2].0;
-        assert_eq!(regenerate[2].content, "somewhere in France");
+        let regenerate = &calls[3].0;
+        assert_eq!(regenerate[4].content, "somewhere in France");
         assert!(
-            regenerate[3]
+            regenerate[5]
                 .content
                 .contains("(reviewer) rejected your answer:\nname the city"),
             "{}",
-            regenerate[3].content
+            regenerate[5].content
         );
     }
 
@@ -1729,6 +2383,14 @@ mod tests {
             let progress = CountProgress::default();
             worker.handle("generalist", dispatch(), &progress).await;
             let outcome = published_outcome(&worker);
+            assert_eq!(
+                worker.reporter.published.lock().unwrap()[0].verdict,
+                Some(Verdict {
+                    tier: "budget".into(),
+                    accepted: false,
+                    rejections: 2
+                })
+            );
             if fail_on_reject {
                 assert_eq!(
                     outcome,

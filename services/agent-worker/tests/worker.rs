@@ -242,13 +242,24 @@ fn usage() -> v1::Usage {
 
 #[tonic::async_trait]
 impl Router for FakeRouter {
-    type CompleteStreamStream = futures::stream::Empty<Result<v1::CompleteChunk, Status>>;
+    type CompleteStreamStream =
+        futures::stream::Iter<std::vec::IntoIter<Result<v1::CompleteChunk, Status>>>;
 
+    /// The answer of `complete`, a word per delta, then the whole response.
     async fn complete_stream(
         &self,
-        _: Request<v1::CompleteRequest>,
+        request: Request<v1::CompleteRequest>,
     ) -> Result<Response<Self::CompleteStreamStream>, Status> {
-        Err(Status::unimplemented("the worker does not stream yet"))
+        use v1::complete_chunk::Chunk;
+        let response = self.complete(request).await?.into_inner();
+        let chunks: Vec<_> = response
+            .content
+            .split_inclusive(' ')
+            .map(|word| Chunk::Delta(word.to_owned()))
+            .chain([Chunk::Done(response.clone())])
+            .map(|chunk| Ok(v1::CompleteChunk { chunk: Some(chunk) }))
+            .collect();
+        Ok(Response::new(futures::stream::iter(chunks)))
     }
 
     async fn complete(
@@ -529,6 +540,35 @@ impl Harness {
         ))
     }
 
+    /// Every message on the EVENTS stream's logical `subject` so far, decoded.
+    async fn events<M: colony_proto::prost::Message + Default>(&self, subject: &str) -> Vec<M> {
+        let stream = self
+            .bus
+            .jetstream()
+            .get_stream(self.bus.stream_name(StreamKind::Events))
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(colony_bus::async_nats::jetstream::consumer::pull::Config {
+                filter_subject: self.bus.subject(subject),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut batch = consumer
+            .batch()
+            .max_messages(1000)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while let Some(message) = batch.next().await {
+            events.push(M::decode(message.unwrap().payload.as_ref()).unwrap());
+        }
+        events
+    }
+
     async fn stream_len(&self, kind: StreamKind) -> u64 {
         let mut stream = self
             .bus
@@ -626,6 +666,22 @@ async fn a_dispatch_is_claimed_run_and_reported() {
         .to_str()
         .unwrap();
     assert!(traceparent.contains(TRACE_ID), "{traceparent}");
+
+    // The answer was streamed onto the bus as the model wrote it, then its end.
+    let tokens: Vec<v1::TaskTokens> = h.events(subjects::TASK_TOKENS).await;
+    let text: String = tokens.iter().map(|chunk| chunk.text.as_str()).collect();
+    assert_eq!(text, "Hello.");
+    let last = tokens.last().expect("streamed tokens");
+    assert!(last.done && last.text.is_empty(), "{last:?}");
+    assert!(tokens.iter().enumerate().all(|(i, chunk)| {
+        chunk.seq as usize == i
+            && chunk.model_call == 1
+            && (
+                chunk.tenant.as_str(),
+                chunk.run_id.as_str(),
+                chunk.task_id.as_str(),
+            ) == ("acme", "run-of-t1", "t1")
+    }));
 
     let metrics = h.metrics().await;
     assert!(

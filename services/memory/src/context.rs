@@ -326,16 +326,14 @@ impl Context {
     ) -> Result<v1::CompressSessionResponse, Error> {
         check_id("tenant", &request.tenant)?;
         check_id("session_id", &request.session_id)?;
-        let keep_recent = match request.keep_recent {
-            0 => self.config.keep_recent,
-            n => n,
-        };
+        let keep_recent = request.keep_recent.unwrap_or(self.config.keep_recent);
         let (made, through) = self
             .compress(&request.tenant, &request.session_id, u64::from(keep_recent))
             .await?;
         Ok(v1::CompressSessionResponse {
             summary: made.last().map(Summary::to_proto),
             summarized_through_seq: through,
+            summaries: made.iter().map(Summary::to_proto).collect(),
         })
     }
 

@@ -229,7 +229,7 @@ async fn tenants_are_isolated_in_every_method() {
         .compress_session(v1::CompressSessionRequest {
             tenant: "initech".into(),
             session_id: "shared-name".into(),
-            keep_recent: 1,
+            keep_recent: Some(1),
         })
         .await
         .expect_err("no such session for initech");
@@ -1098,7 +1098,7 @@ async fn compression_keeps_the_originals_and_context_fits_the_budget() {
         .compress_session(v1::CompressSessionRequest {
             tenant: "acme".into(),
             session_id: "long".into(),
-            keep_recent: 5,
+            keep_recent: Some(5),
         })
         .await
         .expect("compress")
@@ -1190,7 +1190,7 @@ async fn compression_keeps_the_originals_and_context_fits_the_budget() {
         .compress_session(v1::CompressSessionRequest {
             tenant: "acme".into(),
             session_id: "long".into(),
-            keep_recent: 1,
+            keep_recent: Some(1),
         })
         .await
         .expect_err("the router is down");

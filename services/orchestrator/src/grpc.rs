@@ -107,6 +107,7 @@ impl OrchestratorService {
                 let tools = self.tools(&task.role);
                 let task_budget = self.task_budget_micros(&task.role);
                 let validation = self.validation(&task.role);
+                let (context_window, escalation) = self.context_window(&task.role, &tier);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
                 ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
@@ -132,11 +133,32 @@ impl OrchestratorService {
                             .map_or(0, |micros| u64::try_from(micros).unwrap_or(0)),
                         checkpoint: task.checkpoint.as_deref().and_then(decode_checkpoint),
                         validation,
+                        context_window,
+                        escalation,
                     }),
                     lease_ms,
                 }
             }
         }
+    }
+
+    /// The context window of `tier` (0 when the roster has no profile for it), and the larger
+    /// tier `role` may escalate to on overflow.
+    fn context_window(&self, role: &str, tier: &str) -> (u64, Option<v1::ContextEscalation>) {
+        let roster = self.store.roster();
+        let window = roster.profile(tier).map_or(0, |model| model.context_window);
+        let escalation = roster
+            .roles
+            .get(role)
+            .map(|r| r.escalate_tier.as_str())
+            .filter(|larger| !larger.is_empty() && *larger != tier)
+            .and_then(|larger| {
+                Some(v1::ContextEscalation {
+                    tier: larger.to_owned(),
+                    context_window: roster.profile(larger)?.context_window,
+                })
+            });
+        (window, escalation)
     }
 
     /// The tools `role` may use; none for a role the roster does not know.

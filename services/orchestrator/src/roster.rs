@@ -34,6 +34,10 @@ pub struct Role {
     pub task_budget_usd: Option<f64>,
     /// How the role's answers are checked before they are reported; unset: not checked.
     pub validation: Option<ValidationConfig>,
+    /// A tier of `roster.models` with a larger context window: a task whose conversation
+    /// would overflow its own tier's window moves there. Empty: older turns are compressed
+    /// through memory instead.
+    pub escalate_tier: String,
     /// Tasks of this role a worker should run at once (advisory: workers size their slots).
     pub concurrency: u32,
     /// Every task of this role waits for a human's approval before it runs.
@@ -97,6 +101,7 @@ impl Default for Role {
             tools: Vec::new(),
             task_budget_usd: None,
             validation: None,
+            escalate_tier: String::new(),
             concurrency: 4,
             requires_approval: false,
             kind: RoleKind::Agent,
@@ -374,6 +379,25 @@ impl RosterConfig {
                     problems.push(format!(
                         "roster.roles.{name}.validation.rubric: must not be empty"
                     ));
+                }
+            }
+            if !role.escalate_tier.is_empty() {
+                match self.models.get(&role.escalate_tier) {
+                    None => problems.push(format!(
+                        "roster.roles.{name}.escalate_tier: {:?} is not a tier of roster.models",
+                        role.escalate_tier
+                    )),
+                    Some(larger) => {
+                        if let Some(own) = self.profile(&role.tier)
+                            && larger.context_window <= own.context_window
+                        {
+                            problems.push(format!(
+                                "roster.roles.{name}.escalate_tier: {:?} has a context window of \
+                                 {} tokens, not larger than the role's own tier's {}",
+                                role.escalate_tier, larger.context_window, own.context_window
+                            ));
+                        }
+                    }
                 }
             }
             if role.concurrency == 0 {
