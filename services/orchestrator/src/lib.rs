@@ -88,6 +88,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             tier: config.runs.tier.clone(),
             failure_policy: config.runs.failure_policy,
         });
+    store.load_quality().await?;
     if config.leases.max_attempts.is_some() {
         tracing::warn!(
             "leases.max_attempts is deprecated and ignored: an expired lease counts as a \

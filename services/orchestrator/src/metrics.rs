@@ -27,6 +27,8 @@ pub const TOPOLOGIES: &str = "colony_orchestrator_topologies_total";
 pub const APPROVALS: &str = "colony_orchestrator_approvals_total";
 pub const SPAWNS: &str = "colony_orchestrator_spawns_total";
 pub const CHECKPOINTS: &str = "colony_orchestrator_checkpoints_total";
+/// Answers judged per model tier (all replicas, as this one last read them).
+pub const MODEL_VERDICTS: &str = "colony_orchestrator_model_verdicts";
 
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -62,6 +64,10 @@ pub fn describe() {
     describe_counter!(
         CHECKPOINTS,
         "SaveCheckpoint calls by result: saved, refused (the attempt is no longer the caller's)."
+    );
+    describe_gauge!(
+        MODEL_VERDICTS,
+        "Answers judged per model tier, by every replica (as this one last read the totals)."
     );
     describe_counter!(
         REPORTS,

@@ -44,6 +44,13 @@ pub fn parse(report: v1::TaskReport) -> Result<Report, String> {
         attempt,
         worker_id: report.worker_id,
         outcome,
+        verdict: report
+            .verdict
+            .map(|verdict| crate::store::quality::Verdict {
+                tier: verdict.tier,
+                accepted: verdict.accepted,
+                rejections: verdict.rejections,
+            }),
     })
 }
 

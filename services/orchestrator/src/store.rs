@@ -26,6 +26,7 @@ mod flow;
 mod lifecycle;
 mod outcome;
 mod planning;
+pub mod quality;
 mod reports;
 pub use planning::RunDefaults;
 pub(crate) use planning::count_created;
@@ -210,6 +211,8 @@ pub struct Report {
     pub attempt: i32,
     pub worker_id: String,
     pub outcome: ReportOutcome,
+    /// The judges' verdict on the answer, when its role validates answers.
+    pub verdict: Option<quality::Verdict>,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +245,8 @@ pub struct Store {
     /// Where dispatcher passes publish their dispatches once committed (see
     /// [`Store::with_dispatch_bus`]); without it they go through the outbox.
     dispatch_bus: Option<colony_bus::Bus>,
+    /// Judges' verdicts per tier, blended into the dial's quality.
+    quality: std::sync::Arc<quality::MeasuredQuality>,
 }
 
 fn interval(duration: Duration) -> f64 {
@@ -373,7 +378,18 @@ impl Store {
             depths: std::sync::Arc::default(),
             run_defaults: std::sync::Arc::default(),
             dispatch_bus: None,
+            quality: std::sync::Arc::default(),
         }
+    }
+
+    /// Reads the verdicts recorded so far (by every replica) into the dial's quality.
+    pub async fn load_quality(&self) -> Result<(), Error> {
+        self.quality.load(&self.pool).await
+    }
+
+    /// What this replica knows of the tiers' measured quality.
+    pub fn measured_quality(&self) -> &quality::MeasuredQuality {
+        &self.quality
     }
 
     /// Dispatcher passes publish their dispatches on `bus` right after they commit, instead of
@@ -785,7 +801,21 @@ impl Store {
                 decisions
             }
         };
+        // Only the verdicts of applied reports count: a stale or duplicate report's answer
+        // was never the task's.
+        let verdicts: Vec<&quality::Verdict> = reports
+            .iter()
+            .zip(&decisions)
+            .filter(|(_, decision)| **decision == ReportDecision::Accepted)
+            .filter_map(|(report, _)| report.verdict.as_ref())
+            .collect();
+        let totals = if verdicts.is_empty() {
+            Vec::new()
+        } else {
+            quality::record(&mut tx, &verdicts).await?
+        };
         tx.commit().await?;
+        self.quality.update(totals);
         OUTBOX.wake();
         effects.record();
         // Finished attempts free in-flight slots of their tenants.

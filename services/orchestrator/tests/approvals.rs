@@ -89,6 +89,7 @@ async fn run_task(store: &Store, task_id: Uuid, output: &str) {
     claim(store, task_id, 1).await.unwrap();
     let decision = store
         .apply_report(&Report {
+            verdict: None,
             tenant: "acme".into(),
             task_id,
             attempt: 1,

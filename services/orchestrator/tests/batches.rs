@@ -147,6 +147,7 @@ async fn reports_in_one_transaction_are_fenced_one_by_one() {
         .unwrap();
     assert!(claims.iter().all(|c| refusal(c).is_none()), "{claims:?}");
     let report = |task_id, worker: &str| Report {
+        verdict: None,
         tenant: "acme".into(),
         task_id,
         attempt: 1,
@@ -204,6 +205,7 @@ async fn a_batch_of_plain_successes_is_applied_together() {
         .await
         .unwrap();
     let report = |task_id, tokens| Report {
+        verdict: None,
         tenant: "acme".into(),
         task_id,
         attempt: 1,

@@ -25,6 +25,7 @@ async fn new_run(store: &Store) -> (Uuid, Uuid) {
 
 fn success(task_id: Uuid, attempt: i32, worker: &str) -> Report {
     Report {
+        verdict: None,
         tenant: "acme".into(),
         task_id,
         attempt,
@@ -286,6 +287,7 @@ async fn a_failed_report_records_the_class_and_reason_on_the_run() {
     let (run_id, task_id) = new_run(&store).await;
     store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
     let report = Report {
+        verdict: None,
         outcome: ReportOutcome::Failed {
             error_class: colony_proto::ErrorClass::Permanent,
             message: "router: model not found".into(),
@@ -412,4 +414,70 @@ async fn only_the_lease_holder_saves_checkpoints_and_the_next_claim_carries_the_
         panic!("the second attempt is granted");
     };
     assert_eq!(second.checkpoint.as_deref(), Some(&b"step two"[..]));
+}
+
+#[tokio::test]
+async fn judged_reports_move_their_tiers_measured_quality_and_rejected_ones_do_not() {
+    use colony_orchestrator::store::quality::{Tally, Verdict};
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let judged = |task_id, worker: &str, tier: &str, rejections| Report {
+        verdict: Some(Verdict {
+            tier: tier.into(),
+            accepted: rejections < 2,
+            rejections,
+        }),
+        ..success(task_id, 1, worker)
+    };
+    // On the default tier: accepted as written twice, after a rejection once, still rejected
+    // after two once.
+    for rejections in [0, 0, 1, 2] {
+        let (_, task_id) = new_run(&store).await;
+        assert!(matches!(
+            store.claim("acme", task_id, 1, "w", LEASE).await.unwrap(),
+            Claim::Granted(_)
+        ));
+        // A worker without the lease: its report is refused and its verdict not counted.
+        assert!(matches!(
+            store
+                .apply_report(&judged(task_id, "intruder", "", 0))
+                .await
+                .unwrap(),
+            ReportDecision::Rejected(_)
+        ));
+        assert_eq!(
+            store
+                .apply_report(&judged(task_id, "w", "", rejections))
+                .await
+                .unwrap(),
+            ReportDecision::Accepted
+        );
+    }
+    let totals: (i64, i64) = sqlx::query_as(
+        "SELECT judged, accepted_first FROM orchestrator.model_quality WHERE tier = 'default'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(totals, (4, 2));
+    let tally = Tally {
+        judged: 4,
+        accepted_first: 2,
+    };
+    assert_eq!(store.measured_quality().tally("default"), Some(tally));
+
+    // Another replica reads the totals at start, and its dial uses the blend of the
+    // configured 0.7 (weighing as 20 verdicts) and 2 of 4.
+    let other = Store::new(db.pool.clone());
+    other.load_quality().await.unwrap();
+    assert_eq!(other.measured_quality().tally("default"), Some(tally));
+    let planned = other
+        .plan_run("acme".into(), "write a haiku".into(), None, None, None)
+        .unwrap();
+    let expected = (0.7 * 20.0 + 2.0) / 24.0;
+    assert!(
+        (planned.decision.inputs.quality - expected).abs() < 1e-9,
+        "{}",
+        planned.decision.inputs.quality
+    );
 }

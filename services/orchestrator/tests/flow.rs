@@ -134,6 +134,7 @@ async fn a_flooded_tenant_does_not_delay_another_tenants_first_task() {
 
 fn success(task_id: Uuid, worker: &str) -> Report {
     Report {
+        verdict: None,
         tenant: "acme".into(),
         task_id,
         attempt: 1,

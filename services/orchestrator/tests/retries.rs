@@ -41,6 +41,7 @@ async fn new_run(store: &Store, tenant: &str) -> (Uuid, Uuid) {
 
 fn failure(task_id: Uuid, attempt: i32, worker: &str, class: ErrorClass) -> Report {
     Report {
+        verdict: None,
         tenant: "acme".into(),
         task_id,
         attempt,
@@ -59,6 +60,7 @@ fn failure(task_id: Uuid, attempt: i32, worker: &str, class: ErrorClass) -> Repo
 
 fn success(task_id: Uuid, attempt: i32, worker: &str) -> Report {
     Report {
+        verdict: None,
         outcome: ReportOutcome::Succeeded {
             output: "done".into(),
             usage: v1::Usage::default(),

@@ -79,6 +79,7 @@ async fn claim(store: &Store, task_id: Uuid, attempt: i32) -> Result<ClaimedTask
 async fn report(store: &Store, task_id: Uuid, attempt: i32, outcome: ReportOutcome) -> bool {
     store
         .apply_report(&Report {
+            verdict: None,
             tenant: "acme".into(),
             task_id,
             attempt,

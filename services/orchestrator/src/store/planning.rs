@@ -50,10 +50,15 @@ impl Store {
         given: Option<Vec<PlannedTask>>,
     ) -> Result<NewDagRun, Error> {
         let roster = self.roster();
-        let profile = roster
+        let configured = roster
             .profile(&self.run_defaults.tier)
             .unwrap_or(&FALLBACK_PROFILE);
-        let mut decision = topology::choose(&goal, profile, &roster.dial, requested);
+        // The configured quality, moved toward what the judges have measured.
+        let profile = topology::ModelProfile {
+            quality: self.quality.of(&self.run_defaults.tier, configured.quality),
+            ..configured.clone()
+        };
+        let mut decision = topology::choose(&goal, &profile, &roster.dial, requested);
         let failure_policy = failure_policy.unwrap_or(self.run_defaults.failure_policy);
         let tasks = match given {
             Some(given) => {
