@@ -391,6 +391,23 @@ impl Peers for GrpcPeers {
         })
     }
 
+    async fn release(&self, task: &TaskSpec, worker_id: &str) -> Result<bool, Error> {
+        let message = v1::ReleaseTaskRequest {
+            tenant: task.tenant.clone(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            worker_id: worker_id.to_owned(),
+        };
+        let mut client = self.orchestrator.clone();
+        let response = call(
+            Peer::Orchestrator,
+            self.rpc_timeout,
+            client.release_task(request(message, self.rpc_timeout)),
+        )
+        .await?;
+        Ok(response.released)
+    }
+
     async fn task_output(&self, task: &TaskSpec, task_id: &str) -> Result<String, Error> {
         let message = v1::GetTaskOutputRequest {
             tenant: task.tenant.clone(),

@@ -76,6 +76,12 @@ pub trait Peers: Send + Sync + 'static {
         tools: &[ToolSpec],
         deltas: &mpsc::UnboundedSender<String>,
     ) -> impl Future<Output = Result<crate::task::Completion, Error>> + Send;
+    /// `Orchestrator.ReleaseTask`: gives the attempt's lease back now; whether it was ours.
+    fn release(
+        &self,
+        task: &TaskSpec,
+        worker_id: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
     /// `Orchestrator.SaveCheckpoint`: `None` when saved, else why the attempt is no longer
     /// this worker's.
     fn save_checkpoint(
@@ -454,10 +460,22 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             Ended::Abandoned => {
                 ::metrics::counter!(metrics::TASKS, "role" => role, "outcome" => "lost")
                     .increment(1);
-                tracing::warn!(
-                    "shutdown grace ran out; task abandoned (its lease expires and the \
-                     orchestrator dispatches it again)"
-                );
+                // Given back, the lease ends now and the orchestrator's reaper queues the
+                // task again at its next pass; otherwise it does when the lease expires.
+                match self.peers.release(&task, &self.worker_id).await {
+                    Ok(true) => tracing::warn!(
+                        "shutdown grace ran out; task abandoned and its lease released for \
+                         another worker"
+                    ),
+                    Ok(false) => tracing::warn!(
+                        "shutdown grace ran out; task abandoned (its attempt was no longer ours)"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "shutdown grace ran out; task abandoned, its lease not released (it \
+                         expires and the orchestrator dispatches the task again)"
+                    ),
+                }
             }
         }
         Disposition::Done
@@ -1348,6 +1366,8 @@ mod tests {
         compressions: Mutex<Vec<Vec<ChatMessage>>>,
         /// Strategy outcomes recorded: the strategy and whether it helped.
         outcomes: Mutex<Vec<(i64, bool)>>,
+        /// Leases given back.
+        released: AtomicUsize,
     }
 
     impl FakePeers {
@@ -1372,6 +1392,7 @@ mod tests {
                 tiers: Mutex::default(),
                 compressions: Mutex::default(),
                 outcomes: Mutex::default(),
+                released: AtomicUsize::new(0),
             }
         }
 
@@ -1487,6 +1508,11 @@ mod tests {
                 deltas.send(word.to_owned()).unwrap();
             }
             Ok(completion)
+        }
+
+        async fn release(&self, _: &TaskSpec, _: &str) -> Result<bool, Error> {
+            self.released.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
         }
 
         async fn save_checkpoint(
@@ -1839,6 +1865,11 @@ mod tests {
         abandon.cancel();
         assert_eq!(running.await.unwrap(), Disposition::Done);
         assert!(worker.reporter.published.lock().unwrap().is_empty());
+        assert_eq!(
+            worker.peers.released.load(Ordering::SeqCst),
+            1,
+            "lease given back"
+        );
     }
 
     fn published_outcome(worker: &Worker<FakePeers, FakeReporter>) -> TaskOutcome {

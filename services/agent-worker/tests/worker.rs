@@ -58,6 +58,7 @@ struct FakeOrchestrator {
     granted: Mutex<HashSet<(String, u32)>>,
     claims: Mutex<Vec<v1::ClaimTaskRequest>>,
     heartbeats: Mutex<Vec<v1::HeartbeatTaskRequest>>,
+    releases: Mutex<Vec<v1::ReleaseTaskRequest>>,
 }
 
 impl FakeOrchestrator {
@@ -69,6 +70,7 @@ impl FakeOrchestrator {
             granted: Mutex::default(),
             claims: Mutex::default(),
             heartbeats: Mutex::default(),
+            releases: Mutex::default(),
         }
     }
 }
@@ -160,6 +162,14 @@ impl Orchestrator for FakeOrchestrator {
         Err(Status::unimplemented(
             "these tasks have no tools, so no checkpoints",
         ))
+    }
+
+    async fn release_task(
+        &self,
+        request: Request<v1::ReleaseTaskRequest>,
+    ) -> Result<Response<v1::ReleaseTaskResponse>, Status> {
+        self.releases.lock().unwrap().push(request.into_inner());
+        Ok(Response::new(v1::ReleaseTaskResponse { released: true }))
     }
 
     async fn heartbeat_task(
@@ -813,6 +823,7 @@ async fn tasks_still_running_after_the_grace_are_abandoned() {
         (!h.router.requests.lock().unwrap().is_empty()).then_some(())
     })
     .await;
+    let worker_id = h.worker_id();
     let stopping = tokio::time::Instant::now();
     h.stop().await;
     assert!(
@@ -822,6 +833,15 @@ async fn tasks_still_running_after_the_grace_are_abandoned() {
     );
     assert_eq!(h.stream_len(StreamKind::Reports).await, 0);
     assert_eq!(h.stream_len(StreamKind::Dispatch).await, 0, "acknowledged");
+    // Its lease was given back, for another replica to take the task without waiting for it
+    // to expire.
+    let releases = h.orchestrator.releases.lock().unwrap().clone();
+    assert_eq!(releases.len(), 1, "{releases:?}");
+    assert_eq!(
+        (releases[0].task_id.as_str(), releases[0].attempt),
+        ("t1", 1)
+    );
+    assert_eq!(releases[0].worker_id, worker_id);
 }
 
 #[tokio::test]

@@ -365,6 +365,33 @@ impl Orchestrator for OrchestratorService {
         .await
     }
 
+    async fn release_task(
+        &self,
+        request: Request<v1::ReleaseTaskRequest>,
+    ) -> Result<Response<v1::ReleaseTaskResponse>, Status> {
+        let (span, request) = traced(request, "ReleaseTask", |r| &r.task_id);
+        async move {
+            require_worker_id(&request.worker_id)?;
+            let released = self
+                .store
+                .release(
+                    &request.tenant,
+                    task_id(&request.task_id)?,
+                    attempt(request.attempt)?,
+                    &request.worker_id,
+                )
+                .await?;
+            ::metrics::counter!(
+                metrics::RELEASES,
+                "result" => if released { "released" } else { "refused" }
+            )
+            .increment(1);
+            Ok(Response::new(v1::ReleaseTaskResponse { released }))
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn save_checkpoint(
         &self,
         request: Request<v1::SaveCheckpointRequest>,

@@ -27,6 +27,8 @@ pub const TOPOLOGIES: &str = "colony_orchestrator_topologies_total";
 pub const APPROVALS: &str = "colony_orchestrator_approvals_total";
 pub const SPAWNS: &str = "colony_orchestrator_spawns_total";
 pub const CHECKPOINTS: &str = "colony_orchestrator_checkpoints_total";
+/// ReleaseTask calls by `result` (`released`, `refused`).
+pub const RELEASES: &str = "colony_orchestrator_releases_total";
 /// Answers judged per model tier (all replicas, as this one last read them).
 pub const MODEL_VERDICTS: &str = "colony_orchestrator_model_verdicts";
 
@@ -64,6 +66,10 @@ pub fn describe() {
     describe_counter!(
         CHECKPOINTS,
         "SaveCheckpoint calls by result: saved, refused (the attempt is no longer the caller's)."
+    );
+    describe_counter!(
+        RELEASES,
+        "ReleaseTask calls by result: released (the lease ends now), refused (not the caller's attempt)."
     );
     describe_gauge!(
         MODEL_VERDICTS,

@@ -917,6 +917,30 @@ impl Store {
         Ok(decision)
     }
 
+    /// Ends `worker`'s lease on `attempt` now, so the reaper's next pass handles the task as
+    /// it handles an expired lease. `false` when the attempt is not that worker's running (or
+    /// cancelling) one: nothing changes.
+    pub async fn release(
+        &self,
+        tenant: &str,
+        task_id: Uuid,
+        attempt: i32,
+        worker: &str,
+    ) -> Result<bool, Error> {
+        let released = sqlx::query(
+            "UPDATE orchestrator.tasks SET lease_expires_at = now() \
+             WHERE id = $1 AND tenant = $2 AND attempt = $3 AND lease_owner = $4 \
+               AND state IN ('running', 'cancelling')",
+        )
+        .bind(task_id)
+        .bind(tenant)
+        .bind(attempt)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(released.rows_affected() == 1)
+    }
+
     /// Ends attempts whose lease expired. An expired lease counts as a transient failure: the
     /// task is queued again after the transient backoff while its attempt budget lasts, and
     /// dead-lettered (failing its run) after that. A cancelling task whose worker went away is

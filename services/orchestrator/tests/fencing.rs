@@ -481,3 +481,32 @@ async fn judged_reports_move_their_tiers_measured_quality_and_rejected_ones_do_n
         planned.decision.inputs.quality
     );
 }
+
+#[tokio::test]
+async fn a_released_lease_is_requeued_by_the_next_reaper_pass_and_only_its_holder_can_release() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let (_, task_id) = new_run(&store).await;
+    assert!(matches!(
+        store.claim("acme", task_id, 1, "w", LEASE).await.unwrap(),
+        Claim::Granted(_)
+    ));
+    // Not the holder, not the attempt: nothing changes.
+    assert!(!store.release("acme", task_id, 1, "other").await.unwrap());
+    assert!(!store.release("acme", task_id, 2, "w").await.unwrap());
+    assert_eq!(store.reap_expired(10).await.unwrap().requeued, 0);
+    // The holder gives it back: a 30-s lease ends now, and the reaper queues attempt 2.
+    assert!(store.release("acme", task_id, 1, "w").await.unwrap());
+    assert_eq!(store.reap_expired(10).await.unwrap().requeued, 1);
+    let (state, attempt): (String, i32) =
+        sqlx::query_as("SELECT state, attempt FROM orchestrator.tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempt), ("queued", 2));
+    assert!(
+        !store.release("acme", task_id, 1, "w").await.unwrap(),
+        "already over"
+    );
+}
