@@ -382,9 +382,9 @@ impl Stack {
             .unwrap()
     }
 
-    /// How often each `Nats-Msg-Id` is on the events stream under the logical `filter`
-    /// (`colony.v1.event.run.>`, say): every message there, read until none arrives for 500 ms.
-    pub async fn event_msg_ids(&self, filter: &str) -> HashMap<String, usize> {
+    /// Every message on the events stream under the logical `filter` (`colony.v1.event.run.>`,
+    /// say) with its `Nats-Msg-Id`, oldest first: read until none arrives for 500 ms.
+    pub async fn events(&self, filter: &str) -> Vec<(String, bytes::Bytes)> {
         let bus = self.bus.connect().await;
         let stream = bus
             .jetstream()
@@ -399,7 +399,7 @@ impl Stack {
             .await
             .unwrap();
         let mut messages = consumer.messages().await.unwrap();
-        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut events = Vec::new();
         while let Ok(Some(Ok(message))) =
             tokio::time::timeout(Duration::from_millis(500), messages.next()).await
         {
@@ -409,6 +409,15 @@ impl Stack {
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.as_str().to_owned())
                 .unwrap();
+            events.push((id, message.payload.clone()));
+        }
+        events
+    }
+
+    /// How often each `Nats-Msg-Id` is on the events stream under the logical `filter`.
+    pub async fn event_msg_ids(&self, filter: &str) -> HashMap<String, usize> {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (id, _) in self.events(filter).await {
             *seen.entry(id).or_default() += 1;
         }
         seen

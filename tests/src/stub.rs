@@ -1,11 +1,13 @@
 //! A small OpenAI-compatible HTTP server for tests: answers chat completions with an echo of
-//! the last user message and fixed usage, over real HTTP.
+//! the last user message and fixed usage, over real HTTP, whole or streamed as OpenAI streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Json;
+use axum::http::header;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -18,6 +20,37 @@ pub struct StubProvider {
     pub requests: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The answer as OpenAI streams it (server-sent events): the text, the finish reason, the
+/// usage, then `[DONE]`.
+fn streamed(model: &Value, content: &str, usage: Value) -> Response {
+    let chunk = |choices: Value, usage: Value| {
+        json!({
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": choices,
+            "usage": usage
+        })
+    };
+    let events = [
+        chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": null}]),
+            Value::Null,
+        ),
+        chunk(
+            json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+            Value::Null,
+        ),
+        chunk(json!([]), usage),
+    ];
+    let mut body: String = events
+        .iter()
+        .map(|event| format!("data: {event}\n\n"))
+        .collect();
+    body.push_str("data: [DONE]\n\n");
+    ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
 }
 
 impl StubProvider {
@@ -44,21 +77,27 @@ impl StubProvider {
                         .and_then(|m| m["content"].as_str())
                         .unwrap_or("")
                         .to_owned();
+                    let content = format!("echo: {last}");
+                    let usage = json!({
+                        "prompt_tokens": PROMPT_TOKENS,
+                        "completion_tokens": COMPLETION_TOKENS,
+                        "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS
+                    });
+                    if body["stream"].as_bool() == Some(true) {
+                        return streamed(&body["model"], &content, usage);
+                    }
                     Json(json!({
                         "id": "chatcmpl-stub",
                         "object": "chat.completion",
                         "model": body["model"],
                         "choices": [{
                             "index": 0,
-                            "message": {"role": "assistant", "content": format!("echo: {last}")},
+                            "message": {"role": "assistant", "content": content},
                             "finish_reason": "stop"
                         }],
-                        "usage": {
-                            "prompt_tokens": PROMPT_TOKENS,
-                            "completion_tokens": COMPLETION_TOKENS,
-                            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS
-                        }
+                        "usage": usage
                     }))
+                    .into_response()
                 }
             }),
         );

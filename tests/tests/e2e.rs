@@ -91,6 +91,16 @@ async fn a_goal_flows_through_all_five_services() {
         provider.requests.load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+    // The answer was streamed onto the events stream as the model wrote it.
+    let tokens: Vec<v1::TaskTokens> = stack
+        .events(colony_bus::subjects::TASK_TOKENS)
+        .await
+        .iter()
+        .map(|(_, payload)| v1::TaskTokens::decode(payload.as_ref()).unwrap())
+        .collect();
+    let text: String = tokens.iter().map(|chunk| chunk.text.as_str()).collect();
+    assert_eq!(text, "echo: name three colours");
+    assert!(tokens.last().is_some_and(|chunk| chunk.done), "{tokens:?}");
 
     // State in PostgreSQL, in every service's schema.
     assert_eq!(
