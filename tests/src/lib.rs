@@ -154,6 +154,11 @@ impl Stack {
         let mut memory_env = common_env("MEMORY", &db, &bus, filter);
         memory_env.push(("MEMORY__HTTP__ADDR".into(), addr(memory_http)));
         memory_env.push(("MEMORY__GRPC__ADDR".into(), addr(memory_grpc)));
+        // Summaries are model calls through this stack's router (started next).
+        memory_env.push((
+            "MEMORY__COMPRESSION__ROUTER_URL".into(),
+            format!("http://{}", addr(router_grpc)),
+        ));
         services.push(Process::spawn(
             "memory",
             &binary("colony-memory"),

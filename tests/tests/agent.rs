@@ -77,6 +77,22 @@ contains = "drained-ok"
 reply = "finished during the drain"
 
 [[deployments.script]]
+contains = "Overflow the window"
+
+[[deployments.script.tool_calls]]
+name = "run_command"
+arguments = '{"program": "seq", "args": ["-f", "line %g", "1", "250"]}'
+
+# Memory's summariser: its transcript shows the call.
+[[deployments.script]]
+contains = "[called run_command"
+reply = "The agent printed 250 numbered lines."
+
+[[deployments.script]]
+contains = "250 numbered lines"
+reply = "compressed-ok"
+
+[[deployments.script]]
 contains = "Wait for a long time"
 
 [[deployments.script.tool_calls]]
@@ -93,6 +109,29 @@ prompt = "You split goals into tasks."
 [roster.roles.generalist]
 prompt = "You are a careful assistant with a workspace."
 tools = ["read_file", "write_file", "run_command", "memory_search"]
+
+# (A role the workers consume by default.) Its tier's window holds the prompt but not a
+# 250-line command output (about 600 tokens):
+# the worker compresses the conversation through memory to go on.
+[roster.roles.researcher]
+prompt = "You work within a small context window."
+tier = "mid"
+tools = ["run_command"]
+
+# Models given in a file replace the default profiles: the default tier needs one too.
+[roster.models.default]
+context_window = 8192
+tokens_per_s = 50.0
+input_price_per_mtok = 0.0
+output_price_per_mtok = 1.0
+quality = 0.7
+
+[roster.models.mid]
+context_window = 400
+tokens_per_s = 50.0
+input_price_per_mtok = 0.0
+output_price_per_mtok = 1.0
+quality = 0.7
 
 [roster.templates]
 hybrid = [{ id = "answer", role = "generalist", instructions = "{goal}" }]
@@ -471,4 +510,56 @@ async fn sigterm_lets_a_running_task_finish_its_command_and_report() {
     .await
     .unwrap();
     assert_eq!(output, "finished during the drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_outgrowing_its_window_is_compressed_through_memory() {
+    let stack = start().await;
+    let run_id = submit_with(
+        &stack,
+        serde_json::json!({
+            "goal": "overflow",
+            "plan": [{
+                "id": "long",
+                "role": "researcher",
+                "instructions": "Overflow the window: print many lines.",
+                "depends_on": []
+            }]
+        }),
+    )
+    .await;
+    let run = stack.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    // The second model call saw memory's summary instead of the long output.
+    assert_eq!(run["output"], "compressed-ok", "{run:#}");
+
+    // The compressed turns are stored in the attempt's own session, with the summary that
+    // stands for them.
+    let (session, messages): (String, i64) = sqlx::query_as(
+        "SELECT session_id, count(*) FROM memory.messages \
+         WHERE session_id LIKE $1 || '/%/context' GROUP BY session_id",
+    )
+    .bind(&run_id)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(messages, 2, "the tool call and its result");
+    let summaries: Vec<String> =
+        sqlx::query_scalar("SELECT content FROM memory.session_summaries WHERE session_id = $1")
+            .bind(&session)
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(summaries, ["The agent printed 250 numbered lines."]);
+
+    let metrics = stack.metrics(&stack.worker_urls[0]).await;
+    assert_eq!(
+        metric_sum(&metrics, "colony_agent_worker_context_overflows_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("colony_agent_worker_context_overflows_total{action=\"compressed\"} 1"),
+        "{metrics}"
+    );
 }

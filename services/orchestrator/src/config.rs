@@ -259,7 +259,7 @@ impl colony_config::Validate for Config {
         let tier = &self.runs.tier;
         if self.roster.profile(tier).is_none() {
             problems.push(format!(
-                "roster.models: no capability profile for the default tier {:?} (runs.tier;                  an empty tier is {:?})",
+                "roster.models: no capability profile for the default tier {:?} (runs.tier; an empty tier is {:?})",
                 tier,
                 crate::roster::DEFAULT_TIER
             ));
