@@ -69,6 +69,12 @@ pub struct AgentConfig {
     /// Ask the router for streamed answers and publish their text on the bus as it is written
     /// (`colony.v1.event.tokens`); off: whole answers only.
     pub stream_tokens: bool,
+    /// Memories retrieved (by the task's instructions) into a fresh prompt of a role that may
+    /// use `memory_search`; 0: none.
+    pub prompt_memories: u32,
+    /// Strategies retrieved into a fresh prompt of a role that may use `suggest_strategy`;
+    /// 0: none.
+    pub prompt_strategies: u32,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +85,8 @@ impl Default for AgentConfig {
             max_tool_result_bytes: 16 * 1024,
             context_fill: 0.75,
             stream_tokens: true,
+            prompt_memories: 5,
+            prompt_strategies: 3,
         }
     }
 }
@@ -209,6 +217,9 @@ impl Validate for Config {
         }
         if self.agent.max_tool_result_bytes < 256 {
             problems.push("agent.max_tool_result_bytes: must be at least 256".into());
+        }
+        if self.agent.prompt_memories > 20 || self.agent.prompt_strategies > 20 {
+            problems.push("agent.prompt_memories, agent.prompt_strategies: at most 20".into());
         }
         if !(self.agent.context_fill > 0.0 && self.agent.context_fill <= 1.0) {
             problems.push("agent.context_fill: must be above 0 and at most 1".into());

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::sandbox::{self, CommandRequest, SandboxConfig, Workspace};
-use crate::task::{ChildTask, MemoryScope, TaskSpec, ToolCall, ToolSpec};
+use crate::task::{ChildTask, FoundMemory, MemoryScope, Strategy, TaskSpec, ToolCall, ToolSpec};
 use crate::worker::Peers;
 
 pub const MEMORY_SEARCH: &str = "memory_search";
@@ -258,6 +258,56 @@ struct SpawnArgs {
     wait: Option<bool>,
 }
 
+/// Found memories as the model reads them, best first.
+pub fn list_memories(found: &[FoundMemory]) -> String {
+    found
+        .iter()
+        .enumerate()
+        .map(|(n, memory)| {
+            format!(
+                "{}. [id {}, score {:.2}] {}",
+                n + 1,
+                memory.id,
+                memory.score,
+                memory.text
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Strategies as the model reads them.
+pub fn list_strategies(found: &[Strategy]) -> String {
+    found
+        .iter()
+        .map(|strategy| {
+            format!(
+                "- {} (id {}, {} wins, {} losses)\n  when: {}\n  how: {}",
+                strategy.title,
+                strategy.id,
+                strategy.wins,
+                strategy.losses,
+                strategy.when_to_use,
+                strategy.strategy
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Adds the strategies given to the agent to `suggested`, once each: the verdict on its answer
+/// scores them.
+pub fn note_suggested(suggested: &std::sync::Mutex<Vec<i64>>, found: &[Strategy]) {
+    let mut suggested = suggested
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for strategy in found {
+        if !suggested.contains(&strategy.id) {
+            suggested.push(strategy.id);
+        }
+    }
+}
+
 /// Carries out the tool calls of one attempt.
 pub struct Toolbox<'a, P> {
     pub peers: &'a P,
@@ -408,22 +458,7 @@ impl<P: Peers> Toolbox<'_, P> {
             .await
         {
             Ok(found) if found.is_empty() => ToolOutcome::ok("no memories match"),
-            Ok(found) => ToolOutcome::ok(
-                found
-                    .iter()
-                    .enumerate()
-                    .map(|(n, memory)| {
-                        format!(
-                            "{}. [id {}, score {:.2}] {}",
-                            n + 1,
-                            memory.id,
-                            memory.score,
-                            memory.text
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
+            Ok(found) => ToolOutcome::ok(list_memories(&found)),
             Err(error) => ToolOutcome::error(error.to_string()),
         }
     }
@@ -465,33 +500,8 @@ impl<P: Peers> Toolbox<'_, P> {
                 ToolOutcome::ok("no strategies are known for tasks like this yet")
             }
             Ok(found) => {
-                let mut suggested = self
-                    .suggested
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                for strategy in &found {
-                    if !suggested.contains(&strategy.id) {
-                        suggested.push(strategy.id);
-                    }
-                }
-                drop(suggested);
-                ToolOutcome::ok(
-                    found
-                        .iter()
-                        .map(|strategy| {
-                            format!(
-                                "- {} (id {}, {} wins, {} losses)\n  when: {}\n  how: {}",
-                                strategy.title,
-                                strategy.id,
-                                strategy.wins,
-                                strategy.losses,
-                                strategy.when_to_use,
-                                strategy.strategy
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                )
+                note_suggested(self.suggested, &found);
+                ToolOutcome::ok(list_strategies(&found))
             }
             Err(error) => ToolOutcome::error(error.to_string()),
         }

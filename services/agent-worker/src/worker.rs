@@ -594,6 +594,8 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 None,
             ));
         }
+        // Strategies given to the agent, scored by the verdict on its answer.
+        let suggested = Mutex::new(Vec::new());
         let resume = match &task.checkpoint {
             Some(checkpoint) => {
                 tracing::info!(
@@ -612,6 +614,9 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                         return failed(error.class(), error.to_string());
                     }
                 };
+                if let Some(recalled) = self.recall(task, &suggested).await {
+                    prompt.push(recalled);
+                }
                 prompt.push(ChatMessage::new("user", task.instructions.clone()));
                 // Remembered by the loop, alongside its first model call.
                 Checkpoint {
@@ -629,7 +634,14 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             .any(|tool| tools::WORKSPACE_TOOLS.contains(&tool.name))
             .then(|| Workspace::create(&self.settings.sandbox.root, &task.task_id));
         let outcome = self
-            .answer_and_validate(task, resume, &offered, workspace.as_ref(), token)
+            .answer_and_validate(
+                task,
+                resume,
+                &offered,
+                workspace.as_ref(),
+                &suggested,
+                token,
+            )
             .await;
         if outcome.is_some()
             && let Some(Ok(workspace)) = workspace
@@ -638,6 +650,57 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             tracing::warn!(%error, "could not remove the task's workspace");
         }
         outcome
+    }
+
+    /// What memory holds for a fresh prompt, as one `system` message before the instructions:
+    /// the memories most relevant to the instructions when the role may use `memory_search`,
+    /// and strategies for similar tasks when it may use `suggest_strategy` (noted as given, so
+    /// the verdict scores them). A failed lookup is logged and counted; the prompt goes
+    /// without it.
+    async fn recall(&self, task: &TaskSpec, suggested: &Mutex<Vec<i64>>) -> Option<ChatMessage> {
+        let may = |tool: &str| task.tools.iter().any(|allowed| allowed == tool);
+        let agent = &self.settings.agent;
+        let memories = async {
+            if agent.prompt_memories == 0 || !may(tools::MEMORY_SEARCH) {
+                return Vec::new();
+            }
+            self.peers
+                .search_memories(task, &task.instructions, agent.prompt_memories)
+                .await
+                .unwrap_or_else(|error| {
+                    ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => "recall").increment(1);
+                    tracing::warn!(%error, "retrieving memories for the prompt failed; going on without");
+                    Vec::new()
+                })
+        };
+        let strategies = async {
+            if agent.prompt_strategies == 0 || !may(tools::SUGGEST_STRATEGY) {
+                return Vec::new();
+            }
+            self.peers
+                .suggest_strategies(task, &task.instructions, agent.prompt_strategies)
+                .await
+                .unwrap_or_else(|error| {
+                    ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => "recall").increment(1);
+                    tracing::warn!(%error, "retrieving strategies for the prompt failed; going on without");
+                    Vec::new()
+                })
+        };
+        let (memories, strategies) = tokio::join!(memories, strategies);
+        if memories.is_empty() && strategies.is_empty() {
+            return None;
+        }
+        let mut text = RECALLED_HEADING.to_owned();
+        if !memories.is_empty() {
+            text.push_str("\n\nMemories, most relevant first:\n");
+            text.push_str(&tools::list_memories(&memories));
+        }
+        if !strategies.is_empty() {
+            tools::note_suggested(suggested, &strategies);
+            text.push_str("\n\nStrategies for similar tasks of your role:\n");
+            text.push_str(&tools::list_strategies(&strategies));
+        }
+        Some(ChatMessage::new("system", text))
     }
 
     /// Runs the agent loop to an answer, then has the task's judges check it: a rejection goes
@@ -651,13 +714,13 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
         mut state: Checkpoint,
         offered: &[ToolSpec],
         workspace: Option<&Result<Workspace, crate::sandbox::Error>>,
+        suggested: &Mutex<Vec<i64>>,
         token: &CancellationToken,
     ) -> Option<(TaskOutcome, Option<Verdict>)> {
-        let suggested = Mutex::new(Vec::new());
         let mut rounds = 0;
         loop {
             let (answered, output, deployment, tier) = match self
-                .agent_loop(task, state, offered, workspace, &suggested, token)
+                .agent_loop(task, state, offered, workspace, suggested, token)
                 .await
             {
                 LoopEnd::Answered {
@@ -686,7 +749,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                         deployment,
                     };
                     return Some(
-                        self.judged(task, outcome, tier, true, rounds, &suggested)
+                        self.judged(task, outcome, tier, true, rounds, suggested)
                             .await,
                     );
                 }
@@ -725,7 +788,7 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     }
                 };
                 return Some(
-                    self.judged(task, outcome, tier, false, rounds + 1, &suggested)
+                    self.judged(task, outcome, tier, false, rounds + 1, suggested)
                         .await,
                 );
             }
@@ -1220,6 +1283,9 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
     }
 }
 
+/// First words of the message that brings retrieved memories and strategies into a prompt.
+pub const RECALLED_HEADING: &str = "What Colony remembers that may help with this task";
+
 /// First words of the message that stands for compressed turns.
 pub const COMPRESSED_HEADING: &str =
     "Summary of the earlier conversation, compressed to fit the model's context window";
@@ -1661,17 +1727,44 @@ mod tests {
         }
     }
 
+    /// A worker whose prompts hold no retrieved memories or strategies (see
+    /// [`recalling_worker`]).
     fn worker(peers: FakePeers, reporter: FakeReporter) -> Worker<FakePeers, FakeReporter> {
+        worker_with(
+            peers,
+            reporter,
+            AgentConfig {
+                max_steps: 4,
+                prompt_memories: 0,
+                prompt_strategies: 0,
+                ..AgentConfig::default()
+            },
+        )
+    }
+
+    fn recalling_worker(peers: FakePeers) -> Worker<FakePeers, FakeReporter> {
+        worker_with(
+            peers,
+            FakeReporter::default(),
+            AgentConfig {
+                max_steps: 4,
+                ..AgentConfig::default()
+            },
+        )
+    }
+
+    fn worker_with(
+        peers: FakePeers,
+        reporter: FakeReporter,
+        agent: AgentConfig,
+    ) -> Worker<FakePeers, FakeReporter> {
         Worker::new(
             peers,
             reporter,
             "w1".into(),
             Settings {
                 ack_wait: Duration::from_secs(30),
-                agent: AgentConfig {
-                    max_steps: 4,
-                    ..AgentConfig::default()
-                },
+                agent,
                 sandbox: SandboxConfig {
                     root: std::env::temp_dir()
                         .join(format!("colony-worker-unit-{}", std::process::id())),
@@ -2303,6 +2396,48 @@ mod tests {
         let last = tokens.last().unwrap();
         assert!(last.done && last.text.is_empty());
         assert_eq!(tokens.iter().filter(|chunk| chunk.done).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_prompt_holds_what_memory_recalls_for_roles_that_may_search_it() {
+        let peers = FakePeers::scripted(
+            vec![says("use the VPN")],
+            &[tools::MEMORY_SEARCH, tools::SUGGEST_STRATEGY],
+        );
+        let worker = recalling_worker(peers);
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+        assert!(matches!(
+            published_outcome(&worker),
+            TaskOutcome::Succeeded { .. }
+        ));
+        // Looked up by the instructions.
+        assert_eq!(*worker.peers.searches.lock().unwrap(), ["say hi"]);
+        let prompt = worker.peers.calls.lock().unwrap()[0].0.clone();
+        assert_eq!(prompt.len(), 3);
+        assert_eq!(prompt[1].role, "system");
+        let recalled = &prompt[1].content;
+        assert!(recalled.starts_with(RECALLED_HEADING), "{recalled}");
+        assert!(
+            recalled.contains("1. [id 7, score 0.90] staging needs the VPN"),
+            "{recalled}"
+        );
+        assert!(
+            recalled.contains("- ask for the VPN first (id 41, 3 wins, 1 losses)"),
+            "{recalled}"
+        );
+        assert_eq!(prompt[2].content, "say hi");
+        // The strategy it was given is scored only when a judge gives a verdict: none here.
+        assert!(worker.peers.outcomes.lock().unwrap().is_empty());
+
+        // A role without memory tools gets a plain prompt.
+        let worker = recalling_worker(FakePeers::scripted(vec![says("hi")], &[]));
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+        assert!(worker.peers.searches.lock().unwrap().is_empty());
+        assert_eq!(worker.peers.calls.lock().unwrap()[0].0.len(), 2);
     }
 
     fn says(content: &str) -> Result<Completion, ErrorClass> {
