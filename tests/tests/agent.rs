@@ -266,13 +266,11 @@ async fn a_scripted_agent_uses_tools_and_answers_from_their_results() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancelling_a_run_kills_its_running_command() {
-    let stack = start().await;
-    let run_id = submit(&stack, "Wait for a long time.").await;
-    // The command writes its pid into the workspace, then becomes `sleep 60`.
+/// The workspace of the stack's one running task and the pid its command wrote into `pid`,
+/// once it has.
+async fn running_command(stack: &Stack) -> (std::path::PathBuf, i32) {
     let workspaces = stack.config_dir.join("workspaces");
-    let (workspace, pid) = eventually(Duration::from_secs(30), "the command running", || {
+    eventually(Duration::from_secs(30), "the command running", || {
         let workspaces = workspaces.clone();
         async move {
             let workspace = std::fs::read_dir(&workspaces)
@@ -280,7 +278,7 @@ async fn cancelling_a_run_kills_its_running_command() {
                 .flatten()
                 .next()?
                 .path();
-            let pid: u32 = std::fs::read_to_string(workspace.join("pid"))
+            let pid = std::fs::read_to_string(workspace.join("pid"))
                 .ok()?
                 .trim()
                 .parse()
@@ -288,7 +286,15 @@ async fn cancelling_a_run_kills_its_running_command() {
             Some((workspace, pid))
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_kills_its_running_command() {
+    let stack = start().await;
+    let run_id = submit(&stack, "Wait for a long time.").await;
+    // The command writes its pid into the workspace, then becomes `sleep 60`.
+    let (workspace, pid) = running_command(&stack).await;
     let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
     assert!(proc_dir.exists(), "the command runs");
 
@@ -417,23 +423,7 @@ async fn a_retried_attempt_resumes_from_the_checkpoint_of_a_killed_worker() {
     let run_id = submit(&stack, "Resume after a crash.").await;
     // Attempt 1: the model writes a file (checkpointed), then runs a command that marks the
     // workspace and hangs. The worker is killed there.
-    let workspaces = stack.config_dir.join("workspaces");
-    let pid: i32 = eventually(Duration::from_secs(30), "the hanging command", || {
-        let workspaces = workspaces.clone();
-        async move {
-            let workspace = std::fs::read_dir(&workspaces)
-                .ok()?
-                .flatten()
-                .next()?
-                .path();
-            std::fs::read_to_string(workspace.join("pid"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        }
-    })
-    .await;
+    let (_, pid) = running_command(&stack).await;
     stack.workers[0].kill();
     // A killed worker cannot stop its commands: this one is the test's to end.
     drop(
@@ -483,19 +473,7 @@ async fn a_retried_attempt_resumes_from_the_checkpoint_of_a_killed_worker() {
 async fn sigterm_lets_a_running_task_finish_its_command_and_report() {
     let mut stack = start().await;
     let run_id = submit(&stack, "Finish while draining.").await;
-    let workspaces = stack.config_dir.join("workspaces");
-    eventually(Duration::from_secs(30), "the command running", || {
-        let workspaces = workspaces.clone();
-        async move {
-            let workspace = std::fs::read_dir(&workspaces)
-                .ok()?
-                .flatten()
-                .next()?
-                .path();
-            workspace.join("pid").exists().then_some(())
-        }
-    })
-    .await;
+    running_command(&stack).await;
     // The worker stops taking work, lets the task's two-second command end, has the model
     // answer, reports, and only then exits (well inside its 30 s shutdown grace).
     let code = stack.workers[0].terminate(Duration::from_secs(25));

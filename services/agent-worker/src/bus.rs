@@ -178,9 +178,19 @@ impl Reporter for BusReporter {
             "tokens-{}-{}-{}-{}-{}-{}",
             task.tenant, task.run_id, task.task_id, task.attempt, chunk.model_call, chunk.seq
         );
+        // Best effort, on the model call's path: sent without waiting for JetStream's
+        // acknowledgement (the stream still stores it; a lost chunk only costs watchers text).
+        let traceparent = colony_telemetry::current_traceparent();
+        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&event));
         self.bus
-            .publish(subjects::TASK_TOKENS, &msg_id, &event)
+            .start_publish(
+                subjects::TASK_TOKENS,
+                &msg_id,
+                traceparent.as_deref(),
+                payload,
+            )
             .await
+            .map(drop)
             .map_err(Error::from)
     }
 }

@@ -137,6 +137,29 @@ pub(crate) async fn call<T>(
     .await
 }
 
+/// One call of `method` on the orchestrator or memory client of `peers`
+/// (`rpc!(self.memory.append_messages(message))`), with the RPC deadline and the trace
+/// context: a future of the answer.
+macro_rules! rpc {
+    ($peers:ident.orchestrator.$method:ident($message:expr)) => {
+        rpc!(@ $peers, orchestrator, Peer::Orchestrator, $method, $message)
+    };
+    ($peers:ident.memory.$method:ident($message:expr)) => {
+        rpc!(@ $peers, memory, Peer::Memory, $method, $message)
+    };
+    (@ $peers:ident, $client:ident, $peer:expr, $method:ident, $message:expr) => {
+        async {
+            let mut client = $peers.$client.clone();
+            call(
+                $peer,
+                $peers.rpc_timeout,
+                client.$method(request($message, $peers.rpc_timeout)),
+            )
+            .await
+        }
+    };
+}
+
 /// `work` (one or more calls to `peer`) with `deadline` and a little slack for the peer's own
 /// deadline error to arrive first.
 async fn within<T>(
@@ -373,13 +396,7 @@ impl Peers for GrpcPeers {
             attempt: task.attempt,
             worker_id: worker_id.to_owned(),
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.heartbeat_task(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.orchestrator.heartbeat_task(message)).await?;
         Ok(if response.keep_going {
             Lease::Held {
                 lease: (response.lease_ms > 0).then(|| Duration::from_millis(response.lease_ms)),
@@ -398,13 +415,7 @@ impl Peers for GrpcPeers {
             attempt: task.attempt,
             worker_id: worker_id.to_owned(),
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.release_task(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.orchestrator.release_task(message)).await?;
         Ok(response.released)
     }
 
@@ -413,13 +424,7 @@ impl Peers for GrpcPeers {
             tenant: task.tenant.clone(),
             task_id: task_id.to_owned(),
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.get_task_output(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.orchestrator.get_task_output(message)).await?;
         Ok(response.output)
     }
 
@@ -432,14 +437,7 @@ impl Peers for GrpcPeers {
             task_id: task.task_id.clone(),
             messages: messages.iter().map(to_proto_message).collect(),
         };
-        let mut client = self.memory.clone();
-        call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.append_messages(request(message, self.rpc_timeout)),
-        )
-        .await
-        .map(drop)
+        rpc!(self.memory.append_messages(message)).await.map(drop)
     }
 
     async fn complete(
@@ -509,13 +507,7 @@ impl Peers for GrpcPeers {
                 attempt: task.attempt,
             }),
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.save_checkpoint(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.orchestrator.save_checkpoint(message)).await?;
         Ok((!response.saved).then_some(response.reason))
     }
 
@@ -546,19 +538,14 @@ impl Peers for GrpcPeers {
                 })
                 .collect(),
         };
-        let mut client = self.memory.clone();
-        call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.append_messages(request(append, self.rpc_timeout)),
-        )
-        .await?;
+        rpc!(self.memory.append_messages(append)).await?;
         let compress = v1::CompressSessionRequest {
             tenant: task.tenant.clone(),
             session_id,
             keep_recent: Some(0),
         };
         // Summarising is model calls through the router: the completion deadline applies.
+        let mut client = self.memory.clone();
         let response = call(
             Peer::Memory,
             self.completion_timeout,
@@ -589,13 +576,7 @@ impl Peers for GrpcPeers {
             limit,
             ..Default::default()
         };
-        let mut client = self.memory.clone();
-        let response = call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.search_memories(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.memory.search_memories(message)).await?;
         Ok(response
             .results
             .into_iter()
@@ -636,13 +617,7 @@ impl Peers for GrpcPeers {
                 ..Default::default()
             }],
         };
-        let mut client = self.memory.clone();
-        let response = call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.write_memories(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.memory.write_memories(message)).await?;
         let written =
             response
                 .results
@@ -670,13 +645,7 @@ impl Peers for GrpcPeers {
             task: about.to_owned(),
             limit,
         };
-        let mut client = self.memory.clone();
-        let response = call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.suggest_strategies(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.memory.suggest_strategies(message)).await?;
         Ok(response
             .suggestions
             .into_iter()
@@ -707,14 +676,9 @@ impl Peers for GrpcPeers {
             run_id: task.run_id.clone(),
             task_id: task.task_id.clone(),
         };
-        let mut client = self.memory.clone();
-        call(
-            Peer::Memory,
-            self.rpc_timeout,
-            client.record_strategy_outcome(request(message, self.rpc_timeout)),
-        )
-        .await
-        .map(drop)
+        rpc!(self.memory.record_strategy_outcome(message))
+            .await
+            .map(drop)
     }
 
     async fn spawn(
@@ -740,13 +704,7 @@ impl Peers for GrpcPeers {
                 .collect(),
             wait,
         };
-        let mut client = self.orchestrator.clone();
-        let response = call(
-            Peer::Orchestrator,
-            self.rpc_timeout,
-            client.spawn_tasks(request(message, self.rpc_timeout)),
-        )
-        .await?;
+        let response = rpc!(self.orchestrator.spawn_tasks(message)).await?;
         Ok(Spawned {
             children: response
                 .children

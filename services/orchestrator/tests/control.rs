@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+mod common;
+
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Fast, exact retries: 200 ms base, no jitter.
@@ -467,13 +469,7 @@ async fn a_new_orchestrator_recovers_orphaned_attempts_and_unsent_outbox_rows() 
     first.stop().await;
 
     let orphan_task = Uuid::parse_str(&orphan_task).unwrap();
-    sqlx::query(
-        "UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(orphan_task)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    common::expire_lease(&db, Some(orphan_task)).await;
     let store = Store::new(db.pool.clone());
     let runs: Vec<(Uuid, Uuid)> = futures::future::try_join_all(
         [

@@ -10,6 +10,8 @@ use colony_proto::v1;
 use colony_testkit::TestDb;
 use uuid::Uuid;
 
+mod common;
+
 const LEASE: Duration = Duration::from_secs(30);
 
 async fn new_run(store: &Store) -> (Uuid, Uuid) {
@@ -171,10 +173,7 @@ async fn an_expired_lease_is_redispatched_with_a_new_attempt_and_fences_the_old_
         Claim::Granted(_)
     ));
     assert_eq!(store.reap_expired(100).await.unwrap().requeued, 0);
-    sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    common::expire_lease(&db, None).await;
     assert_eq!(store.reap_expired(100).await.unwrap().requeued, 1);
     // An expired lease is a transient failure: attempt 2 waits out the transient backoff
     // before the scheduler dispatches it.
@@ -262,10 +261,7 @@ async fn a_task_out_of_attempts_fails_its_run_with_the_reason() {
     });
     let (run_id, task_id) = new_run(&store).await;
     store.claim("acme", task_id, 1, "w", LEASE).await.unwrap();
-    sqlx::query("UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    common::expire_lease(&db, None).await;
     let reaped = store.reap_expired(100).await.unwrap();
     assert_eq!(reaped.dead_lettered, 1);
     let run = store.get_run("acme", run_id).await.unwrap();
@@ -393,23 +389,9 @@ async fn only_the_lease_holder_saves_checkpoints_and_the_next_claim_carries_the_
         assert!(refused.is_some(), "{tenant} {attempt} {worker}");
     }
     // The lease runs out: the next attempt's claim carries the last checkpoint saved.
-    sqlx::query(
-        "UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second' \
-         WHERE id = $1",
-    )
-    .bind(task_id)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    common::expire_lease(&db, Some(task_id)).await;
     store.reap_expired(10).await.unwrap();
-    sqlx::query(
-        "UPDATE orchestrator.tasks SET not_before = now() - interval '1 millisecond' \
-         WHERE id = $1",
-    )
-    .bind(task_id)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    common::skip_backoff(&db, task_id).await;
     let Claim::Granted(second) = store.claim("acme", task_id, 2, "w2", LEASE).await.unwrap() else {
         panic!("the second attempt is granted");
     };

@@ -11,6 +11,8 @@ use colony_proto::{ErrorClass, v1};
 use colony_testkit::TestDb;
 use uuid::Uuid;
 
+mod common;
+
 const LEASE: Duration = Duration::from_secs(30);
 
 /// The default policies without jitter, so delays are exact.
@@ -91,15 +93,6 @@ async fn refused(store: &Store, task_id: Uuid, attempt: i32) -> String {
 }
 
 /// Makes the task's backoff pass now.
-async fn skip_backoff(db: &TestDb, task_id: Uuid) {
-    sqlx::query(
-        "UPDATE orchestrator.tasks SET not_before = now() - interval '1 millisecond' WHERE id = $1",
-    )
-    .bind(task_id)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-}
 
 #[derive(Debug, PartialEq)]
 struct TaskRow {
@@ -164,7 +157,7 @@ async fn each_class_retries_with_its_own_backoff_until_its_budget_is_spent() {
                 assert_eq!(store.dispatch_due(100).await.unwrap(), 0);
                 let reason = refused(&store, task_id, attempt).await;
                 assert!(reason.contains("not due"), "{reason}");
-                skip_backoff(&db, task_id).await;
+                common::skip_backoff(&db, task_id).await;
                 assert_eq!(store.dispatch_due(100).await.unwrap(), 1);
                 assert!(task_row(&db, task_id).await.dispatched);
             }
@@ -265,18 +258,11 @@ async fn an_expired_lease_counts_as_transient() {
     let (run_id, task_id) = new_run(&store, "acme").await;
     for attempt in 1..=2 {
         if attempt > 1 {
-            skip_backoff(&db, task_id).await;
+            common::skip_backoff(&db, task_id).await;
             store.dispatch_due(100).await.unwrap();
         }
         granted(&store, task_id, attempt, "vanishing").await;
-        sqlx::query(
-            "UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second' \
-             WHERE id = $1",
-        )
-        .bind(task_id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        common::expire_lease(&db, Some(task_id)).await;
         let reaped = store.reap_expired(100).await.unwrap();
         if attempt == 1 {
             assert_eq!(reaped.requeued, 1);
@@ -321,7 +307,7 @@ async fn a_dead_letter_is_requeued_with_a_fresh_budget_and_reopens_its_run() {
         async move {
             for attempt in first..first + 2 {
                 if attempt > first {
-                    skip_backoff(db, task_id).await;
+                    common::skip_backoff(db, task_id).await;
                     store.dispatch_due(100).await.unwrap();
                 }
                 granted(&store, task_id, attempt, "w").await;
@@ -526,13 +512,7 @@ async fn a_cancelled_task_also_stops_on_a_late_report_or_an_expired_lease() {
     let (run_id, task_id) = new_run(&store, "acme").await;
     granted(&store, task_id, 1, "w").await;
     store.cancel_run("acme", run_id).await.unwrap();
-    sqlx::query(
-        "UPDATE orchestrator.tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(task_id)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    common::expire_lease(&db, Some(task_id)).await;
     assert_eq!(store.reap_expired(100).await.unwrap().cancelled, 1);
     assert_eq!(
         store.get_run("acme", run_id).await.unwrap().status,
