@@ -46,6 +46,9 @@ pub enum Error {
     InvalidResponse { peer: Peer, message: String },
     #[error("bus: {0}")]
     Bus(#[from] colony_bus::Error),
+    /// A model call was not made: it could pass the task's token budget.
+    #[error("{0}")]
+    TokenBudget(String),
 }
 
 impl Error {
@@ -55,6 +58,7 @@ impl Error {
             Error::InvalidResponse { .. } => ErrorClass::Permanent,
             Error::Bus(error) if error.is_retryable() => ErrorClass::Transient,
             Error::Bus(_) => ErrorClass::Permanent,
+            Error::TokenBudget(_) => ErrorClass::UserFixable,
         }
     }
 
@@ -64,6 +68,7 @@ impl Error {
             Error::Call { class, .. } => class.as_str(),
             Error::InvalidResponse { .. } => "invalid_response",
             Error::Bus(_) => "bus",
+            Error::TokenBudget(_) => "token_budget",
         }
     }
 

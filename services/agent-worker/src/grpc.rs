@@ -333,6 +333,7 @@ pub fn claim_from_proto(
                 fail_on_reject: validation.fail_on_reject,
             }),
             context_window: spec.context_window,
+            task_token_budget: spec.task_token_budget,
             escalation: spec.escalation.map(|escalation| Escalation {
                 tier: escalation.tier,
                 context_window: escalation.context_window,

@@ -45,7 +45,8 @@ pub const TOOL_CALLS: &str = "colony_agent_worker_tool_calls_total";
 pub const TOOL_SECONDS: &str = "colony_agent_worker_tool_call_duration_seconds";
 /// Model calls per finished attempt (the agent loop's steps).
 pub const AGENT_STEPS: &str = "colony_agent_worker_agent_steps";
-/// Attempts the agent loop ended without a final answer, by `reason` (`max_steps`).
+/// Attempts the agent loop ended without a final answer, by `reason` (`max_steps`,
+/// `token_budget`).
 pub const AGENT_STOPPED: &str = "colony_agent_worker_agent_stopped_total";
 /// Sandbox commands, by `outcome`: `succeeded` (exit code 0), `failed` (another exit code or a
 /// signal), `timed_out`, `cancelled`, or `refused` (a check failed or it could not start).
@@ -139,7 +140,7 @@ pub fn describe() {
     );
     describe_counter!(
         AGENT_STOPPED,
-        "Attempts the agent loop ended without a final answer, by reason (max_steps)."
+        "Attempts the agent loop ended without a final answer, by reason (max_steps, token_budget)."
     );
     describe_counter!(
         SANDBOX_COMMANDS,

@@ -867,6 +867,14 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                     format!("Task:\n{}\n\nAnswer:\n{output}", task.instructions),
                 ),
             ];
+            if let Some(reason) = over_token_budget(task, *usage, &messages) {
+                ::metrics::counter!(metrics::AGENT_STOPPED, "reason" => "token_budget")
+                    .increment(1);
+                return Err(Error::TokenBudget(format!(
+                    "judge {}: {reason}",
+                    judge.name
+                )));
+            }
             let as_judge = TaskSpec {
                 tier: judge.tier.clone(),
                 checkpoint: None,
@@ -942,6 +950,15 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
                 }
             }
             let asking = escalated.as_ref().unwrap_or(task);
+            if let Some(reason) = over_token_budget(task, usage, &messages) {
+                ::metrics::counter!(metrics::AGENT_STOPPED, "reason" => "token_budget")
+                    .increment(1);
+                return LoopEnd::Ended(Some(TaskOutcome::Failed {
+                    class: ErrorClass::UserFixable,
+                    message: reason,
+                    usage,
+                }));
+            }
             let asked = Instant::now();
             let (deltas, written) = mpsc::unbounded_channel();
             let call_model = async {
@@ -1307,6 +1324,28 @@ fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
+/// Why a model call with `messages` could pass the task's token budget, given `used` so far:
+/// the prompt as estimated plus the most the answer may take (`max_tokens`). `None` when it
+/// fits, or when the task has no token budget.
+fn over_token_budget(task: &TaskSpec, used: Usage, messages: &[ChatMessage]) -> Option<String> {
+    if task.task_token_budget == 0 {
+        return None;
+    }
+    let spent = used.prompt_tokens.saturating_add(used.completion_tokens);
+    let prompt = estimate_tokens(messages);
+    let worst = spent
+        .saturating_add(prompt)
+        .saturating_add(u64::from(task.max_tokens));
+    (worst > task.task_token_budget).then(|| {
+        format!(
+            "the next model call could pass the task's token budget of {} \
+             (task_token_budget): {spent} tokens used so far, about {prompt} in its prompt and \
+             up to {} in its answer",
+            task.task_token_budget, task.max_tokens
+        )
+    })
+}
+
 /// The tokens a conversation may take of a `window`-token context; 0 when the window is
 /// unknown (no limit).
 fn fill_limit(window: u64, fill: f64) -> u64 {
@@ -1434,6 +1473,8 @@ mod tests {
         outcomes: Mutex<Vec<(i64, bool)>>,
         /// Leases given back.
         released: AtomicUsize,
+        /// The claimed task's token budget.
+        token_budget: u64,
     }
 
     impl FakePeers {
@@ -1459,6 +1500,7 @@ mod tests {
                 compressions: Mutex::default(),
                 outcomes: Mutex::default(),
                 released: AtomicUsize::new(0),
+                token_budget: 0,
             }
         }
 
@@ -1490,6 +1532,7 @@ mod tests {
             validation: None,
             context_window: 0,
             escalation: None,
+            task_token_budget: 0,
         }
     }
 
@@ -1503,6 +1546,7 @@ mod tests {
                     validation: self.validation.clone(),
                     context_window: self.context_window,
                     escalation: self.escalation.clone(),
+                    task_token_budget: self.token_budget,
                     ..spec()
                 }),
                 lease: Duration::from_secs(3),
@@ -2314,6 +2358,36 @@ mod tests {
                 .iter()
                 .any(|messages| messages[0].content.starts_with(COMPRESSED_HEADING))
         );
+    }
+
+    #[tokio::test]
+    async fn the_loop_stops_before_a_call_that_could_pass_the_token_budget() {
+        let mut peers = FakePeers::scripted(searches(3, "use the VPN"), &[tools::MEMORY_SEARCH]);
+        peers.token_budget = 110;
+        let worker = worker(peers, FakeReporter::default());
+        worker
+            .handle("generalist", dispatch(), &CountProgress::default())
+            .await;
+
+        let TaskOutcome::Failed {
+            class,
+            message,
+            usage,
+        } = published_outcome(&worker)
+        else {
+            panic!("the task fails");
+        };
+        assert_eq!(class, ErrorClass::UserFixable);
+        assert!(
+            message.starts_with(
+                "the next model call could pass the task's token budget of 110 \
+                 (task_token_budget): 16 tokens used so far"
+            ),
+            "{message}"
+        );
+        // Two calls were made and paid for; the third was not.
+        assert_eq!(worker.peers.calls.lock().unwrap().len(), 2);
+        assert_eq!(usage.prompt_tokens + usage.completion_tokens, 16);
     }
 
     #[tokio::test]

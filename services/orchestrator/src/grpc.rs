@@ -106,6 +106,13 @@ impl OrchestratorService {
                 let kind = self.kind(&task.role);
                 let tools = self.tools(&task.role);
                 let task_budget = self.task_budget_micros(&task.role);
+                let task_token_budget = self
+                    .store
+                    .roster()
+                    .roles
+                    .get(&task.role)
+                    .and_then(|r| r.task_token_budget)
+                    .unwrap_or(0);
                 let validation = self.validation(&task.role);
                 let (context_window, escalation) = self.context_window(&task.role, &tier);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
@@ -135,6 +142,7 @@ impl OrchestratorService {
                         validation,
                         context_window,
                         escalation,
+                        task_token_budget,
                     }),
                     lease_ms,
                 }

@@ -32,6 +32,9 @@ pub struct Role {
     /// The most one task of this role may spend on model calls, in US dollars; the router
     /// refuses a call that would pass it. Unset: no task budget.
     pub task_budget_usd: Option<f64>,
+    /// The most tokens (prompt and completion, judges included) one attempt of the role may
+    /// use; the worker stops before a model call that could pass it. Unset: no token budget.
+    pub task_token_budget: Option<u64>,
     /// How the role's answers are checked before they are reported; unset: not checked.
     pub validation: Option<ValidationConfig>,
     /// A tier of `roster.models` with a larger context window: a task whose conversation
@@ -100,6 +103,7 @@ impl Default for Role {
             tier: String::new(),
             tools: Vec::new(),
             task_budget_usd: None,
+            task_token_budget: None,
             validation: None,
             escalate_tier: String::new(),
             concurrency: 4,
@@ -353,6 +357,12 @@ impl RosterConfig {
             if role.prompt.trim().is_empty() {
                 problems.push(format!("roster.roles.{name}.prompt: must not be empty"));
             }
+            if role.task_token_budget == Some(0) {
+                problems.push(format!(
+                    "roster.roles.{name}.task_token_budget: must be at least 1 (leave it out for \
+                     no budget)"
+                ));
+            }
             if let Some(budget) = role.task_budget_usd
                 && !(budget.is_finite() && budget >= 0.0)
             {
@@ -520,6 +530,11 @@ mod tests {
             on_reject: OnReject::AcceptWithWarning,
         });
         writer.task_budget_usd = Some(f64::NAN);
+        writer.task_token_budget = Some(0);
+        writer.escalate_tier = "huge".into();
+        let reviewer = roster.roles.get_mut("reviewer").unwrap();
+        reviewer.tier = "frontier".into();
+        reviewer.escalate_tier = "mid".into();
         roster.validate(&mut problems);
         let text = problems.join("\n");
         assert!(
@@ -532,6 +547,22 @@ mod tests {
         );
         assert!(
             text.contains("roster.roles.writer.task_budget_usd: must be a number >= 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roster.roles.writer.task_token_budget: must be at least 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"roster.roles.writer.escalate_tier: "huge" is not a tier of roster.models"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"roster.roles.reviewer.escalate_tier: "mid" has a context window of 32768 tokens, not larger than the role's own tier's 200000"#
+            ),
             "{text}"
         );
     }
