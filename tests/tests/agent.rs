@@ -93,6 +93,12 @@ contains = "250 numbered lines"
 reply = "compressed-ok"
 
 [[deployments.script]]
+contains = "Tell a story slowly"
+reply = "once upon a time"
+delay = "1s"
+piece_delay = "100ms"
+
+[[deployments.script]]
 contains = "Wait for a long time"
 
 [[deployments.script.tool_calls]]
@@ -540,4 +546,79 @@ async fn a_conversation_outgrowing_its_window_is_compressed_through_memory() {
         metrics.contains("colony_agent_worker_context_overflows_total{action=\"compressed\"} 1"),
         "{metrics}"
     );
+}
+
+/// The events of a server-sent event stream: (event name, data).
+fn sse_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(value).ok();
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stream_shows_the_text_as_the_model_writes_it_then_ends() {
+    let stack = start().await;
+    let run_id = submit(&stack, "Tell a story slowly.").await;
+    let url = format!("{}/v1/runs/{run_id}/stream", stack.orchestrator_url);
+    // The model waits a second before its first word: the stream is open by then.
+    let response = stack.http.get(&url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    // The body ends when the run does.
+    let events = sse_events(&response.text().await.unwrap());
+    let (last, status) = events.last().unwrap();
+    assert_eq!(
+        (last.as_str(), &status["status"]),
+        ("end", &serde_json::json!("succeeded"))
+    );
+    let tokens: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|(name, _)| name == "tokens")
+        .map(|(_, data)| data)
+        .collect();
+    let text: String = tokens
+        .iter()
+        .map(|chunk| chunk["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "once upon a time");
+    // Written over time: more than one piece before the end of the call.
+    assert!(tokens.len() > 2, "{tokens:?}");
+    assert_eq!(tokens.last().unwrap()["done"], true);
+
+    // A finished run's stream is its end at once; another tenant's run is not found.
+    let events = sse_events(
+        &stack
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "end");
+    let response = stack
+        .http
+        .get(&url)
+        .header("x-colony-tenant", "someone-else")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
 }

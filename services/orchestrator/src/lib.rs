@@ -22,6 +22,7 @@ pub mod retry;
 pub mod roster;
 pub mod store;
 pub mod topology;
+mod watch;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -183,6 +184,12 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         runs: config.runs.clone(),
         max_body_bytes: config.http.max_body_bytes,
         rate: rate.clone(),
+    }));
+    let api = api.merge(watch::routes(watch::WatchState {
+        store: store.clone(),
+        runs: config.runs.clone(),
+        bus: bus.clone(),
+        shutdown: runtime.shutdown.clone(),
     }));
     let api = api.merge(cron::routes(cron::ApiState {
         schedules,
