@@ -43,6 +43,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the text a run's models write, as they write it, until the run ends (exit code 0
+    /// when it succeeded).
+    Watch { run_id: String },
     /// Show one run.
     Show {
         id: String,
@@ -169,6 +172,65 @@ impl Client {
         }
     }
 
+    /// Follows `GET /v1/runs/{id}/stream` (server-sent events) until it ends: the model text
+    /// to stdout as it arrives, which task and model call it belongs to on stderr.
+    async fn watch(&self, run_id: &str) -> anyhow::Result<bool> {
+        use futures::StreamExt as _;
+        use std::io::Write as _;
+        // No overall timeout: the stream lasts as long as the run.
+        let mut request = self.http.get(format!(
+            "{}/v1/runs/{run_id}/stream",
+            self.api.trim_end_matches('/')
+        ));
+        if let Some(tenant) = &self.tenant {
+            request = request.header("x-colony-tenant", tenant);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Colony API at {}", self.api))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            bail!(
+                "{status}: {}",
+                body["error"]["message"].as_str().unwrap_or("no message")
+            );
+        }
+        let mut body = response.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut current = (String::new(), 0);
+        let mut stdout = std::io::stdout();
+        while let Some(bytes) = body.next().await {
+            pending.extend_from_slice(&bytes.context("the run's stream broke off")?);
+            while let Some(end) = pending.windows(2).position(|pair| pair == b"\n\n") {
+                let block: Vec<u8> = pending.drain(..end + 2).collect();
+                let Some((event, data)) = sse_event(&String::from_utf8_lossy(&block)) else {
+                    continue;
+                };
+                if event == "end" {
+                    let status = data["status"].as_str().unwrap_or("?").to_owned();
+                    eprintln!("run {run_id} {status}");
+                    return Ok(status == "succeeded");
+                }
+                let call = (
+                    data["task_id"].as_str().unwrap_or("?").to_owned(),
+                    data["model_call"].as_u64().unwrap_or(0),
+                );
+                if call != current {
+                    eprintln!("[task {} · model call {}]", call.0, call.1);
+                    current = call;
+                }
+                print!("{}", data["text"].as_str().unwrap_or(""));
+                if data["done"] == true {
+                    println!();
+                }
+                stdout.flush().ok();
+            }
+        }
+        bail!("the run's stream ended before the run did; `colony show {run_id}` tells where it is")
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request
             .send()
@@ -283,6 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
+        Command::Watch { run_id } => client.watch(&run_id).await,
         Command::Show { id, json } => {
             let run = client.get_run(&id).await?;
             print_run(&run, json);
@@ -609,4 +672,18 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// One server-sent event: its name and its data as JSON (`None` for comments and keep-alives).
+fn sse_event(block: &str) -> Option<(String, Value)> {
+    let mut event = None;
+    let mut data = None;
+    for line in block.lines() {
+        if let Some(name) = line.strip_prefix("event:") {
+            event = Some(name.trim().to_owned());
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data = serde_json::from_str(value.trim()).ok();
+        }
+    }
+    Some((event?, data?))
 }

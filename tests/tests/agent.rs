@@ -621,4 +621,24 @@ async fn a_run_stream_shows_the_text_as_the_model_writes_it_then_ends() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 404);
+
+    // `colony watch` prints the text as it comes and exits 0 when the run succeeded.
+    let run_id = submit(&stack, "Tell a story slowly.").await;
+    let output = tokio::process::Command::new(colony_testkit::binary("colony"))
+        .args(["watch", &run_id])
+        .env("COLONY_API_URL", &stack.orchestrator_url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "once upon a time\n"
+    );
+    assert!(stderr.contains("· model call 1]"), "{stderr}");
+    assert!(
+        stderr.ends_with(&format!("run {run_id} succeeded\n")),
+        "{stderr}"
+    );
 }
