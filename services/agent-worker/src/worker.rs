@@ -664,27 +664,23 @@ impl<P: Peers, R: Reporter> Worker<P, R> {
             if agent.prompt_memories == 0 || !may(tools::MEMORY_SEARCH) {
                 return Vec::new();
             }
-            self.peers
-                .search_memories(task, &task.instructions, agent.prompt_memories)
-                .await
-                .unwrap_or_else(|error| {
-                    ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => "recall").increment(1);
-                    tracing::warn!(%error, "retrieving memories for the prompt failed; going on without");
-                    Vec::new()
-                })
+            recalled(
+                self.peers
+                    .search_memories(task, &task.instructions, agent.prompt_memories)
+                    .await,
+                "memories",
+            )
         };
         let strategies = async {
             if agent.prompt_strategies == 0 || !may(tools::SUGGEST_STRATEGY) {
                 return Vec::new();
             }
-            self.peers
-                .suggest_strategies(task, &task.instructions, agent.prompt_strategies)
-                .await
-                .unwrap_or_else(|error| {
-                    ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => "recall").increment(1);
-                    tracing::warn!(%error, "retrieving strategies for the prompt failed; going on without");
-                    Vec::new()
-                })
+            recalled(
+                self.peers
+                    .suggest_strategies(task, &task.instructions, agent.prompt_strategies)
+                    .await,
+                "strategies",
+            )
         };
         let (memories, strategies) = tokio::join!(memories, strategies);
         if memories.is_empty() && strategies.is_empty() {
@@ -1322,6 +1318,16 @@ fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
             u64::try_from(chars.div_ceil(4).max(1)).unwrap_or(u64::MAX)
         })
         .fold(0, u64::saturating_add)
+}
+
+/// What a lookup for the prompt found; nothing when it failed (logged and counted: the prompt
+/// goes without it).
+fn recalled<T>(found: Result<Vec<T>, Error>, what: &str) -> Vec<T> {
+    found.unwrap_or_else(|error| {
+        ::metrics::counter!(metrics::MEMORY_FAILURES, "step" => "recall").increment(1);
+        tracing::warn!(%error, what, "retrieving for the prompt failed; going on without");
+        Vec::new()
+    })
 }
 
 /// Why a model call with `messages` could pass the task's token budget, given `used` so far:
