@@ -25,7 +25,7 @@ MEMORY_ARGS ?=
 # Extra arguments for the worker bench, e.g. make bench-worker WORKER_ARGS="--slots 1 --runs 800"
 WORKER_ARGS ?=
 
-.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory bench-worker up down proto
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory bench-worker up down proto promtool check-alerts
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -91,6 +91,17 @@ build-deps: ## Install what compiling llama.cpp needs (cmake, libclang-dev) when
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake libclang-dev; \
 	fi
 
+# promtool checks and unit-tests the Prometheus alert rules; Debian's `prometheus` package has it.
+promtool: ## Install promtool (Debian package prometheus) when missing
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		echo "installing prometheus (for promtool)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+
+check-alerts: promtool ## Check the Prometheus alert rules and run their unit tests (deploy/prometheus)
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
+
 # OpenAI's official Python client, for the router's compatibility test (version pinned).
 SDK_ENV := target/sdk-env
 OPENAI_SDK := openai==3.57.0
@@ -114,7 +125,7 @@ lint: build-deps ## Check formatting and run clippy with warnings denied
 build: build-deps ## Build every binary in the workspace (debug)
 	$(CARGO) build --workspace --bins
 
-test: deps build-deps models sdk-env lint build ## deps, build-deps, models, sdk-env, lint, build, then the whole test suite (nextest if installed)
+test: deps build-deps models sdk-env lint check-alerts build ## deps, build-deps, models, sdk-env, lint, check-alerts, build, then the whole test suite (nextest if installed)
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast; \

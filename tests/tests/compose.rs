@@ -160,4 +160,17 @@ fn workers_scale_and_prometheus_scrapes_every_service() {
             "prometheus does not scrape {service}"
         );
     }
+    // The alert rules (checked by `make check-alerts`) are loaded, and mounted where the
+    // configuration looks for them.
+    assert!(prometheus.contains("rule_files:\n  - alerts.yml"), "{prometheus}");
+    let volumes: Vec<&str> = compose["services"]["prometheus"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|volume| volume.as_str())
+        .collect();
+    assert!(
+        volumes.contains(&"./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro"),
+        "{volumes:?}"
+    );
 }
