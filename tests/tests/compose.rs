@@ -162,7 +162,10 @@ fn workers_scale_and_prometheus_scrapes_every_service() {
     }
     // The alert rules (checked by `make check-alerts`) are loaded, and mounted where the
     // configuration looks for them.
-    assert!(prometheus.contains("rule_files:\n  - alerts.yml"), "{prometheus}");
+    assert!(
+        prometheus.contains("rule_files:\n  - alerts.yml"),
+        "{prometheus}"
+    );
     let volumes: Vec<&str> = compose["services"]["prometheus"]["volumes"]
         .as_sequence()
         .unwrap()

@@ -18,6 +18,10 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub bus: BusConfig,
     pub telemetry: TelemetryConfig,
+    /// A worker without a heartbeat for this long is suspect (it missed a couple: busy, a
+    /// network blip, or dying). Unset: a third of `worker_stale_after`.
+    #[serde(with = "humantime_serde")]
+    pub worker_suspect_after: Option<Duration>,
     /// A worker without a heartbeat for this long is dead.
     #[serde(with = "humantime_serde")]
     pub worker_stale_after: Duration,
@@ -48,6 +52,8 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             bus: BusConfig::default(),
             telemetry: TelemetryConfig::default(),
+            // Two missed heartbeats of a worker's default 5-s interval.
+            worker_suspect_after: None,
             worker_stale_after: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(5),
             worker_retention: Duration::from_secs(24 * 3600),
@@ -74,6 +80,12 @@ impl Validate for Config {
         if self.worker_stale_after < Duration::from_millis(100) {
             problems.push("worker_stale_after: must be at least 100ms".into());
         }
+        if let Some(suspect_after) = self.worker_suspect_after
+            && (suspect_after.is_zero() || suspect_after >= self.worker_stale_after)
+        {
+            problems
+                .push("worker_suspect_after: must be above 0 and below worker_stale_after".into());
+        }
         if self.sweep_interval < Duration::from_millis(10) {
             problems.push("sweep_interval: must be at least 10ms".into());
         }
@@ -90,6 +102,16 @@ impl Validate for Config {
         if self.shutdown_grace.is_zero() {
             problems.push("shutdown_grace: must be more than 0s".into());
         }
+    }
+}
+
+impl Config {
+    /// When a silent worker turns suspect: `worker_suspect_after`, or a third of
+    /// `worker_stale_after` (10 s of the default 30 s: two missed heartbeats of a worker's
+    /// default 5-s interval).
+    pub fn suspect_after(&self) -> Duration {
+        self.worker_suspect_after
+            .unwrap_or(self.worker_stale_after / 3)
     }
 }
 
@@ -119,6 +141,7 @@ mod tests {
         ])
         .expect("the environment loads");
         assert_eq!(config.worker_stale_after, Duration::from_secs(2));
+        assert_eq!(config.suspect_after(), Duration::from_secs(2) / 3);
         assert_eq!(config.sweep_interval, Duration::from_millis(250));
         assert_eq!(config.http.addr, "127.0.0.1:0");
     }
@@ -129,10 +152,16 @@ mod tests {
             ("MONITOR__SWEEP_INTERVAL", "1ms"),
             ("MONITOR__WORKER_RETENTION", "10s"),
             ("MONITOR__CONSUMER_CONCURRENCY", "0"),
+            ("MONITOR__WORKER_SUSPECT_AFTER", "30s"),
         ])
         .expect_err("bad values fail");
         let text = error.to_string();
-        for key in ["sweep_interval", "worker_retention", "consumer_concurrency"] {
+        for key in [
+            "sweep_interval",
+            "worker_retention",
+            "consumer_concurrency",
+            "worker_suspect_after",
+        ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }
         let unknown = load(&[("MONITOR__GRPC__ADDR", "127.0.0.1:1")]).expect_err("no grpc section");

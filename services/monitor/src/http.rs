@@ -30,7 +30,10 @@ struct StatusResponse {
     /// Events handled by this process since it started, by kind.
     events: BTreeMap<&'static str, u64>,
     events_total: u64,
+    /// Up or suspect.
     live_workers: u64,
+    /// Of the live ones, those that missed heartbeats (silent past `worker_suspect_after`).
+    suspect_workers: u64,
     dead_workers: u64,
 }
 
@@ -43,7 +46,7 @@ fn failed(route: &'static str, error: Error) -> Error {
 async fn workers(State(monitor): State<Arc<Monitor>>) -> Result<Json<WorkersResponse>, Error> {
     let workers = monitor
         .store
-        .workers(monitor.stale_after)
+        .workers(monitor.liveness)
         .await
         .map_err(|e| failed("/v1/workers", e))?;
     Ok(Json(WorkersResponse { workers }))
@@ -52,7 +55,7 @@ async fn workers(State(monitor): State<Arc<Monitor>>) -> Result<Json<WorkersResp
 async fn status(State(monitor): State<Arc<Monitor>>) -> Result<Json<StatusResponse>, Error> {
     let counts = monitor
         .store
-        .counts(monitor.stale_after)
+        .counts(monitor.liveness)
         .await
         .map_err(|e| failed("/v1/status", e))?;
     let events = monitor.tally.snapshot();
@@ -60,7 +63,8 @@ async fn status(State(monitor): State<Arc<Monitor>>) -> Result<Json<StatusRespon
         started_at: monitor.started_at,
         events_total: events.values().sum(),
         events,
-        live_workers: counts.alive,
+        live_workers: counts.alive(),
+        suspect_workers: counts.suspect,
         dead_workers: counts.dead,
     }))
 }

@@ -40,7 +40,7 @@ use store::Store;
 struct Monitor {
     store: Store,
     tally: Tally,
-    stale_after: Duration,
+    liveness: store::Liveness,
     started_at: DateTime<Utc>,
 }
 
@@ -105,10 +105,14 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let http_addr = http.local_addr().context("http listener address")?;
 
     let store = Store::new(pool.clone());
+    let liveness = store::Liveness {
+        suspect_after: config.suspect_after(),
+        dead_after: config.worker_stale_after,
+    };
     let monitor = Arc::new(Monitor {
         store: store.clone(),
         tally: Tally::default(),
-        stale_after: config.worker_stale_after,
+        liveness,
         started_at: Utc::now(),
     });
     colony_runtime::serve_http(
@@ -130,7 +134,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     runtime.spawn(workers::sweep(
         store,
         workers::SweepOptions {
-            stale_after: config.worker_stale_after,
+            liveness,
             interval: config.sweep_interval,
             retention: config.worker_retention,
         },

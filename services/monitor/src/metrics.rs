@@ -3,8 +3,10 @@
 /// Events handled, by `kind` (`run.created`, `task.failed`, `worker.heartbeat`,
 /// `usage.recorded`, …; never an id).
 pub const EVENTS: &str = "colony_monitor_events_total";
-/// Workers whose last heartbeat is within `worker_stale_after`.
+/// Workers whose last heartbeat is within `worker_stale_after` (up or suspect).
 pub const WORKERS: &str = "colony_monitor_workers";
+/// Registered workers by `state` (`up`, `suspect`, `dead`).
+pub const WORKERS_BY_STATE: &str = "colony_monitor_workers_by_state";
 /// Model tokens reported by usage records, by `direction` (`prompt`, `completion`).
 pub const TOKENS: &str = "colony_monitor_tokens_total";
 
@@ -18,6 +20,10 @@ pub fn describe() {
     describe_gauge!(
         WORKERS,
         "Workers whose last heartbeat is within worker_stale_after, as of the last sweep."
+    );
+    describe_gauge!(
+        WORKERS_BY_STATE,
+        "Registered workers by state as of the last sweep: up (heard within worker_suspect_after), suspect, dead (silent past worker_stale_after)."
     );
     describe_counter!(
         TOKENS,

@@ -18,16 +18,77 @@ pub struct Worker {
     pub version: String,
     pub started_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
-    /// Seen within `worker_stale_after`.
+    /// Seen within `worker_stale_after` (up or suspect).
     pub alive: bool,
+    pub state: WorkerState,
 }
 
-/// Live and dead workers in the registry.
+/// Where a worker stands by its last heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Seen within `worker_suspect_after`.
+    Up,
+    /// Silent for longer than `worker_suspect_after`, not yet `worker_stale_after`.
+    Suspect,
+    /// Silent for longer than `worker_stale_after`.
+    Dead,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 3] = [WorkerState::Up, WorkerState::Suspect, WorkerState::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Up => "up",
+            WorkerState::Suspect => "suspect",
+            WorkerState::Dead => "dead",
+        }
+    }
+
+    fn parse(state: &str) -> Self {
+        match state {
+            "up" => WorkerState::Up,
+            "suspect" => WorkerState::Suspect,
+            _ => WorkerState::Dead,
+        }
+    }
+}
+
+/// How long a silent worker stays up, then suspect, before it is dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub suspect_after: Duration,
+    pub dead_after: Duration,
+}
+
+/// Workers in the registry by state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerCounts {
-    pub alive: u64,
+    pub up: u64,
+    pub suspect: u64,
     pub dead: u64,
 }
+
+impl WorkerCounts {
+    /// Up or suspect: not given up on.
+    pub fn alive(&self) -> u64 {
+        self.up + self.suspect
+    }
+
+    pub fn of(&self, state: WorkerState) -> u64 {
+        match state {
+            WorkerState::Up => self.up,
+            WorkerState::Suspect => self.suspect,
+            WorkerState::Dead => self.dead,
+        }
+    }
+}
+
+/// A worker's state from its last heartbeat, in SQL (`$1` suspect after, `$2` dead after, in
+/// seconds).
+const STATE_SQL: &str = "CASE WHEN last_seen_at > now() - make_interval(secs => $1) THEN 'up' \
+      WHEN last_seen_at > now() - make_interval(secs => $2) THEN 'suspect' ELSE 'dead' END";
 
 /// Access to the monitor tables. Only this service reads or writes them.
 #[derive(Clone)]
@@ -75,18 +136,20 @@ impl Store {
     }
 
     /// Every registered worker, most recently seen first.
-    pub async fn workers(&self, stale_after: Duration) -> Result<Vec<Worker>, Error> {
-        let rows = sqlx::query(
+    pub async fn workers(&self, liveness: Liveness) -> Result<Vec<Worker>, Error> {
+        let rows = sqlx::query(&format!(
             "SELECT worker_id, roles, slots_total, slots_busy, version, started_at, last_seen_at, \
-                    last_seen_at > now() - make_interval(secs => $1) AS alive \
-             FROM monitor.workers ORDER BY last_seen_at DESC, worker_id",
-        )
-        .bind(seconds(stale_after))
+                    {STATE_SQL} AS state \
+             FROM monitor.workers ORDER BY last_seen_at DESC, worker_id"
+        ))
+        .bind(seconds(liveness.suspect_after))
+        .bind(seconds(liveness.dead_after))
         .fetch_all(&self.pool)
         .await?;
         let workers = rows
             .iter()
             .map(|row| {
+                let state = WorkerState::parse(row.try_get("state")?);
                 let slots_total: i32 = row.try_get("slots_total")?;
                 let slots_busy: i32 = row.try_get("slots_busy")?;
                 Ok(Worker {
@@ -97,31 +160,37 @@ impl Store {
                     version: row.try_get("version")?,
                     started_at: row.try_get("started_at")?,
                     last_seen_at: row.try_get("last_seen_at")?,
-                    alive: row.try_get("alive")?,
+                    alive: state != WorkerState::Dead,
+                    state,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         Ok(workers)
     }
 
-    /// How many registered workers are alive and dead.
-    pub async fn counts(&self, stale_after: Duration) -> Result<WorkerCounts, Error> {
-        let row = sqlx::query(
-            "SELECT count(*) FILTER (WHERE last_seen_at > now() - make_interval(secs => $1)) \
-                        AS alive, \
-                    count(*) FILTER (WHERE last_seen_at <= now() - make_interval(secs => $1)) \
-                        AS dead \
-             FROM monitor.workers",
-        )
-        .bind(seconds(stale_after))
-        .fetch_one(&self.pool)
+    /// How many registered workers are in each state.
+    pub async fn counts(&self, liveness: Liveness) -> Result<WorkerCounts, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_SQL} AS state, count(*) AS workers FROM monitor.workers GROUP BY 1"
+        ))
+        .bind(seconds(liveness.suspect_after))
+        .bind(seconds(liveness.dead_after))
+        .fetch_all(&self.pool)
         .await?;
-        let alive: i64 = row.try_get("alive")?;
-        let dead: i64 = row.try_get("dead")?;
-        Ok(WorkerCounts {
-            alive: u64::try_from(alive).unwrap_or(0),
-            dead: u64::try_from(dead).unwrap_or(0),
-        })
+        let mut counts = WorkerCounts {
+            up: 0,
+            suspect: 0,
+            dead: 0,
+        };
+        for row in rows {
+            let workers = u64::try_from(row.try_get::<i64, _>("workers")?).unwrap_or(0);
+            match WorkerState::parse(row.try_get("state")?) {
+                WorkerState::Up => counts.up = workers,
+                WorkerState::Suspect => counts.suspect = workers,
+                WorkerState::Dead => counts.dead = workers,
+            }
+        }
+        Ok(counts)
     }
 
     /// Dead workers' ids and when they were last seen, oldest first.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{Liveness, Store, WorkerState};
 
 /// Which dead workers have been reported, so each is warned about once.
 #[derive(Debug, Default)]
@@ -35,7 +35,7 @@ impl DeadWorkers {
 /// Liveness settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SweepOptions {
-    pub stale_after: Duration,
+    pub liveness: Liveness,
     pub interval: Duration,
     pub retention: Duration,
 }
@@ -65,15 +65,19 @@ async fn sweep_once(
     if forgotten > 0 {
         tracing::info!(forgotten, retention = ?options.retention, "forgot long-dead workers");
     }
-    let counts = store.counts(options.stale_after).await?;
-    // The gauge takes an f64; worker counts are far below 2^52.
-    ::metrics::gauge!(metrics::WORKERS).set(counts.alive as f64);
-    let dead_now = store.dead_workers(options.stale_after).await?;
+    let counts = store.counts(options.liveness).await?;
+    // The gauges take an f64; worker counts are far below 2^52.
+    ::metrics::gauge!(metrics::WORKERS).set(counts.alive() as f64);
+    for state in WorkerState::ALL {
+        ::metrics::gauge!(metrics::WORKERS_BY_STATE, "state" => state.as_str())
+            .set(counts.of(state) as f64);
+    }
+    let dead_now = store.dead_workers(options.liveness.dead_after).await?;
     for (worker_id, last_seen_at) in dead.update(&dead_now) {
         tracing::warn!(
             %worker_id,
             %last_seen_at,
-            stale_after = ?options.stale_after,
+            stale_after = ?options.liveness.dead_after,
             "worker is dead: no heartbeat within stale_after"
         );
     }

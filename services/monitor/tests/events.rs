@@ -74,8 +74,10 @@ async fn events_become_metrics_workers_and_dead_letters() {
     let mut config = Config {
         database: db.config(),
         bus: test_bus.config(),
-        // Long enough that w1 is still alive while the first assertions run on a busy machine.
-        worker_stale_after: Duration::from_secs(3),
+        // w1 is up, then suspect from 1.5 s after its heartbeat, then dead from 4 s: long
+        // enough that the first assertions see it alive on a busy machine.
+        worker_suspect_after: Some(Duration::from_millis(1500)),
+        worker_stale_after: Duration::from_secs(4),
         sweep_interval: Duration::from_millis(100),
         ..Config::default()
     };
@@ -176,8 +178,24 @@ async fn events_become_metrics_workers_and_dead_letters() {
     assert_eq!(w1["slots_total"], 4);
     assert_eq!(w1["slots_busy"], 1);
     assert!(w1["last_seen_at"].is_string(), "{w1}");
+    assert_ne!(w1["state"], "dead", "{w1}");
     let gone = worker(&workers, "w-gone").expect("w-gone is listed");
     assert_eq!(gone["alive"], false, "{gone}");
+    assert_eq!(gone["state"], "dead", "{gone}");
+    // Missing heartbeats, w1 is suspect before it is dead (and still counted live).
+    wait_for_series(
+        &metrics_url,
+        r#"colony_monitor_workers_by_state{state="suspect"}"#,
+        1.0,
+    )
+    .await;
+    let workers = get_json(&format!("{base}/v1/workers")).await;
+    let w1 = worker(&workers, "w1").expect("w1 is listed");
+    assert_eq!(
+        (&w1["state"], &w1["alive"]),
+        (&serde_json::json!("suspect"), &Value::Bool(true)),
+        "{w1}"
+    );
 
     for (name, value) in [
         (r#"colony_monitor_events_total{kind="run.created"}"#, 1.0),
@@ -230,9 +248,15 @@ async fn events_become_metrics_workers_and_dead_letters() {
     wait_for_series(&metrics_url, "colony_monitor_workers", 0.0).await;
     let workers = get_json(&format!("{base}/v1/workers")).await;
     assert_eq!(
-        worker(&workers, "w1").map(|w| w["alive"].clone()),
-        Some(Value::Bool(false))
+        worker(&workers, "w1").map(|w| (w["alive"].clone(), w["state"].clone())),
+        Some((Value::Bool(false), serde_json::json!("dead")))
     );
+    wait_for_series(
+        &metrics_url,
+        r#"colony_monitor_workers_by_state{state="dead"}"#,
+        2.0,
+    )
+    .await;
 
     // A fresh heartbeat brings it back.
     publish(
