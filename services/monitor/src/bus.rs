@@ -106,6 +106,9 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
         return Ok(Event::Usage {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
+            deployment: record.deployment,
+            latency_ms: record.latency_ms,
+            cost_micros_usd: usage.cost_micros_usd,
         });
     }
     Ok(Event::Other)
@@ -214,7 +217,10 @@ mod tests {
             decode(subjects::USAGE_RECORDED, &bytes(&usage)).ok(),
             Some(Event::Usage {
                 prompt_tokens: 10,
-                completion_tokens: 3
+                completion_tokens: 3,
+                deployment: String::new(),
+                latency_ms: 0,
+                cost_micros_usd: 0,
             })
         );
     }

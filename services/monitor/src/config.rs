@@ -8,6 +8,8 @@ use colony_store::DatabaseConfig;
 use colony_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::AnomalyConfig;
+
 /// Environment prefix: `MONITOR__WORKER_STALE_AFTER` → `worker_stale_after`.
 pub const ENV_PREFIX: &str = "MONITOR";
 
@@ -33,6 +35,8 @@ pub struct Config {
     pub worker_retention: Duration,
     /// Events handled at once.
     pub consumer_concurrency: usize,
+    /// The anomaly detector on per-deployment latency and cost.
+    pub anomaly: AnomalyConfig,
     /// How long in-flight events may take to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -59,6 +63,7 @@ impl Default for Config {
             worker_retention: Duration::from_secs(24 * 3600),
             consumer_concurrency: 8,
             shutdown_grace: Duration::from_secs(10),
+            anomaly: AnomalyConfig::default(),
         }
     }
 }
@@ -86,6 +91,7 @@ impl Validate for Config {
             problems
                 .push("worker_suspect_after: must be above 0 and below worker_stale_after".into());
         }
+        self.anomaly.validate(problems);
         if self.sweep_interval < Duration::from_millis(10) {
             problems.push("sweep_interval: must be at least 10ms".into());
         }

@@ -20,6 +20,10 @@ pub enum Event {
     Usage {
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// The deployment that served the call, its latency and cost.
+        deployment: String,
+        latency_ms: u64,
+        cost_micros_usd: u64,
     },
     /// A subject the monitor does not know (a newer publisher); acknowledged and counted.
     Other,

@@ -35,6 +35,8 @@ struct StatusResponse {
     /// Of the live ones, those that missed heartbeats (silent past `worker_suspect_after`).
     suspect_workers: u64,
     dead_workers: u64,
+    /// The latest anomalous model calls this process saw, oldest first.
+    anomalies: Vec<crate::anomaly::Anomaly>,
 }
 
 /// Logs a failed request once, then answers with the error's HTTP form.
@@ -66,5 +68,6 @@ async fn status(State(monitor): State<Arc<Monitor>>) -> Result<Json<StatusRespon
         live_workers: counts.alive(),
         suspect_workers: counts.suspect,
         dead_workers: counts.dead,
+        anomalies: monitor.anomalies.recent(),
     }))
 }

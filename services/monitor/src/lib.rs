@@ -2,6 +2,7 @@
 //! usage records — and turns it into metrics, a worker registry with liveness, and a small
 //! status API. See `README.md` for subjects, semantics and failure modes.
 
+pub mod anomaly;
 mod bus;
 pub mod config;
 mod error;
@@ -33,6 +34,7 @@ impl colony_runtime::ServiceConfig for Config {
 }
 pub use error::Error;
 
+use anomaly::Signal;
 use events::{Event, Tally};
 use store::Store;
 
@@ -41,10 +43,37 @@ struct Monitor {
     store: Store,
     tally: Tally,
     liveness: store::Liveness,
+    anomalies: anomaly::Detector,
     started_at: DateTime<Utc>,
 }
 
 impl Monitor {
+    /// Feeds one model call to the anomaly detector; an anomaly is logged and counted.
+    fn watch_call(&self, deployment: &str, latency_ms: u64, cost_micros_usd: u64) {
+        // Counts far below 2^52: exact as f64.
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "latencies and costs far below 2^52"
+        )]
+        let signals = [
+            (Signal::LatencyMs, latency_ms as f64),
+            (Signal::CostMicrosUsd, cost_micros_usd as f64),
+        ];
+        for (signal, value) in signals {
+            if let Some(anomaly) = self.anomalies.observe(deployment, signal, value) {
+                ::metrics::counter!(metrics::ANOMALIES, "signal" => signal.as_str()).increment(1);
+                tracing::warn!(
+                    deployment,
+                    signal = signal.as_str(),
+                    value,
+                    mean = anomaly.mean,
+                    z = anomaly.z,
+                    "anomalous model call"
+                );
+            }
+        }
+    }
+
     /// Applies one decoded event. Counters move only after the event was handled, so a retried
     /// event is counted once it succeeds.
     async fn apply(&self, event: Event) -> Result<(), Error> {
@@ -53,11 +82,15 @@ impl Monitor {
             Event::Usage {
                 prompt_tokens,
                 completion_tokens,
+                deployment,
+                latency_ms,
+                cost_micros_usd,
             } => {
                 ::metrics::counter!(metrics::TOKENS, "direction" => "prompt")
                     .increment(*prompt_tokens);
                 ::metrics::counter!(metrics::TOKENS, "direction" => "completion")
                     .increment(*completion_tokens);
+                self.watch_call(deployment, *latency_ms, *cost_micros_usd);
             }
             Event::Run { .. } | Event::Task { .. } => {}
             Event::Other => tracing::debug!("event of an unknown subject acknowledged"),
@@ -113,6 +146,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         store: store.clone(),
         tally: Tally::default(),
         liveness,
+        anomalies: anomaly::Detector::new(config.anomaly),
         started_at: Utc::now(),
     });
     colony_runtime::serve_http(

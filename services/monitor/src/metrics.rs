@@ -7,6 +7,9 @@ pub const EVENTS: &str = "colony_monitor_events_total";
 pub const WORKERS: &str = "colony_monitor_workers";
 /// Registered workers by `state` (`up`, `suspect`, `dead`).
 pub const WORKERS_BY_STATE: &str = "colony_monitor_workers_by_state";
+/// Model calls whose latency or cost stood out of their deployment's moving baseline, by
+/// `signal` (`latency_ms`, `cost_micros_usd`).
+pub const ANOMALIES: &str = "colony_monitor_anomalies_total";
 /// Model tokens reported by usage records, by `direction` (`prompt`, `completion`).
 pub const TOKENS: &str = "colony_monitor_tokens_total";
 
@@ -24,6 +27,10 @@ pub fn describe() {
     describe_gauge!(
         WORKERS_BY_STATE,
         "Registered workers by state as of the last sweep: up (heard within worker_suspect_after), suspect, dead (silent past worker_stale_after)."
+    );
+    describe_counter!(
+        ANOMALIES,
+        "Model calls whose latency or cost stood more than anomaly.z_threshold deviations from their deployment's moving mean, by signal."
     );
     describe_counter!(
         TOKENS,

@@ -79,6 +79,8 @@ async fn events_become_metrics_workers_and_dead_letters() {
         worker_suspect_after: Some(Duration::from_millis(1500)),
         worker_stale_after: Duration::from_secs(4),
         sweep_interval: Duration::from_millis(100),
+        // In order, so that the anomaly detector's baseline comes before the spike.
+        consumer_concurrency: 1,
         ..Config::default()
     };
     config.http.addr = "127.0.0.1:0".into();
@@ -272,6 +274,43 @@ async fn events_become_metrics_workers_and_dead_letters() {
     )
     .await;
     wait_for_series(&metrics_url, "colony_monitor_workers", 1.0).await;
+
+    // A deployment answering in about 100 ms, then once in 2 s: one latency anomaly.
+    for latency_ms in (0..30).map(|i| 95 + i % 10).chain([2000]) {
+        publish(
+            &bus,
+            subjects::USAGE_RECORDED,
+            &v1::UsageRecord {
+                tenant: "acme".into(),
+                deployment: "gpt".into(),
+                latency_ms,
+                usage: Some(v1::Usage {
+                    prompt_tokens: 100,
+                    completion_tokens: 10,
+                    cost_micros_usd: 40,
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    wait_for_series(
+        &metrics_url,
+        r#"colony_monitor_anomalies_total{signal="latency_ms"}"#,
+        1.0,
+    )
+    .await;
+    let status = get_json(&format!("{base}/v1/status")).await;
+    let anomalies = status["anomalies"].as_array().expect("anomalies listed");
+    assert_eq!(anomalies.len(), 1, "{status}");
+    assert_eq!(anomalies[0]["deployment"], "gpt");
+    assert_eq!(anomalies[0]["signal"], "latency_ms");
+    assert_eq!(anomalies[0]["value"], 2000.0);
+    let metrics = get_text(&metrics_url).await;
+    assert!(
+        !metrics.contains(r#"colony_monitor_anomalies_total{signal="cost_micros_usd"}"#),
+        "a steady price is no anomaly:\n{metrics}"
+    );
 
     runtime.shutdown.cancel();
     let readyz = reqwest::get(format!("{base}/readyz")).await;
