@@ -8,6 +8,7 @@ use colony_store::DatabaseConfig;
 use colony_telemetry::TelemetryConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::AlertsConfig;
 use crate::anomaly::AnomalyConfig;
 
 /// Environment prefix: `MONITOR__WORKER_STALE_AFTER` → `worker_stale_after`.
@@ -37,6 +38,8 @@ pub struct Config {
     pub consumer_concurrency: usize,
     /// The anomaly detector on per-deployment latency and cost.
     pub anomaly: AnomalyConfig,
+    /// Alert rules, their webhooks and cooldown.
+    pub alerts: AlertsConfig,
     /// How long in-flight events may take to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -64,6 +67,7 @@ impl Default for Config {
             consumer_concurrency: 8,
             shutdown_grace: Duration::from_secs(10),
             anomaly: AnomalyConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -92,6 +96,7 @@ impl Validate for Config {
                 .push("worker_suspect_after: must be above 0 and below worker_stale_after".into());
         }
         self.anomaly.validate(problems);
+        self.alerts.validate(problems);
         if self.sweep_interval < Duration::from_millis(10) {
             problems.push("sweep_interval: must be at least 10ms".into());
         }

@@ -16,6 +16,7 @@ pub fn routes(monitor: Arc<Monitor>) -> Router {
     Router::new()
         .route("/v1/workers", get(workers))
         .route("/v1/status", get(status))
+        .route("/v1/alerts", get(alerts))
         .with_state(monitor)
 }
 
@@ -37,6 +38,19 @@ struct StatusResponse {
     dead_workers: u64,
     /// The latest anomalous model calls this process saw, oldest first.
     anomalies: Vec<crate::anomaly::Anomaly>,
+}
+
+#[derive(Debug, Serialize)]
+struct AlertsResponse {
+    alerts: Vec<crate::alerts::Alert>,
+}
+
+/// Firing alerts first, then the 100 most recent resolved ones.
+async fn alerts(State(monitor): State<Arc<Monitor>>) -> Result<Json<AlertsResponse>, Error> {
+    let alerts = crate::alerts::list(monitor.store.pool(), 100)
+        .await
+        .map_err(|e| failed("/v1/alerts", e))?;
+    Ok(Json(AlertsResponse { alerts }))
 }
 
 /// Logs a failed request once, then answers with the error's HTTP form.

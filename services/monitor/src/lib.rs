@@ -2,6 +2,7 @@
 //! usage records — and turns it into metrics, a worker registry with liveness, and a small
 //! status API. See `README.md` for subjects, semantics and failure modes.
 
+pub mod alerts;
 pub mod anomaly;
 mod bus;
 pub mod config;
@@ -44,6 +45,8 @@ struct Monitor {
     tally: Tally,
     liveness: store::Liveness,
     anomalies: anomaly::Detector,
+    /// What the alert rules measure.
+    recent: Arc<alerts::Recent>,
     started_at: DateTime<Utc>,
 }
 
@@ -61,6 +64,7 @@ impl Monitor {
         ];
         for (signal, value) in signals {
             if let Some(anomaly) = self.anomalies.observe(deployment, signal, value) {
+                self.recent.anomaly();
                 ::metrics::counter!(metrics::ANOMALIES, "signal" => signal.as_str()).increment(1);
                 tracing::warn!(
                     deployment,
@@ -90,9 +94,15 @@ impl Monitor {
                     .increment(*prompt_tokens);
                 ::metrics::counter!(metrics::TOKENS, "direction" => "completion")
                     .increment(*completion_tokens);
+                self.recent.cost(*cost_micros_usd);
                 self.watch_call(deployment, *latency_ms, *cost_micros_usd);
             }
-            Event::Run { .. } | Event::Task { .. } => {}
+            Event::Task { kind } => match *kind {
+                "task.succeeded" => self.recent.task_finished(false),
+                "task.failed" => self.recent.task_finished(true),
+                _ => {}
+            },
+            Event::Run { .. } => {}
             Event::Other => tracing::debug!("event of an unknown subject acknowledged"),
         }
         let kind = event.kind();
@@ -147,6 +157,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         tally: Tally::default(),
         liveness,
         anomalies: anomaly::Detector::new(config.anomaly),
+        recent: Arc::default(),
         started_at: Utc::now(),
     });
     colony_runtime::serve_http(
@@ -156,6 +167,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
             .merge(http::routes(monitor.clone())),
     );
 
+    let recent = monitor.recent.clone();
     let handler = move |delivery| bus::handle(monitor.clone(), delivery);
     runtime.spawn(colony_bus::consume_bytes(
         bus.clone(),
@@ -165,6 +177,13 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         runtime.tracker.clone(),
         handler,
     ));
+    let alerter = alerts::Alerter {
+        config: config.alerts.clone(),
+        store: store.clone(),
+        liveness,
+        http: reqwest::Client::new(),
+    };
+    runtime.spawn(alerter.run(recent, runtime.shutdown.clone(), runtime.tracker.clone()));
     runtime.spawn(workers::sweep(
         store,
         workers::SweepOptions {

@@ -10,6 +10,12 @@ pub const WORKERS_BY_STATE: &str = "colony_monitor_workers_by_state";
 /// Model calls whose latency or cost stood out of their deployment's moving baseline, by
 /// `signal` (`latency_ms`, `cost_micros_usd`).
 pub const ANOMALIES: &str = "colony_monitor_anomalies_total";
+/// Alert rules above their threshold at the last evaluation (1) or not (0), by `rule`.
+pub const ALERTS_FIRING: &str = "colony_monitor_alerts_firing";
+/// Firings held back because the rule resolved within `alerts.cooldown`, by `rule`.
+pub const ALERTS_SUPPRESSED: &str = "colony_monitor_alerts_suppressed_total";
+/// Alert notifications to webhooks by `result` (`delivered`, `failed` after every attempt).
+pub const ALERT_NOTIFICATIONS: &str = "colony_monitor_alert_notifications_total";
 /// Model tokens reported by usage records, by `direction` (`prompt`, `completion`).
 pub const TOKENS: &str = "colony_monitor_tokens_total";
 
@@ -31,6 +37,18 @@ pub fn describe() {
     describe_counter!(
         ANOMALIES,
         "Model calls whose latency or cost stood more than anomaly.z_threshold deviations from their deployment's moving mean, by signal."
+    );
+    describe_gauge!(
+        ALERTS_FIRING,
+        "Alert rules above their threshold at the last evaluation (1) or not (0), by rule."
+    );
+    describe_counter!(
+        ALERTS_SUPPRESSED,
+        "Firings held back because the rule resolved within alerts.cooldown, by rule."
+    );
+    describe_counter!(
+        ALERT_NOTIFICATIONS,
+        "Alert notifications to webhooks by result: delivered, failed (after every attempt)."
     );
     describe_counter!(
         TOKENS,

@@ -212,6 +212,29 @@ impl Store {
         Ok(dead)
     }
 
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Workers that died within `window`: silent past `dead_after`, but not by more than
+    /// `window` more.
+    pub async fn recently_dead(
+        &self,
+        dead_after: Duration,
+        window: Duration,
+    ) -> Result<u64, Error> {
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM monitor.workers \
+             WHERE last_seen_at <= now() - make_interval(secs => $1) \
+               AND last_seen_at > now() - make_interval(secs => $1 + $2)",
+        )
+        .bind(seconds(dead_after))
+        .bind(seconds(window))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(dead).unwrap_or(0))
+    }
+
     /// Forgets workers not seen for `retention`. Returns how many were removed.
     pub async fn prune(&self, retention: Duration) -> Result<u64, Error> {
         let result = sqlx::query(
