@@ -113,7 +113,8 @@ pub struct TaskSpec {
     pub context_window: u64,
     /// A larger-context tier to move to when the conversation would overflow.
     pub escalation: Option<Escalation>,
-    /// Most tokens the attempt may use over all its model calls; 0: no limit.
+    /// Most tokens the task may use over all its model calls (a resumed attempt's checkpoint
+    /// carries the tokens used before it); 0: no limit.
     pub task_token_budget: u64,
 }
 

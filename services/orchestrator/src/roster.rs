@@ -32,8 +32,9 @@ pub struct Role {
     /// The most one task of this role may spend on model calls, in US dollars; the router
     /// refuses a call that would pass it. Unset: no task budget.
     pub task_budget_usd: Option<f64>,
-    /// The most tokens (prompt and completion, judges included) one attempt of the role may
-    /// use; the worker stops before a model call that could pass it. Unset: no token budget.
+    /// The most tokens (prompt and completion, judges included) one task of the role may use
+    /// (an attempt resumed from a checkpoint counts the tokens used before it); the worker
+    /// stops before a model call that could pass it. Unset: no token budget.
     pub task_token_budget: Option<u64>,
     /// How the role's answers are checked before they are reported; unset: not checked.
     pub validation: Option<ValidationConfig>,
