@@ -101,6 +101,16 @@ async fn a_goal_flows_through_all_five_services() {
     let text: String = tokens.iter().map(|chunk| chunk.text.as_str()).collect();
     assert_eq!(text, "echo: name three colours");
     assert!(tokens.last().is_some_and(|chunk| chunk.done), "{tokens:?}");
+    // The router counts the call and its spend for its tenant.
+    let router_metrics = stack.metrics(&stack.router_http_url).await;
+    for counter in ["colony_router_requests_total{", "colony_router_cost_micro_usd_total{"] {
+        assert!(
+            router_metrics
+                .lines()
+                .any(|line| line.starts_with(counter) && line.contains(r#"tenant="default""#)),
+            "{counter} by tenant:\n{router_metrics}"
+        );
+    }
 
     // State in PostgreSQL, in every service's schema.
     assert_eq!(

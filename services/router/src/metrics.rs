@@ -1,5 +1,6 @@
-//! The router's metrics. Labels are deployment names (from config), outcomes and classes:
-//! never tenants or ids.
+//! The router's metrics. Labels are deployment names (from config), outcomes and classes, and
+//! on the per-call counters (requests, tokens, cost) the tenant, so spend and load can be
+//! followed per tenant: never run, task or other ids.
 
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ const UNROUTED: &str = "none";
 pub fn describe() {
     describe_counter!(
         REQUESTS,
-        "Complete requests, by deployment and outcome (ok, error, rejected)."
+        "Complete requests, by deployment, tenant and outcome (ok, error, rejected)."
     );
     describe_histogram!(
         REQUEST_SECONDS,
@@ -33,11 +34,11 @@ pub fn describe() {
     );
     describe_counter!(
         TOKENS,
-        "Tokens used, by deployment and direction (prompt, completion)."
+        "Tokens used, by deployment, tenant and direction (prompt, completion)."
     );
     describe_counter!(
         COST_MICRO_USD,
-        "Cost of provider calls in millionths of a US dollar, by deployment."
+        "Cost of provider calls in millionths of a US dollar, by deployment and tenant."
     );
     describe_counter!(
         ERRORS,
@@ -86,23 +87,36 @@ pub fn overhead(deployment: &str, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
-/// Records one provider call.
+/// The `tenant` label of a call (`-` when the caller named none).
+fn tenant_label(tenant: &str) -> String {
+    if tenant.is_empty() {
+        "-".to_owned()
+    } else {
+        tenant.to_owned()
+    }
+}
+
+/// Records one provider call made for `tenant`.
 pub fn call(
     deployment: &str,
+    tenant: &str,
     elapsed: Duration,
     usage: TokenUsage,
     cost_micros: u64,
     error: Option<ErrorClass>,
 ) {
     let deployment = deployment.to_owned();
+    let tenant = tenant_label(tenant);
     let outcome = if error.is_some() { "error" } else { "ok" };
-    counter!(REQUESTS, "deployment" => deployment.clone(), "outcome" => outcome).increment(1);
+    counter!(REQUESTS, "deployment" => deployment.clone(), "tenant" => tenant.clone(), "outcome" => outcome)
+        .increment(1);
     histogram!(REQUEST_SECONDS, "deployment" => deployment.clone()).record(elapsed.as_secs_f64());
     for (direction, tokens) in [("prompt", usage.prompt), ("completion", usage.completion)] {
-        counter!(TOKENS, "deployment" => deployment.clone(), "direction" => direction)
+        counter!(TOKENS, "deployment" => deployment.clone(), "tenant" => tenant.clone(), "direction" => direction)
             .increment(tokens);
     }
-    counter!(COST_MICRO_USD, "deployment" => deployment.clone()).increment(cost_micros);
+    counter!(COST_MICRO_USD, "deployment" => deployment.clone(), "tenant" => tenant)
+        .increment(cost_micros);
     if let Some(class) = error {
         counter!(ERRORS, "deployment" => deployment, "class" => class.as_str()).increment(1);
     }

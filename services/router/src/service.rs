@@ -585,7 +585,14 @@ async fn account(
     let deployment = &reported.deployment;
     let cost_micros = deployment.cost_micros(usage);
     let error = result.as_ref().err().map(|e| e.class());
-    metrics::call(&deployment.name, latency, usage, cost_micros, error);
+    metrics::call(
+        &deployment.name,
+        &call.caller.tenant,
+        latency,
+        usage,
+        cost_micros,
+        error,
+    );
     if error.is_none() {
         deployment.observe_latency(latency);
     }
