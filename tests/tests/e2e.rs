@@ -103,7 +103,10 @@ async fn a_goal_flows_through_all_five_services() {
     assert!(tokens.last().is_some_and(|chunk| chunk.done), "{tokens:?}");
     // The router counts the call and its spend for its tenant.
     let router_metrics = stack.metrics(&stack.router_http_url).await;
-    for counter in ["colony_router_requests_total{", "colony_router_cost_micro_usd_total{"] {
+    for counter in [
+        "colony_router_requests_total{",
+        "colony_router_cost_micro_usd_total{",
+    ] {
         assert!(
             router_metrics
                 .lines()
