@@ -6,6 +6,7 @@
 )]
 
 pub mod bench;
+pub mod otlp;
 pub mod stub;
 
 use std::collections::HashMap;
@@ -32,6 +33,8 @@ pub struct StackOptions {
     /// The orchestrator's config file (TOML), for what the environment cannot say (roster
     /// lists); empty for none.
     pub orchestrator_toml: String,
+    /// An OTLP/gRPC collector every service exports its spans to (batches sent every 100 ms).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -44,6 +47,7 @@ impl Default for StackOptions {
             log_filter: "info",
             orchestrator_env: Vec::new(),
             orchestrator_toml: String::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -68,7 +72,13 @@ pub struct Stack {
     pub http: reqwest::Client,
 }
 
-fn common_env(prefix: &str, db: &TestDb, bus: &TestBus, log_filter: &str) -> Vec<(String, String)> {
+fn common_env(
+    prefix: &str,
+    db: &TestDb,
+    bus: &TestBus,
+    log_filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> Vec<(String, String)> {
     let mut env = vec![
         (format!("{prefix}__BUS__URL"), bus.url.clone()),
         (format!("{prefix}__BUS__PREFIX"), bus.prefix.clone()),
@@ -81,6 +91,14 @@ fn common_env(prefix: &str, db: &TestDb, bus: &TestBus, log_filter: &str) -> Vec
     ];
     if prefix != "AGENT_WORKER" {
         env.push((format!("{prefix}__DATABASE__URL"), db.url.clone()));
+    }
+    if let Some(endpoint) = otlp_endpoint {
+        env.push((
+            format!("{prefix}__TELEMETRY__OTLP_ENDPOINT"),
+            endpoint.into(),
+        ));
+        // The batch span processor's delay (OpenTelemetry's variable): 5 s by default.
+        env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
     }
     env
 }
@@ -111,10 +129,11 @@ pub fn spawn_router(
     bus: &TestBus,
     config: &std::path::Path,
     log_filter: &str,
+    otlp_endpoint: Option<&str>,
     http: u16,
     grpc: u16,
 ) -> Process {
-    let mut env = common_env("ROUTER", db, bus, log_filter);
+    let mut env = common_env("ROUTER", db, bus, log_filter, otlp_endpoint);
     env.push(("ROUTER__HTTP__ADDR".into(), addr(http)));
     env.push(("ROUTER__GRPC__ADDR".into(), addr(grpc)));
     let config = config.to_string_lossy().into_owned();
@@ -149,9 +168,10 @@ impl Stack {
         let (memory_http, memory_grpc) = (free_port(), free_port());
         let monitor_http = free_port();
         let filter = options.log_filter;
+        let otlp = options.otlp_endpoint.as_deref();
 
         let mut services = Vec::new();
-        let mut memory_env = common_env("MEMORY", &db, &bus, filter);
+        let mut memory_env = common_env("MEMORY", &db, &bus, filter, otlp);
         memory_env.push(("MEMORY__HTTP__ADDR".into(), addr(memory_http)));
         memory_env.push(("MEMORY__GRPC__ADDR".into(), addr(memory_grpc)));
         // Summaries are model calls through this stack's router (started next).
@@ -177,11 +197,12 @@ impl Stack {
             &bus,
             &router_config,
             filter,
+            otlp,
             router_http,
             router_grpc,
         ));
 
-        let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter);
+        let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter, otlp);
         orch_env.push((
             "ORCHESTRATOR__LEASES__DURATION".into(),
             options.lease.into(),
@@ -202,7 +223,7 @@ impl Stack {
             orch_grpc,
         ));
 
-        let mut monitor_env = common_env("MONITOR", &db, &bus, filter);
+        let mut monitor_env = common_env("MONITOR", &db, &bus, filter, otlp);
         monitor_env.push(("MONITOR__HTTP__ADDR".into(), addr(monitor_http)));
         services.push(Process::spawn(
             "monitor",
@@ -211,7 +232,7 @@ impl Stack {
             &monitor_env,
         ));
 
-        let mut worker_env = common_env("AGENT_WORKER", &db, &bus, filter);
+        let mut worker_env = common_env("AGENT_WORKER", &db, &bus, filter, otlp);
         worker_env.push((
             "AGENT_WORKER__ORCHESTRATOR_URL".into(),
             format!("http://{}", addr(orch_grpc)),

@@ -1,5 +1,7 @@
-//! Telemetry for every Colony binary: JSON (or pretty) logs, OpenTelemetry spans exported over
+//! Telemetry for every Colony binary: JSON (or pretty) logs carrying the trace id, OpenTelemetry spans exported over
 //! OTLP when configured, a process-wide Prometheus recorder, and W3C trace-context helpers.
+
+mod log;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -112,13 +114,8 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Guard, Er
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = match config.log_format {
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
+            .with(log::SpanFieldsLayer)
+            .with(tracing_subscriber::fmt::layer().event_format(log::JsonLog))
             .try_init(),
         LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
     };

@@ -116,7 +116,10 @@ async fn create_run(
     counted(StatusCode::CREATED, "/v1/runs", result).map(|run| (StatusCode::CREATED, Json(run)))
 }
 
-#[tracing::instrument(skip_all, fields(tenant, run_id))]
+#[tracing::instrument(
+    skip_all,
+    fields(otel.name = "POST /v1/runs", otel.kind = "server", tenant, run_id)
+)]
 async fn create_run_inner(
     state: &ApiState,
     headers: &HeaderMap,

@@ -295,12 +295,18 @@ fn count_reaped(reaped: &store::Reaped) {
     }
 }
 
+/// How often the reaper reads the work gauges (queue depth and age, unfinished tasks and runs)
+/// at most: fresh enough for a scrape, cheap for the database.
+const WORK_GAUGES_EVERY: Duration = Duration::from_secs(2);
+
 /// Every `reap_interval`: ends expired leases (re-queued, dead-lettered or cancelled),
-/// dispatches again attempts nobody claimed and sets the queue depth gauge (the dispatcher
+/// dispatches again attempts nobody claimed and sets the work gauges (the dispatcher
 /// loop dispatches attempts whose backoff has passed).
 /// Correctness never depends on JetStream redelivery: this loop is what brings a task back
 /// after its worker died. Nothing is dispatched in maintenance mode.
 async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationToken) {
+    let mut gauges = metrics::WorkGauges::default();
+    let mut last_gauges: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -318,9 +324,12 @@ async fn reap(store: Store, leases: config::LeaseConfig, shutdown: CancellationT
             Ok(reaped) => count_reaped(&reaped),
             Err(error) => tracing::warn!(%error, "reaper pass failed"),
         }
-        match store.queue_depth().await {
-            Ok(depth) => ::metrics::gauge!(metrics::QUEUE_DEPTH).set(depth as f64),
-            Err(error) => tracing::warn!(%error, "reading the queue depth failed"),
+        if last_gauges.is_none_or(|at| at.elapsed() >= WORK_GAUGES_EVERY) {
+            last_gauges = Some(std::time::Instant::now());
+            match store.active_work().await {
+                Ok(work) => gauges.record(&work),
+                Err(error) => tracing::warn!(%error, "reading the work gauges failed"),
+            }
         }
         match store.refresh_statistics().await {
             Ok(tables) if tables.is_empty() => {}

@@ -15,7 +15,14 @@ pub const DISPATCH_LATENCY: &str = "colony_orchestrator_dispatch_latency_seconds
 pub const HTTP_REQUESTS: &str = "colony_orchestrator_http_requests_total";
 pub const REJECTED_REQUESTS: &str = "colony_orchestrator_rejected_requests_total";
 pub const SHED: &str = "colony_orchestrator_shed_total";
+/// Gauge by tenant and role: queued and pending tasks.
 pub const QUEUE_DEPTH: &str = "colony_orchestrator_queue_depth";
+/// Gauge by tenant and role: how long the longest-waiting queued task has been ready.
+pub const QUEUE_OLDEST_AGE: &str = "colony_orchestrator_queue_oldest_age_seconds";
+/// Gauge by tenant and state: unfinished tasks.
+pub const ACTIVE_TASKS: &str = "colony_orchestrator_active_tasks";
+/// Gauge by tenant: running runs.
+pub const ACTIVE_RUNS: &str = "colony_orchestrator_active_runs";
 pub const RETRIES: &str = "colony_orchestrator_retries_total";
 pub const DEAD_LETTERS: &str = "colony_orchestrator_dead_letters_total";
 pub const CANCELLATIONS: &str = "colony_orchestrator_cancellations_total";
@@ -52,9 +59,20 @@ pub fn describe() {
     );
     describe_gauge!(
         QUEUE_DEPTH,
-        "Queued and pending tasks of every tenant (per-tenant depth is bounded by \
-         limits.max_queued_per_tenant)."
+        "Queued and pending tasks by tenant and role (a tenant's depth is bounded by \
+         limits.max_queued_per_tenant). Every replica reports the whole database."
     );
+    describe_gauge!(
+        QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "How long the longest-waiting queued task of a tenant and role has been ready."
+    );
+    describe_gauge!(
+        ACTIVE_TASKS,
+        "Unfinished tasks by tenant and state (queued, pending, running, cancelling, \
+         awaiting_approval, parked)."
+    );
+    describe_gauge!(ACTIVE_RUNS, "Running runs by tenant.");
     describe_counter!(
         APPROVALS,
         "Approval decisions on tasks awaiting approval, by decision: approved or rejected."
@@ -151,4 +169,59 @@ pub fn describe() {
         "1 while maintenance mode pauses dispatch and claims, else 0 (shared by every replica)."
     );
     colony_bus::metrics::describe();
+}
+
+/// Sets the work gauges from one reading of the database, and sets to 0 the label sets an
+/// earlier reading had that this one has not (a tenant whose queue drained), so a drained
+/// queue reads 0 rather than its last depth.
+#[derive(Debug, Default)]
+pub struct WorkGauges {
+    written: std::collections::HashSet<GaugeKey>,
+}
+
+/// A gauge's name and its label pairs.
+type GaugeKey = (&'static str, Vec<(&'static str, String)>);
+
+impl WorkGauges {
+    pub fn record(&mut self, work: &crate::store::ActiveWork) {
+        use std::collections::HashMap;
+        let mut values: HashMap<GaugeKey, f64> = HashMap::new();
+        for group in &work.tasks {
+            let by_role = vec![
+                ("tenant", group.tenant.clone()),
+                ("role", group.role.clone()),
+            ];
+            if matches!(group.state.as_str(), "queued" | "pending") {
+                *values.entry((QUEUE_DEPTH, by_role.clone())).or_default() += group.count as f64;
+            }
+            if group.state == "queued" {
+                let oldest = values.entry((QUEUE_OLDEST_AGE, by_role)).or_default();
+                *oldest = oldest.max(group.oldest_seconds);
+            }
+            let by_state = vec![
+                ("tenant", group.tenant.clone()),
+                ("state", group.state.clone()),
+            ];
+            *values.entry((ACTIVE_TASKS, by_state)).or_default() += group.count as f64;
+        }
+        for (tenant, count) in &work.runs {
+            values.insert(
+                (ACTIVE_RUNS, vec![("tenant", tenant.clone())]),
+                *count as f64,
+            );
+        }
+        for key in self.written.drain() {
+            values.entry(key).or_insert(0.0);
+        }
+        for ((name, labels), value) in values {
+            let pairs: Vec<::metrics::Label> = labels
+                .iter()
+                .map(|(key, value)| ::metrics::Label::new(*key, value.clone()))
+                .collect();
+            ::metrics::gauge!(name, pairs).set(value);
+            if value > 0.0 {
+                self.written.insert((name, labels));
+            }
+        }
+    }
 }

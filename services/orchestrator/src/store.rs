@@ -37,7 +37,7 @@ pub use approval::PendingApproval;
 pub use claim::ClaimRequest;
 pub use control::Maintenance;
 pub use dag::{DependencyOutput, OUTPUT_REF_PREFIX};
-pub use flow::Refusal;
+pub use flow::{ActiveTasks, ActiveWork, Refusal};
 use lifecycle::{AttemptEnd, LOCKED_COLUMNS, LockedTask};
 use outcome::Effects;
 pub use spawn::{Spawn, Spawned};
@@ -519,8 +519,9 @@ impl Store {
             .map_err(|e| Error::InvalidRequest(format!("dial inputs: {e}")))?;
         sqlx::query(
             "INSERT INTO orchestrator.runs (id, tenant, goal, status, topology, topology_reason, \
-                 topology_overridden, dial_inputs, failure_policy, priority, budget_micros_usd) \
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10)",
+                 topology_overridden, dial_inputs, failure_policy, priority, budget_micros_usd, \
+                 traceparent) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(run_id)
         .bind(&new.tenant)
@@ -535,6 +536,8 @@ impl Store {
             new.budget_micros_usd
                 .map(|micros| i64::try_from(micros).unwrap_or(i64::MAX)),
         )
+        // Dispatches made later by the dispatcher carry it (see `dispatch_due`).
+        .bind(colony_telemetry::current_traceparent())
         .execute(&mut *tx)
         .await?;
         enqueue_run_event(

@@ -430,3 +430,101 @@ async fn a_full_queue_sheds_its_lowest_priority_run_for_a_higher_one() {
     let kept = api.get("acme", normal["id"].as_str().unwrap()).await;
     assert_eq!(kept["status"], "running");
 }
+
+/// The work gauges as a Prometheus scrape would show them after `work` is recorded.
+fn render_gauges(
+    gauges: &mut colony_orchestrator::metrics::WorkGauges,
+    work: &colony_orchestrator::store::ActiveWork,
+) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || gauges.record(work));
+    handle.render()
+}
+
+#[tokio::test]
+async fn work_gauges_follow_each_tenants_queue_and_read_zero_once_it_drains() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    set_paused(&db, true).await;
+    let (_, a1) = run_of(&store, "tenant-a", 0).await;
+    run_of(&store, "tenant-a", 0).await;
+    let (_, b1) = run_of(&store, "tenant-b", 0).await;
+    sqlx::query(
+        "UPDATE orchestrator.tasks SET ready_at = now() - interval '90 seconds' WHERE id = $1",
+    )
+    .bind(a1)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let mut gauges = colony_orchestrator::metrics::WorkGauges::default();
+    let work = store.active_work().await.unwrap();
+    let text = render_gauges(&mut gauges, &work);
+    assert!(
+        text.contains(r#"colony_orchestrator_queue_depth{tenant="tenant-a",role="generalist"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"colony_orchestrator_queue_depth{tenant="tenant-b",role="generalist"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"colony_orchestrator_active_tasks{tenant="tenant-a",state="queued"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"colony_orchestrator_active_runs{tenant="tenant-b"} 1"#),
+        "{text}"
+    );
+    let age: f64 = text
+        .lines()
+        .find(|line| {
+            line.starts_with(
+                r#"colony_orchestrator_queue_oldest_age_seconds{tenant="tenant-a",role="generalist"}"#,
+            )
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no age for tenant-a:\n{text}"));
+    assert!((90.0..120.0).contains(&age), "{age}");
+
+    // B's task is claimed and finishes: its run ends and its gauges go to 0, A's stay.
+    set_paused(&db, false).await;
+    store.dispatch_due(100).await.unwrap();
+    let claim = store
+        .claim("tenant-b", b1, 1, "worker-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Granted(_)));
+    let work = store.active_work().await.unwrap();
+    let text = render_gauges(&mut gauges, &work);
+    assert!(
+        text.contains(r#"colony_orchestrator_queue_depth{tenant="tenant-b",role="generalist"} 0"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"colony_orchestrator_active_tasks{tenant="tenant-b",state="running"} 1"#),
+        "{text}"
+    );
+    let report = Report {
+        tenant: "tenant-b".into(),
+        ..success(b1, "worker-1")
+    };
+    assert_eq!(
+        store.apply_report(&report).await.unwrap(),
+        ReportDecision::Accepted
+    );
+    let work = store.active_work().await.unwrap();
+    let text = render_gauges(&mut gauges, &work);
+    for zero in [
+        r#"colony_orchestrator_active_tasks{tenant="tenant-b",state="running"} 0"#,
+        r#"colony_orchestrator_active_runs{tenant="tenant-b"} 0"#,
+    ] {
+        assert!(text.contains(zero), "{zero}:\n{text}");
+    }
+    assert!(
+        text.contains(r#"colony_orchestrator_queue_depth{tenant="tenant-a",role="generalist"} 2"#),
+        "{text}"
+    );
+}

@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::budget::{self, Budgets, Reservation};
 use crate::config::{ProviderKind, Tier};
@@ -243,6 +244,15 @@ impl Service {
                                 return Err(error);
                             }
                         };
+                        // The provider call as its own client span, a child of the rpc's.
+                        let span = tracing::info_span!(
+                            "provider_call",
+                            otel.name = %format_args!("chat {}", deployment.model),
+                            otel.kind = "client",
+                            deployment = %deployment.name,
+                            provider = ?deployment.provider_kind,
+                            attempt = attempt_number,
+                        );
                         call_once(Admitted {
                             deployment: deployment.clone(),
                             request: ChatRequest {
@@ -254,6 +264,7 @@ impl Service {
                             reservation,
                             reason: reason_after(&candidate.reason, failure.as_ref()),
                         })
+                        .instrument(span)
                         .await
                     }
                     Err(refused) => Err(refused),

@@ -275,8 +275,10 @@ impl Store {
         // the planner on the primary key whatever its statistics say about the queue.
         let due = sqlx::query(&format!(
             "UPDATE orchestrator.tasks SET dispatched_at = now(), dispatches = dispatches + 1 \
-             WHERE id = ANY($1) AND {NOT_PAUSED} \
-             RETURNING id, run_id, tenant, role, attempt, dispatches"
+             FROM orchestrator.runs r \
+             WHERE tasks.id = ANY($1) AND r.id = tasks.run_id AND {NOT_PAUSED} \
+             RETURNING tasks.id, tasks.run_id, tasks.tenant, tasks.role, tasks.attempt, \
+                       tasks.dispatches, r.traceparent"
         ))
         .bind(&candidates)
         .fetch_all(&mut *tx)
@@ -284,6 +286,8 @@ impl Store {
         let rows: Vec<_> = due
             .iter()
             .map(|task| {
+                // The dispatcher's pass is no part of the run's trace: the dispatch continues
+                // the trace of the request that created the run.
                 dispatch_row(
                     task.get("tenant"),
                     task.get("run_id"),
@@ -292,6 +296,7 @@ impl Store {
                     task.get("role"),
                     task.get("dispatches"),
                 )
+                .with_traceparent(task.get("traceparent"))
             })
             .collect();
         match &self.dispatch_bus {
@@ -309,12 +314,25 @@ impl Store {
     }
 
     /// Queued and pending tasks of every tenant (the queue depth gauge).
-    pub async fn queue_depth(&self) -> Result<i64, Error> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM orchestrator.tasks WHERE state IN ('queued', 'pending')",
+    /// The unfinished work of every tenant: tasks by tenant, role and unfinished state (with
+    /// the oldest's wait since it became ready), and running runs by tenant. Both queries read
+    /// partial indexes over unfinished rows only, so the cost follows the backlog, not history.
+    pub async fn active_work(&self) -> Result<ActiveWork, Error> {
+        let tasks = sqlx::query_as::<_, ActiveTasks>(
+            "SELECT tenant, role, state, count(*) AS count, \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(ready_at)), 0)::float8 AS oldest_seconds \
+             FROM orchestrator.tasks \
+             WHERE state IN ('queued', 'pending', 'running', 'cancelling', 'awaiting_approval', 'parked') \
+             GROUP BY tenant, role, state",
         )
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_all(&self.pool)
+        .await?;
+        let runs = sqlx::query_as::<_, (String, i64)>(
+            "SELECT tenant, count(*) FROM orchestrator.runs WHERE status = 'running' GROUP BY tenant",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ActiveWork { tasks, runs })
     }
 
     /// Analyzes each of the queue's tables that changed by more than it held at its last
@@ -350,7 +368,7 @@ async fn publish_dispatches(bus: &colony_bus::Bus, rows: &[OutboxRow]) {
         .map(|row| Outgoing {
             subject: &row.subject,
             msg_id: &row.msg_id,
-            traceparent: traceparent.as_deref(),
+            traceparent: row.traceparent.as_deref().or(traceparent.as_deref()),
             payload: row.payload.clone().into(),
         })
         .collect();
@@ -367,3 +385,22 @@ const ANALYZED_TABLES: [&str; 3] = ["tasks", "runs", "task_attempts"];
 
 /// Row changes below which a table's statistics are left to autovacuum.
 const ANALYZE_AFTER_CHANGES: i64 = 1_000;
+
+/// Unfinished tasks of one tenant and role in one state.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ActiveTasks {
+    pub tenant: String,
+    pub role: String,
+    pub state: String,
+    pub count: i64,
+    /// Seconds since the longest-waiting of them became ready.
+    pub oldest_seconds: f64,
+}
+
+/// What [`Store::active_work`] found.
+#[derive(Debug, Clone, Default)]
+pub struct ActiveWork {
+    pub tasks: Vec<ActiveTasks>,
+    /// Running runs by tenant.
+    pub runs: Vec<(String, i64)>,
+}
