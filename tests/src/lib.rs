@@ -174,6 +174,14 @@ impl Stack {
         let mut memory_env = common_env("MEMORY", &db, &bus, filter, otlp);
         memory_env.push(("MEMORY__HTTP__ADDR".into(), addr(memory_http)));
         memory_env.push(("MEMORY__GRPC__ADDR".into(), addr(memory_grpc)));
+        // The processes run in the test's directory: give memory the embedding model's path.
+        memory_env.push((
+            "MEMORY__EMBEDDING__MODEL_DIR".into(),
+            colony_inference::workspace_models_dir()
+                .join("all-minilm-l6-v2")
+                .to_string_lossy()
+                .into_owned(),
+        ));
         // Summaries are model calls through this stack's router (started next).
         memory_env.push((
             "MEMORY__COMPRESSION__ROUTER_URL".into(),

@@ -177,3 +177,30 @@ fn workers_scale_and_prometheus_scrapes_every_service() {
         "{volumes:?}"
     );
 }
+
+#[test]
+fn every_service_exports_traces_to_tempo_and_grafana_reads_them() {
+    let compose = compose();
+    assert!(compose["services"]["tempo"].is_mapping(), "tempo missing");
+    let tempo = std::fs::read_to_string(repo().join("deploy/tempo/tempo.yml")).unwrap();
+    assert!(tempo.contains("endpoint: 0.0.0.0:4317"), "{tempo}");
+    for (service, prefix) in SERVICES {
+        let variable = format!("{prefix}__TELEMETRY__OTLP_ENDPOINT");
+        assert_eq!(
+            compose["services"][service]["environment"][variable.as_str()].as_str(),
+            Some("http://tempo:4317"),
+            "{service} does not export its spans"
+        );
+    }
+    let datasources =
+        std::fs::read_to_string(repo().join("deploy/grafana/provisioning/datasources/colony.yml"))
+            .unwrap();
+    let datasources: serde_yaml::Value = serde_yaml::from_str(&datasources).unwrap();
+    let tempo = datasources["datasources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|source| source["type"] == "tempo")
+        .expect("a Tempo datasource");
+    assert_eq!(tempo["url"].as_str(), Some("http://tempo:3200"));
+}
