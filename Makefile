@@ -24,8 +24,10 @@ INFERENCE_ARGS ?=
 MEMORY_ARGS ?=
 # Extra arguments for the worker bench, e.g. make bench-worker WORKER_ARGS="--slots 1 --runs 800"
 WORKER_ARGS ?=
+# Extra arguments for the telemetry bench, e.g. make bench-telemetry TELEMETRY_ARGS="--runs 4000 --rounds 5"
+TELEMETRY_ARGS ?=
 
-.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory bench-worker up down proto promtool check-alerts
+.PHONY: help deps build-deps sdk-env models fmt lint build test run bench bench-router bench-inference bench-memory bench-worker bench-telemetry up down proto promtool check-alerts
 
 # The router overhead bench, in `bench` and `bench-router`. LiteLLM goes into a venv under
 # target/ when missing; if that fails the bench still runs and reports LiteLLM as missing.
@@ -58,6 +60,16 @@ define WORKER_BENCH
 	$(CARGO) build --release --workspace --bins
 	target/release/worker-bench $(WORKER_ARGS)
 endef
+
+# The telemetry bench, in `bench` and `bench-telemetry`: the spine's drain with OTLP span export
+# off and on (an in-process receiver), alternating, on fresh stacks.
+define TELEMETRY_BENCH
+	$(CARGO) build --release --workspace --bins
+	target/release/telemetry-bench $(TELEMETRY_ARGS)
+endef
+
+TELEMETRY_KEYS := telemetry_export_off_tasks_per_s telemetry_export_on_tasks_per_s telemetry_overhead_pct \
+	telemetry_spans_per_task
 
 WORKER_KEYS := worker_throughput_1 worker_throughput_2 worker_throughput_4 worker_scaling_1_to_4 \
 	worker_step_overhead_ms
@@ -137,7 +149,7 @@ test: deps build-deps models sdk-env lint check-alerts build ## deps, build-deps
 run: build-deps models ## Build and run the whole stack natively (Ctrl-C stops it; PROFILE=debug for a debug build)
 	scripts/run-native.sh
 
-bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router, inference, memory and worker benches on release builds, then a summary (docs/benchmarks.md)
+bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router, inference, memory, worker and telemetry benches on release builds, then a summary (docs/benchmarks.md)
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path benches/peer-queue/Cargo.toml
 	target/release/dispatch-bench $(ARGS)
@@ -147,10 +159,12 @@ bench: deps build-deps models ## Dispatch, peer-queue (apalis-postgres), router,
 	$(INFERENCE_BENCH)
 	$(MEMORY_BENCH)
 	$(WORKER_BENCH)
+	$(TELEMETRY_BENCH)
 	@$(call bench_summary,dispatch_p50_ms dispatch_p99_ms dispatch_p99_loaded_ms \
 		dispatch_loaded_completed_per_s throughput_tasks_per_s drain_cpu_us_per_task_total \
 		drain_cpu_us_per_task_postgres drain_cpu_us_per_task_nats model_throughput_tasks_per_s \
-		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS) $(MEMORY_KEYS) $(WORKER_KEYS))
+		peer_queue_tasks_per_s $(ROUTER_KEYS) $(INFERENCE_KEYS) $(MEMORY_KEYS) $(WORKER_KEYS) \
+		$(TELEMETRY_KEYS))
 	@python3 -c 'import json; r=json.load(open("target/bench/results.json")); \
 	c,p=r.get("throughput_tasks_per_s"),r.get("peer_queue_tasks_per_s"); \
 	print("  %-34s %s" % ("drain: Colony / peer queue", ("%.2fx" % (c/p)) if c and p else "-"))'
@@ -170,6 +184,10 @@ bench-memory: deps build-deps models ## Memory bench only (search p50/p99 and re
 bench-worker: deps build-deps models ## Worker bench only (throughput with 1, 2 and 4 replicas, a 50-ms model; overhead per step), then its summary
 	$(WORKER_BENCH)
 	@$(call bench_summary,$(WORKER_KEYS))
+
+bench-telemetry: deps build-deps models ## Telemetry bench only (the drain with OTLP span export off and on), then its summary
+	$(TELEMETRY_BENCH)
+	@$(call bench_summary,$(TELEMETRY_KEYS))
 
 up: ## Build the images and start the Docker Compose stack
 	$(COMPOSE) up -d --build

@@ -14,6 +14,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -37,8 +38,11 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
-    /// An `EnvFilter` directive such as `info,colony_router=debug`.
+    /// An `EnvFilter` directive such as `info,colony_router=debug`: which events are logged.
     pub log_filter: String,
+    /// An `EnvFilter` directive: which spans are recorded for traces (and give log lines their
+    /// `trace_id`), independent of `log_filter`, so quieter logs keep whole traces.
+    pub trace_filter: String,
     /// OTLP/gRPC collector, for example `http://otel-collector:4317`. Spans are exported only
     /// when set.
     pub otlp_endpoint: Option<String>,
@@ -49,6 +53,7 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Json,
             log_filter: "info".into(),
+            trace_filter: "info".into(),
             otlp_endpoint: None,
         }
     }
@@ -56,11 +61,15 @@ impl Default for TelemetryConfig {
 
 impl TelemetryConfig {
     pub fn validate(&self, problems: &mut Vec<String>) {
-        if let Err(e) = EnvFilter::try_new(&self.log_filter) {
-            problems.push(format!(
-                "telemetry.log_filter: {:?} is not a valid filter: {e}",
-                self.log_filter
-            ));
+        for (key, filter) in [
+            ("log_filter", &self.log_filter),
+            ("trace_filter", &self.trace_filter),
+        ] {
+            if let Err(e) = EnvFilter::try_new(filter) {
+                problems.push(format!(
+                    "telemetry.{key}: {filter:?} is not a valid filter: {e}"
+                ));
+            }
         }
         if let Some(endpoint) = &self.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -88,10 +97,14 @@ impl Drop for Guard {
 /// Installs logging and tracing for `service`. Safe to call more than once in one process (the
 /// second subscriber is ignored), which in-process service tests rely on.
 pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Guard, Error> {
-    let filter = EnvFilter::try_new(&config.log_filter).map_err(|e| Error::Filter {
-        filter: config.log_filter.clone(),
-        message: e.to_string(),
-    })?;
+    let filter = |directive: &String| {
+        EnvFilter::try_new(directive).map_err(|e| Error::Filter {
+            filter: directive.clone(),
+            message: e.to_string(),
+        })
+    };
+    let log_filter = filter(&config.log_filter)?;
+    let trace_filter = filter(&config.trace_filter)?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service)
         .build();
@@ -109,15 +122,25 @@ pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Guard, Er
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(trace_filter);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = match config.log_format {
+        // The span fields layer sees the spans logs see: unfiltered it would enable every
+        // callsite of every dependency.
         LogFormat::Json => registry
-            .with(log::SpanFieldsLayer)
-            .with(tracing_subscriber::fmt::layer().event_format(log::JsonLog))
+            .with(log::SpanFieldsLayer.with_filter(filter(&config.log_filter)?))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(log::JsonLog)
+                    .with_filter(log_filter),
+            )
             .try_init(),
-        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(log_filter))
+            .try_init(),
     };
     // A second init in one process (tests) keeps the first subscriber; that is fine.
     drop(installed);
