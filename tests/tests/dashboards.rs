@@ -650,6 +650,45 @@ async fn wave(stack: &Stack) {
     expect_runs(stack, &runs).await;
 }
 
+/// Where `service`'s scrape breaks the naming scheme (docs/observability.md):
+/// `colony_<service>_<name>_<unit>` (or a shared library's `colony_bus_`, `colony_outbox_`,
+/// `colony_inference_`), `_total` on counters only, a description for each, no id labels.
+fn naming_problems(service: &str, scrape: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let described: BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix("# HELP "))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let owned = [service, "bus", "outbox", "inference"]
+                .iter()
+                .any(|owner| name.starts_with(&format!("colony_{owner}_")));
+            if !owned {
+                problems.push(format!("{service}: {name} is not colony_{service}_…"));
+            }
+            if (kind == "counter") != name.ends_with("_total") {
+                problems.push(format!("{service}: {kind} {name}: _total is for counters"));
+            }
+            if !described.contains(name) {
+                problems.push(format!("{service}: {name} has no description"));
+            }
+        } else if !line.starts_with('#')
+            && let Some((_, labels)) = line.split_once('{')
+        {
+            for pair in labels.split("\",") {
+                let label = pair.split('=').next().unwrap_or_default();
+                if label.ends_with("_id") {
+                    problems.push(format!("{service}: id label {label} in {line}"));
+                }
+            }
+        }
+    }
+    problems
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_returns_data_from_a_live_prometheus() {
     let started = Instant::now();
@@ -712,8 +751,24 @@ async fn every_panel_returns_data_from_a_live_prometheus() {
     );
     let driven = started.elapsed();
 
-    // The variables' choices come from Prometheus too.
+    // Every metric every service exports follows the naming scheme and is described.
     let mut failures = Vec::new();
+    let mut services = vec![
+        ("orchestrator", stack.orchestrator_url.clone()),
+        ("router", stack.router_http_url.clone()),
+        ("memory", stack.memory_http_url.clone()),
+        ("monitor", stack.monitor_url.clone()),
+    ];
+    for (worker, url) in stack.worker_urls.iter().enumerate() {
+        if worker != index {
+            services.push(("agent_worker", url.clone()));
+        }
+    }
+    for (service, url) in &services {
+        failures.extend(naming_problems(service, &stack.metrics(url).await));
+    }
+
+    // The variables' choices come from Prometheus too.
     for (file, dashboard) in &dashboards {
         for variable in dashboard["templating"]["list"].as_array().unwrap() {
             let (selector, label) = label_values(variable_query(variable));

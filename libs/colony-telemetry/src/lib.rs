@@ -97,6 +97,9 @@ impl Drop for Guard {
 /// Installs logging and tracing for `service`. Safe to call more than once in one process (the
 /// second subscriber is ignored), which in-process service tests rely on.
 pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<Guard, Error> {
+    // The recorder goes in first: descriptions given before it exists would be lost, and the
+    // services describe their metrics as they start.
+    drop(prometheus());
     let filter = |directive: &String| {
         EnvFilter::try_new(directive).map_err(|e| Error::Filter {
             filter: directive.clone(),

@@ -123,7 +123,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     let per_role = usize::try_from(config.slots).context("slots does not fit in usize")?;
     let roles = u32::try_from(config.roles.len()).context("too many roles")?;
     let slots_total = config.slots.saturating_mul(roles);
-    ::metrics::gauge!(metrics::SLOTS_TOTAL).set(f64::from(slots_total));
+    ::metrics::gauge!(metrics::SLOTS).set(f64::from(slots_total));
     ::metrics::gauge!(metrics::SLOTS_BUSY).set(0.0);
     for (role, consumer) in consumers {
         let name = bus::durable_name(&role);

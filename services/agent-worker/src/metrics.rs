@@ -15,7 +15,7 @@ pub const DISPATCH_LATENCY_SECONDS: &str = "colony_agent_worker_dispatch_latency
 /// Tasks running now (claimed and not yet ended).
 pub const SLOTS_BUSY: &str = "colony_agent_worker_slots_busy";
 /// Tasks this worker can run at once: `slots × roles`.
-pub const SLOTS_TOTAL: &str = "colony_agent_worker_slots_total";
+pub const SLOTS: &str = "colony_agent_worker_slots";
 /// Failed memory appends, by `step` (`prompt`, `reply`, `tool`). They do not fail the task.
 pub const MEMORY_FAILURES: &str = "colony_agent_worker_memory_failures_total";
 /// Trajectory steps (for memory's replay log) that could not be published, by `step`.
@@ -80,7 +80,7 @@ pub fn describe() {
     );
     describe_gauge!(SLOTS_BUSY, "Tasks this worker is running now.");
     describe_gauge!(
-        SLOTS_TOTAL,
+        SLOTS,
         "Tasks this worker can run at once (slots per role times roles)."
     );
     describe_counter!(

@@ -698,7 +698,7 @@ async fn a_dispatch_is_claimed_run_and_reported() {
         metrics.contains("colony_agent_worker_claims_total"),
         "{metrics}"
     );
-    assert!(metrics.contains("colony_agent_worker_slots_total"));
+    assert!(metrics.contains("colony_agent_worker_slots"));
     h.stop().await;
 }
 

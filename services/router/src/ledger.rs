@@ -22,9 +22,7 @@ use chrono::{DateTime, Utc};
 use colony_bus::{Outbox, OutboxRow, subjects};
 use colony_proto::v1;
 use colony_runtime::Runtime;
-use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
-};
+use metrics::{counter, gauge, histogram};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -39,32 +37,7 @@ use crate::routing::Deployment;
 /// The router's outbox; its relay runs for the life of the service.
 pub const OUTBOX: Outbox = Outbox::new("router.outbox", "router_outbox");
 
-pub const WRITE_FAILURES: &str = "colony_router_ledger_write_failures_total";
-pub const LOST: &str = "colony_router_ledger_lost_entries_total";
-pub const PENDING: &str = "colony_router_ledger_pending";
-pub const BATCH_ENTRIES: &str = "colony_router_ledger_batch_entries";
-pub const FLUSH_SECONDS: &str = "colony_router_ledger_flush_duration_seconds";
-
-pub fn describe_metrics() {
-    describe_counter!(
-        WRITE_FAILURES,
-        "Ledger batch writes that failed (the batch is kept and retried)."
-    );
-    describe_counter!(
-        LOST,
-        "Ledger entries given up on at shutdown because the database kept failing."
-    );
-    describe_gauge!(
-        PENDING,
-        "Ledger entries handed to the writer (or waiting for room) and not yet committed."
-    );
-    describe_histogram!(BATCH_ENTRIES, "Entries per committed ledger batch.");
-    describe_histogram!(
-        FLUSH_SECONDS,
-        Unit::Seconds,
-        "Time to commit one ledger batch, retries excluded."
-    );
-}
+use crate::metrics::{BATCH_ENTRIES, FLUSH_SECONDS, LOST, PENDING, WRITE_FAILURES};
 
 /// `ledger.*`: how the writer batches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -345,7 +318,6 @@ impl LedgerWriter {
     /// shutdown token, since calls still finishing during shutdown need it: stop intake first,
     /// then [`LedgerWriter::close`], then drain the runtime and relay the outbox one last time.
     pub fn spawn(pool: PgPool, config: &LedgerConfig, runtime: &Runtime) -> Self {
-        describe_metrics();
         let (sender, receiver) = mpsc::channel(config.queue.max(1));
         let (finished, done) = watch::channel(false);
         let close = CancellationToken::new();

@@ -69,8 +69,6 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     colony_telemetry::prometheus();
     colony_inference::metrics::describe();
     metrics::describe();
-    resilience::describe();
-    ledger::describe_metrics();
     let pool = colony_store::connect(&config.database).await?;
     let deployments = Deployments::from_config(&config, Some(&pool))?;
     let mut embedders = openai_http::Embedders::new();

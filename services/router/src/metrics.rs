@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram};
 
 use crate::error::ErrorClass;
 use crate::provider::TokenUsage;
@@ -21,6 +21,22 @@ pub const OVERHEAD_SECONDS: &str = "colony_router_overhead_seconds";
 
 /// The `deployment` label of requests refused before a deployment was chosen.
 const UNROUTED: &str = "none";
+
+/// Rate limits and circuit breakers (resilience/).
+pub const QUEUE_DEPTH: &str = "colony_router_queue_depth";
+pub const QUEUE_WAIT_SECONDS: &str = "colony_router_queue_wait_seconds";
+pub const QUEUE_REFUSALS: &str = "colony_router_queue_refusals_total";
+pub const BREAKER_STATE: &str = "colony_router_breaker_state";
+pub const BREAKER_TRANSITIONS: &str = "colony_router_breaker_transitions_total";
+pub const BREAKER_REJECTIONS: &str = "colony_router_breaker_rejections_total";
+pub const RATE_LEASES: &str = "colony_router_rate_lease_total";
+
+/// The ledger writer (ledger.rs).
+pub const WRITE_FAILURES: &str = "colony_router_ledger_write_failures_total";
+pub const LOST: &str = "colony_router_ledger_lost_entries_total";
+pub const PENDING: &str = "colony_router_ledger_pending";
+pub const BATCH_ENTRIES: &str = "colony_router_ledger_batch_entries";
+pub const FLUSH_SECONDS: &str = "colony_router_ledger_flush_duration_seconds";
 
 pub fn describe() {
     describe_counter!(
@@ -65,6 +81,59 @@ pub fn describe() {
         "The router's own time on a non-streamed call: its whole time in the service minus \
          the time spent waiting on providers (queueing for rate limits and retry backoff \
          included), by deployment."
+    );
+    // Rate limits and circuit breakers.
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Requests waiting for a deployment's rate limits, by deployment."
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time an admitted request waited for a deployment's rate limits, by deployment."
+    );
+    describe_counter!(
+        QUEUE_REFUSALS,
+        "Requests refused by a deployment's rate limiter, by deployment and reason \
+         (queue_full, wait_too_long, too_large)."
+    );
+    describe_counter!(
+        RATE_LEASES,
+        "Statements on the rate buckets shared by the router replicas, by deployment, kind \
+         (requests, tokens) and outcome: granted (all that was asked), short (the shared bucket \
+         had less), failed (the replica limits alone meanwhile), returned and return_failed \
+         (unused tokens given back)."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "A deployment's circuit breaker: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS,
+        "Circuit breaker state changes, by deployment and new state (closed, half_open, open)."
+    );
+    describe_counter!(
+        BREAKER_REJECTIONS,
+        "Requests refused because a deployment's circuit breaker is open, by deployment."
+    );
+    // The ledger writer.
+    describe_counter!(
+        WRITE_FAILURES,
+        "Ledger batch writes that failed (the batch is kept and retried)."
+    );
+    describe_counter!(
+        LOST,
+        "Ledger entries given up on at shutdown because the database kept failing."
+    );
+    describe_gauge!(
+        PENDING,
+        "Ledger entries handed to the writer (or waiting for room) and not yet committed."
+    );
+    describe_histogram!(BATCH_ENTRIES, "Entries per committed ledger batch.");
+    describe_histogram!(
+        FLUSH_SECONDS,
+        Unit::Seconds,
+        "Time to commit one ledger batch, retries excluded."
     );
     colony_bus::metrics::describe();
 }

@@ -11,54 +11,12 @@ pub mod shared;
 
 use std::time::Duration;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use serde::{Deserialize, Serialize};
 
-pub const QUEUE_DEPTH: &str = "colony_router_queue_depth";
-pub const QUEUE_WAIT_SECONDS: &str = "colony_router_queue_wait_seconds";
-pub const QUEUE_REFUSALS: &str = "colony_router_queue_refusals_total";
-pub const BREAKER_STATE: &str = "colony_router_breaker_state";
-pub const BREAKER_TRANSITIONS: &str = "colony_router_breaker_transitions_total";
-pub const BREAKER_REJECTIONS: &str = "colony_router_breaker_rejections_total";
-pub const RATE_LEASES: &str = "colony_router_rate_lease_total";
-
-/// Describes the metrics this module emits. Call once at start, next to
-/// [`crate::metrics::describe`].
-pub fn describe() {
-    describe_gauge!(
-        QUEUE_DEPTH,
-        "Requests waiting for a deployment's rate limits, by deployment."
-    );
-    describe_histogram!(
-        QUEUE_WAIT_SECONDS,
-        Unit::Seconds,
-        "Time an admitted request waited for a deployment's rate limits, by deployment."
-    );
-    describe_counter!(
-        QUEUE_REFUSALS,
-        "Requests refused by a deployment's rate limiter, by deployment and reason \
-         (queue_full, wait_too_long, too_large)."
-    );
-    describe_counter!(
-        RATE_LEASES,
-        "Statements on the rate buckets shared by the router replicas, by deployment, kind \
-         (requests, tokens) and outcome: granted (all that was asked), short (the shared bucket \
-         had less), failed (the replica limits alone meanwhile), returned and return_failed \
-         (unused tokens given back)."
-    );
-    describe_gauge!(
-        BREAKER_STATE,
-        "A deployment's circuit breaker: 0 closed, 1 half-open, 2 open."
-    );
-    describe_counter!(
-        BREAKER_TRANSITIONS,
-        "Circuit breaker state changes, by deployment and new state (closed, half_open, open)."
-    );
-    describe_counter!(
-        BREAKER_REJECTIONS,
-        "Requests refused because a deployment's circuit breaker is open, by deployment."
-    );
-}
+pub use crate::metrics::{
+    BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS, QUEUE_DEPTH, QUEUE_REFUSALS,
+    QUEUE_WAIT_SECONDS, RATE_LEASES,
+};
 
 /// How the router protects deployments and itself; one setting for every deployment. Every key
 /// has a default, so the whole table may be left out.
