@@ -39,7 +39,7 @@ fn telemetry() {
             &colony_telemetry::TelemetryConfig {
                 log_format: colony_telemetry::LogFormat::Pretty,
                 log_filter: "error,colony_bus=info".into(),
-                otlp_endpoint: None,
+                ..colony_telemetry::TelemetryConfig::default()
             },
         )
         .unwrap()
