@@ -75,6 +75,68 @@ impl Trace {
             .collect()
     }
 
+    /// What the run's trace does not show yet, of the links every run makes.
+    fn missing(&self) -> Vec<&'static str> {
+        let has = |service: &str, caller: &str, name: &str| {
+            self.entries(service, caller)
+                .iter()
+                .any(|span| span.name == name)
+        };
+        let provider_calls: Vec<&ReceivedSpan> = self
+            .spans
+            .values()
+            .filter(|span| span.name == "chat stub-model")
+            .collect();
+        let checks = [
+            (self.orphans().is_empty(), "every span's parent"),
+            // The dispatch crossed NATS: the worker's consumer span is the orchestrator's child.
+            (
+                has("colony-agent-worker", "colony-orchestrator", "consume"),
+                "the dispatch consumed under the orchestrator",
+            ),
+            // The worker's gRPC calls carry the context in their metadata: the model call to
+            // the router, the conversation to memory. (Claims are batched across tasks, so
+            // they belong to no single trace.)
+            (
+                has("colony-router", "colony-agent-worker", "grpc"),
+                "a router rpc under the worker",
+            ),
+            (
+                has(
+                    "colony-memory",
+                    "colony-agent-worker",
+                    "colony.v1.Memory/AppendMessages",
+                ),
+                "a memory rpc under the worker",
+            ),
+            // The provider call is a client span inside the router's rpc.
+            (
+                !provider_calls.is_empty()
+                    && provider_calls.iter().all(|call| {
+                        call.service == "colony-router"
+                            && call.attributes.get("deployment").map(String::as_str) == Some("stub")
+                            && self.called_from(call, "colony-agent-worker")
+                    }),
+                "the provider call inside the router's rpc",
+            ),
+            // Memory took the task's events from the bus in the same trace.
+            (
+                has("colony-memory", "colony-agent-worker", "consume"),
+                "memory's consumer under the worker",
+            ),
+            // The worker's report crossed NATS back to the orchestrator.
+            (
+                has("colony-orchestrator", "colony-agent-worker", "consume"),
+                "the report consumed under the worker",
+            ),
+        ];
+        checks
+            .into_iter()
+            .filter(|(met, _)| !met)
+            .map(|(_, what)| what)
+            .collect()
+    }
+
     fn describe(&self) -> String {
         let mut lines: Vec<String> = self
             .spans
@@ -123,26 +185,13 @@ async fn one_trace_follows_a_run_through_every_service() {
                     .map(|span| (span.span_id.clone(), span.clone()))
                     .collect(),
             };
-            let services: std::collections::HashSet<&str> = trace
-                .spans
-                .values()
-                .map(|span| span.service.as_str())
-                .collect();
-            let complete = trace.orphans().is_empty()
-                && [
-                    "colony-orchestrator",
-                    "colony-agent-worker",
-                    "colony-router",
-                    "colony-memory",
-                ]
-                .iter()
-                .all(|service| services.contains(service));
-            if complete {
+            let missing = trace.missing();
+            if missing.is_empty() {
                 break trace;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "the run's trace never linked every service:\n{}",
+                "the run's trace lacks {missing:?}:\n{}",
                 trace.describe()
             );
         } else {
@@ -154,61 +203,6 @@ async fn one_trace_follows_a_run_through_every_service() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let described = trace.describe();
-
-    // The dispatch crossed NATS: the worker's consumer span is a child of the orchestrator.
-    let dispatched = trace.entries("colony-agent-worker", "colony-orchestrator");
-    assert!(
-        dispatched.iter().any(|span| span.name == "consume"),
-        "no dispatch consumed as a child of the orchestrator:\n{described}"
-    );
-    // The worker's gRPC calls carry the context in their metadata: the model call to the
-    // router, the conversation to memory. (Claims are batched across tasks, so they belong to
-    // no single trace.)
-    let router_entries = trace.entries("colony-router", "colony-agent-worker");
-    assert!(
-        router_entries.iter().any(|span| span.name == "grpc"),
-        "no router rpc under the worker:\n{described}"
-    );
-    // The provider call is a client span inside the router's rpc.
-    let provider_calls: Vec<&ReceivedSpan> = trace
-        .spans
-        .values()
-        .filter(|span| span.name == "chat stub-model")
-        .collect();
-    assert!(!provider_calls.is_empty(), "no provider call:\n{described}");
-    for call in &provider_calls {
-        assert_eq!(call.service, "colony-router");
-        assert_eq!(
-            call.attributes.get("deployment").map(String::as_str),
-            Some("stub")
-        );
-        assert!(
-            trace.called_from(call, "colony-agent-worker"),
-            "provider call not under the worker's rpc:\n{described}"
-        );
-    }
-    let memory_entries = trace.entries("colony-memory", "colony-agent-worker");
-    assert!(
-        memory_entries
-            .iter()
-            .any(|span| span.name == "colony.v1.Memory/AppendMessages"),
-        "no memory rpc under the worker:\n{described}"
-    );
-    // Memory also took the task's events from the bus in the same trace.
-    assert!(
-        memory_entries.iter().any(|span| span.name == "consume"),
-        "no memory consumer span under the worker:\n{described}"
-    );
-    // The worker's report crossed NATS back to the orchestrator.
-    assert!(
-        trace
-            .entries("colony-orchestrator", "colony-agent-worker")
-            .iter()
-            .any(|span| span.name == "consume"),
-        "no report consumed under the worker:\n{described}"
-    );
-
     // The worker's JSON log lines about the task carry the ids and the same trace id.
     let trace_id = trace.spans.values().next().unwrap().trace_id.clone();
     let worker_log = stack.workers[0].log_text();

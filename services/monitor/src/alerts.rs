@@ -1,6 +1,6 @@
 //! Alert rules from the configuration, evaluated every `alerts.evaluate_interval` on what the
-//! monitor knows: its worker registry, and the task, usage and anomaly events of a recent
-//! window. A rule whose value goes above its threshold fires — one firing alert per rule, kept
+//! monitor knows: its worker registry, its view of queued and running tasks, and the task,
+//! usage and anomaly events of a recent window. A rule whose value goes above its threshold fires — one firing alert per rule, kept
 //! in `monitor.alerts` — and resolves when the value is back; both are posted to every webhook
 //! with retries. A rule that resolved does not fire again within `alerts.cooldown`.
 
@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::Error;
 use crate::metrics;
 use crate::store::{Liveness, Store};
+use crate::tasks::{self, TaskSummary};
 
 /// `alerts.*`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +43,8 @@ pub struct AlertsConfig {
 }
 
 /// `[[alerts.rules]]`: fires while the value of `kind` over `window` is above `threshold`.
+/// `queue_depth`, `queue_age_seconds` and `stale_tasks` measure the tasks as they are now and
+/// ignore `window`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
@@ -75,6 +78,12 @@ pub enum RuleKind {
     BudgetBurnUsdPerHour,
     /// Anomalous model calls (latency or cost) in the window.
     Anomalies,
+    /// Tasks queued now.
+    QueueDepth,
+    /// How long the oldest queued task has waited, in seconds.
+    QueueAgeSeconds,
+    /// Tasks running for longer than `stale_task_after` now.
+    StaleTasks,
 }
 
 impl RuleKind {
@@ -84,7 +93,18 @@ impl RuleKind {
             RuleKind::TaskErrorRate => "task_error_rate",
             RuleKind::BudgetBurnUsdPerHour => "budget_burn_usd_per_hour",
             RuleKind::Anomalies => "anomalies",
+            RuleKind::QueueDepth => "queue_depth",
+            RuleKind::QueueAgeSeconds => "queue_age_seconds",
+            RuleKind::StaleTasks => "stale_tasks",
         }
+    }
+
+    /// Measured on the task view as it is now, not over the rule's window.
+    fn is_instant(self) -> bool {
+        matches!(
+            self,
+            RuleKind::QueueDepth | RuleKind::QueueAgeSeconds | RuleKind::StaleTasks
+        )
     }
 }
 
@@ -112,6 +132,10 @@ impl Default for AlertsConfig {
                 rule("task-error-rate", RuleKind::TaskErrorRate, 0.2, 600),
                 rule("budget-burn", RuleKind::BudgetBurnUsdPerHour, 50.0, 900),
                 rule("model-anomalies", RuleKind::Anomalies, 3.0, 600),
+                // As deploy/prometheus/alerts.yml judges the orchestrator's own queue gauges.
+                rule("queue-depth", RuleKind::QueueDepth, 1000.0, 600),
+                rule("queue-age", RuleKind::QueueAgeSeconds, 600.0, 600),
+                rule("tasks-stale", RuleKind::StaleTasks, 0.0, 600),
             ],
         }
     }
@@ -270,12 +294,39 @@ pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<Alert>, Error> {
         .collect::<Result<_, sqlx::Error>>()?)
 }
 
+/// What a rule's value is measured over, for its alert's summary.
+fn scope(rule: &AlertRule, stale_task_after: Duration) -> String {
+    let format = humantime_serde::re::humantime::format_duration;
+    match rule.kind {
+        RuleKind::StaleTasks => format!("running longer than {}", format(stale_task_after)),
+        kind if kind.is_instant() => "now".into(),
+        _ => format!("over {}", format(rule.window)),
+    }
+}
+
 /// Evaluates the rules and notifies the webhooks.
 pub struct Alerter {
     pub config: AlertsConfig,
     pub store: Store,
     pub liveness: Liveness,
+    /// When a running task is stale (`stale_tasks`).
+    pub stale_task_after: Duration,
     pub http: reqwest::Client,
+}
+
+/// The task view, read at most once per evaluation round whatever the number of task rules.
+#[derive(Default)]
+struct TaskView(Option<TaskSummary>);
+
+impl TaskView {
+    async fn get(&mut self, alerter: &Alerter) -> Result<TaskSummary, Error> {
+        if let Some(summary) = self.0 {
+            return Ok(summary);
+        }
+        let summary = tasks::summary(alerter.store.pool(), alerter.stale_task_after).await?;
+        self.0 = Some(summary);
+        Ok(summary)
+    }
 }
 
 impl Alerter {
@@ -295,8 +346,9 @@ impl Alerter {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let mut task_view = TaskView::default();
             for rule in &alerter.config.rules {
-                match alerter.evaluate(rule, &recent).await {
+                match alerter.evaluate(rule, &recent, &mut task_view).await {
                     Ok(Some((alert, event))) => {
                         for webhook in &alerter.config.webhooks {
                             tracker.spawn(alerter.clone().deliver(
@@ -317,7 +369,12 @@ impl Alerter {
     }
 
     /// The rule's value now.
-    async fn value(&self, rule: &AlertRule, recent: &Recent) -> Result<f64, Error> {
+    async fn value(
+        &self,
+        rule: &AlertRule,
+        recent: &Recent,
+        task_view: &mut TaskView,
+    ) -> Result<f64, Error> {
         let (finished, failed, cost, anomalies) = recent.within(rule.window);
         // Counts far below 2^52: exact as f64.
         #[expect(clippy::cast_precision_loss, reason = "event counts far below 2^52")]
@@ -333,6 +390,9 @@ impl Alerter {
                 cost as f64 / 1e6 * 3600.0 / rule.window.as_secs_f64()
             }
             RuleKind::Anomalies => anomalies as f64,
+            RuleKind::QueueDepth => task_view.get(self).await?.queued as f64,
+            RuleKind::QueueAgeSeconds => task_view.get(self).await?.queue_oldest_age_seconds,
+            RuleKind::StaleTasks => task_view.get(self).await?.stale as f64,
         })
     }
 
@@ -342,8 +402,9 @@ impl Alerter {
         &self,
         rule: &AlertRule,
         recent: &Recent,
+        task_view: &mut TaskView,
     ) -> Result<Option<(Alert, &'static str)>, Error> {
-        let value = self.value(rule, recent).await?;
+        let value = self.value(rule, recent, task_view).await?;
         let above = value > rule.threshold;
         ::metrics::gauge!(metrics::ALERTS_FIRING, "rule" => rule.name.clone()).set(if above {
             1.0
@@ -376,11 +437,11 @@ impl Alerter {
                 return Ok(None);
             }
             let summary = format!(
-                "{}: {} is {value:.3}, above {} (over {})",
+                "{}: {} is {value:.3}, above {} ({})",
                 rule.name,
                 rule.kind.as_str(),
                 rule.threshold,
-                humantime_serde::re::humantime::format_duration(rule.window)
+                scope(rule, self.stale_task_after)
             );
             // Another replica may have fired it meanwhile: then theirs stands.
             let fired = sqlx::query(&format!(
@@ -497,6 +558,34 @@ mod tests {
         recent.anomaly();
         assert_eq!(recent.within(Duration::from_secs(60)), (2, 1, 250_000, 1));
         assert_eq!(recent.within(Duration::ZERO), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn task_rules_parse_and_say_what_they_measure() {
+        let parsed: Result<Vec<AlertRule>, _> = serde_json::from_value(serde_json::json!([
+            {"name": "deep", "kind": "queue_depth", "threshold": 100.0},
+            {"name": "old", "kind": "queue_age_seconds", "threshold": 300.0},
+            {"name": "stuck", "kind": "stale_tasks", "threshold": 0.0, "window": "1m"},
+        ]));
+        let rules = parsed.expect("the task rule kinds parse");
+        let kinds: Vec<RuleKind> = rules.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                RuleKind::QueueDepth,
+                RuleKind::QueueAgeSeconds,
+                RuleKind::StaleTasks
+            ]
+        );
+        let stale_after = Duration::from_secs(1800);
+        assert_eq!(scope(&rules[0], stale_after), "now");
+        assert_eq!(scope(&rules[2], stale_after), "running longer than 30m");
+        let windowed = rule("burn", RuleKind::BudgetBurnUsdPerHour, 1.0, 900);
+        assert_eq!(scope(&windowed, stale_after), "over 15m");
+        let unknown: Result<AlertRule, _> = serde_json::from_value(
+            serde_json::json!({"name": "x", "kind": "queue_length", "threshold": 1.0}),
+        );
+        assert!(unknown.is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use colony_proto::v1;
 use crate::Error;
 use crate::Monitor;
 use crate::events::{Event, Heartbeat};
+use crate::tasks::{TaskUpdate, Transition};
+use crate::usage::Usage;
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "monitor";
@@ -65,6 +67,23 @@ fn task_kind(kind: i32) -> &'static str {
     }
 }
 
+/// What a task event of `kind` does to its task; `None` for an unknown kind.
+fn transition(kind: i32) -> Option<Transition> {
+    match v1::TaskEventKind::try_from(kind) {
+        Ok(v1::TaskEventKind::Queued | v1::TaskEventKind::Requeued) => Some(Transition::Queued),
+        Ok(v1::TaskEventKind::Started) => Some(Transition::Started),
+        Ok(v1::TaskEventKind::AwaitingApproval) => Some(Transition::AwaitingApproval),
+        Ok(v1::TaskEventKind::Parked) => Some(Transition::Parked),
+        Ok(
+            v1::TaskEventKind::Succeeded
+            | v1::TaskEventKind::Failed
+            | v1::TaskEventKind::Cancelled
+            | v1::TaskEventKind::DeadLettered,
+        ) => Some(Transition::Finished),
+        Ok(v1::TaskEventKind::Unspecified) | Err(_) => None,
+    }
+}
+
 /// Decodes `payload` as the type its logical `subject` carries. Kind labels come from the
 /// decoded enum, not from the subject, so they stay a fixed set whatever a publisher sends.
 pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
@@ -77,8 +96,20 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
     }
     if family == subjects::EVENT_TASK {
         let event: v1::TaskEvent = decode_as(subject, "TaskEvent", payload)?;
+        let update = transition(event.kind)
+            .filter(|_| !event.task_id.is_empty())
+            .map(|transition| TaskUpdate {
+                occurred_at: time(event.occurred_at.as_ref()),
+                task_id: event.task_id,
+                tenant: event.tenant,
+                run_id: event.run_id,
+                role: event.role,
+                attempt: event.attempt,
+                transition,
+            });
         return Ok(Event::Task {
             kind: task_kind(event.kind),
+            update,
         });
     }
     if subject == subjects::WORKER_HEARTBEAT {
@@ -103,13 +134,19 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
     if subject == subjects::USAGE_RECORDED {
         let record: v1::UsageRecord = decode_as(subject, "UsageRecord", payload)?;
         let usage = record.usage.unwrap_or_default();
-        return Ok(Event::Usage {
+        let occurred_at = time(record.occurred_at.as_ref());
+        return Ok(Event::Usage(Usage {
+            tenant: record.tenant,
+            run_id: record.run_id,
+            deployment: record.deployment,
+            model: record.model,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
-            deployment: record.deployment,
-            latency_ms: record.latency_ms,
             cost_micros_usd: usage.cost_micros_usd,
-        });
+            latency_ms: record.latency_ms,
+            identity: occurred_at.is_some().then(|| payload.clone()),
+            occurred_at,
+        }));
     }
     Ok(Event::Other)
 }
@@ -206,6 +243,10 @@ mod tests {
         assert_eq!(decoded.started_at, None);
 
         let usage = v1::UsageRecord {
+            tenant: "acme".into(),
+            run_id: "r1".into(),
+            deployment: "gpt-azure".into(),
+            model: "gpt".into(),
             usage: Some(v1::Usage {
                 prompt_tokens: 10,
                 completion_tokens: 3,
@@ -215,13 +256,96 @@ mod tests {
         };
         assert_eq!(
             decode(subjects::USAGE_RECORDED, &bytes(&usage)).ok(),
-            Some(Event::Usage {
+            Some(Event::Usage(Usage {
+                tenant: "acme".into(),
+                run_id: "r1".into(),
+                deployment: "gpt-azure".into(),
+                model: "gpt".into(),
                 prompt_tokens: 10,
                 completion_tokens: 3,
-                deployment: String::new(),
-                latency_ms: 0,
                 cost_micros_usd: 0,
-            })
+                latency_ms: 0,
+                occurred_at: None,
+                // Without the call's time the payload does not identify it.
+                identity: None,
+            }))
+        );
+        let timed = v1::UsageRecord {
+            occurred_at: Some(colony_proto::now()),
+            ..usage
+        };
+        let Ok(Event::Usage(decoded)) = decode(subjects::USAGE_RECORDED, &bytes(&timed)) else {
+            panic!("expected usage");
+        };
+        assert_eq!(decoded.identity, Some(bytes(&timed)));
+        assert!(decoded.occurred_at.is_some());
+    }
+
+    #[test]
+    fn task_events_become_updates_of_their_task() {
+        let at = colony_proto::now();
+        let event = |kind: v1::TaskEventKind, task_id: &str| v1::TaskEvent {
+            tenant: "acme".into(),
+            run_id: "r1".into(),
+            task_id: task_id.into(),
+            attempt: 2,
+            role: "coder".into(),
+            kind: kind as i32,
+            occurred_at: Some(at),
+            ..Default::default()
+        };
+        let update = |kind| match decode("colony.v1.event.task.x", &bytes(&event(kind, "t1"))) {
+            Ok(Event::Task { update, .. }) => update.map(|u| u.transition),
+            other => panic!("expected a task event, got {other:?}"),
+        };
+        use v1::TaskEventKind as K;
+        assert_eq!(update(K::Queued), Some(Transition::Queued));
+        assert_eq!(update(K::Requeued), Some(Transition::Queued));
+        assert_eq!(update(K::Started), Some(Transition::Started));
+        assert_eq!(
+            update(K::AwaitingApproval),
+            Some(Transition::AwaitingApproval)
+        );
+        assert_eq!(update(K::Parked), Some(Transition::Parked));
+        for ended in [K::Succeeded, K::Failed, K::Cancelled, K::DeadLettered] {
+            assert_eq!(update(ended), Some(Transition::Finished), "{ended:?}");
+        }
+        assert_eq!(update(K::Unspecified), None);
+
+        let Ok(Event::Task {
+            update: Some(started),
+            ..
+        }) = decode(
+            "colony.v1.event.task.started",
+            &bytes(&event(K::Started, "t1")),
+        )
+        else {
+            panic!("expected a task update");
+        };
+        assert_eq!(
+            (
+                started.tenant.as_str(),
+                started.run_id.as_str(),
+                started.role.as_str()
+            ),
+            ("acme", "r1", "coder")
+        );
+        assert_eq!((started.task_id.as_str(), started.attempt), ("t1", 2));
+        assert_eq!(started.occurred_at.map(|t| t.timestamp()), Some(at.seconds));
+        // Counted, but without a task id there is nothing to track.
+        let anonymous = decode(
+            "colony.v1.event.task.started",
+            &bytes(&event(K::Started, "")),
+        );
+        assert!(
+            matches!(
+                anonymous,
+                Ok(Event::Task {
+                    kind: "task.started",
+                    update: None
+                })
+            ),
+            "{anonymous:?}"
         );
     }
 

@@ -36,6 +36,20 @@ pub struct Config {
     pub worker_retention: Duration,
     /// Events handled at once.
     pub consumer_concurrency: usize,
+    /// A task running for longer than this is stale: counted, listed and alerted on (the
+    /// monitor never acts on it; the orchestrator's lease reaper does that independently).
+    #[serde(with = "humantime_serde")]
+    pub stale_task_after: Duration,
+    /// A queued or running task without any event for this long is forgotten: its end was
+    /// lost (the stream dropped it before the monitor read it).
+    #[serde(with = "humantime_serde")]
+    pub task_retention: Duration,
+    /// Hourly usage rows are kept this long.
+    #[serde(with = "humantime_serde")]
+    pub usage_retention: Duration,
+    /// A usage event redelivered within this long of its first arrival is not counted again.
+    #[serde(with = "humantime_serde")]
+    pub usage_dedup_window: Duration,
     /// The anomaly detector on per-deployment latency and cost.
     pub anomaly: AnomalyConfig,
     /// Alert rules, their webhooks and cooldown.
@@ -65,6 +79,10 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(5),
             worker_retention: Duration::from_secs(24 * 3600),
             consumer_concurrency: 8,
+            stale_task_after: Duration::from_secs(30 * 60),
+            task_retention: Duration::from_secs(7 * 24 * 3600),
+            usage_retention: Duration::from_secs(90 * 24 * 3600),
+            usage_dedup_window: Duration::from_secs(24 * 3600),
             shutdown_grace: Duration::from_secs(10),
             anomaly: AnomalyConfig::default(),
             alerts: AlertsConfig::default(),
@@ -107,6 +125,26 @@ impl Validate for Config {
                     .into(),
             );
         }
+        if self.stale_task_after.is_zero() {
+            problems.push("stale_task_after: must be more than 0s".into());
+        }
+        if self.task_retention < crate::tasks::ENDED_RETENTION
+            || self.task_retention <= self.stale_task_after
+        {
+            problems.push(
+                "task_retention: must be at least 1h and longer than stale_task_after, or stuck \
+                 tasks would be forgotten before they are reported"
+                    .into(),
+            );
+        }
+        if self.usage_retention < Duration::from_secs(3600) {
+            problems.push("usage_retention: must be at least 1h (usage is kept per hour)".into());
+        }
+        if self.usage_dedup_window < Duration::from_secs(60) {
+            problems.push(
+                "usage_dedup_window: must be at least 1m, longer than a redelivery takes".into(),
+            );
+        }
         if self.consumer_concurrency == 0 {
             problems.push("consumer_concurrency: must be at least 1".into());
         }
@@ -141,6 +179,8 @@ mod tests {
         let config = load(&[]).expect("defaults load");
         assert_eq!(config.http.addr, "0.0.0.0:8084");
         assert_eq!(config.worker_stale_after, Duration::from_secs(30));
+        assert_eq!(config.stale_task_after, Duration::from_secs(1800));
+        assert_eq!(config.usage_retention, Duration::from_secs(90 * 24 * 3600));
     }
 
     #[test]
@@ -164,6 +204,10 @@ mod tests {
             ("MONITOR__WORKER_RETENTION", "10s"),
             ("MONITOR__CONSUMER_CONCURRENCY", "0"),
             ("MONITOR__WORKER_SUSPECT_AFTER", "30s"),
+            ("MONITOR__STALE_TASK_AFTER", "2h"),
+            ("MONITOR__TASK_RETENTION", "90m"),
+            ("MONITOR__USAGE_RETENTION", "10m"),
+            ("MONITOR__USAGE_DEDUP_WINDOW", "1s"),
         ])
         .expect_err("bad values fail");
         let text = error.to_string();
@@ -172,6 +216,9 @@ mod tests {
             "worker_retention",
             "consumer_concurrency",
             "worker_suspect_after",
+            "task_retention",
+            "usage_retention",
+            "usage_dedup_window",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }

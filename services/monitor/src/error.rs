@@ -23,6 +23,9 @@ pub enum Error {
         expected: &'static str,
         reason: String,
     },
+    /// A status API request is wrong; the message says how, for the client.
+    #[error("{0}")]
+    InvalidRequest(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -33,6 +36,7 @@ impl Error {
         match self {
             Error::Malformed { .. } => "malformed",
             Error::Invalid { .. } => "invalid",
+            Error::InvalidRequest(_) => "invalid_request",
             Error::Database(_) => "unavailable",
         }
     }
@@ -59,8 +63,10 @@ impl Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        // Details stay in the logs; the body says only what kind of failure it was.
+        // Details stay in the logs; the body says only what kind of failure it was (or, for a
+        // wrong request, what is wrong with it).
         let (status, message) = match &self {
+            Error::InvalidRequest(message) => (StatusCode::BAD_REQUEST, message.as_str()),
             Error::Database(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the monitor database is unavailable; retry later",

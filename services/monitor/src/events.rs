@@ -5,6 +5,9 @@ use std::sync::{Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 
+use crate::tasks::TaskUpdate;
+use crate::usage::Usage;
+
 /// One event, reduced to what the monitor needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -12,19 +15,15 @@ pub enum Event {
     Run {
         kind: &'static str,
     },
-    /// A task lifecycle event; `kind` is its label (`task.succeeded`, …).
+    /// A task lifecycle event; `kind` is its label (`task.succeeded`, …). `update` is what it
+    /// changes in the task view: none for an unknown kind or an event without a task id.
     Task {
         kind: &'static str,
+        update: Option<TaskUpdate>,
     },
     Heartbeat(Heartbeat),
-    Usage {
-        prompt_tokens: u64,
-        completion_tokens: u64,
-        /// The deployment that served the call, its latency and cost.
-        deployment: String,
-        latency_ms: u64,
-        cost_micros_usd: u64,
-    },
+    /// One model call.
+    Usage(Usage),
     /// A subject the monitor does not know (a newer publisher); acknowledged and counted.
     Other,
 }
@@ -33,9 +32,9 @@ impl Event {
     /// The low-cardinality label for metrics and `/v1/status`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Event::Run { kind } | Event::Task { kind } => kind,
+            Event::Run { kind } | Event::Task { kind, .. } => kind,
             Event::Heartbeat(_) => "worker.heartbeat",
-            Event::Usage { .. } => "usage.recorded",
+            Event::Usage(_) => "usage.recorded",
             Event::Other => "other",
         }
     }

@@ -1,6 +1,7 @@
 //! colony-monitor: watches the EVENTS stream — run and task lifecycle, worker heartbeats and
-//! usage records — and turns it into metrics, a worker registry with liveness, and a small
-//! status API. See `README.md` for subjects, semantics and failure modes.
+//! usage records — and turns it into metrics, a worker registry with liveness, its own view of
+//! queued and running tasks (stale-task detection), usage summaries, alerts, and a small status
+//! API. See `README.md` for subjects, semantics and failure modes.
 
 pub mod alerts;
 pub mod anomaly;
@@ -11,6 +12,9 @@ pub mod events;
 mod http;
 pub mod metrics;
 mod store;
+mod sweep;
+mod tasks;
+mod usage;
 mod workers;
 
 use std::net::SocketAddr;
@@ -47,6 +51,8 @@ struct Monitor {
     anomalies: anomaly::Detector,
     /// What the alert rules measure.
     recent: Arc<alerts::Recent>,
+    /// When a running task is stale.
+    stale_task_after: Duration,
     started_at: DateTime<Utc>,
 }
 
@@ -78,30 +84,35 @@ impl Monitor {
         }
     }
 
-    /// Applies one decoded event. Counters move only after the event was handled, so a retried
-    /// event is counted once it succeeds.
+    /// Applies one decoded event. The database comes first and counters move only after it,
+    /// so a retried event is counted once it succeeds.
     async fn apply(&self, event: Event) -> Result<(), Error> {
         match &event {
             Event::Heartbeat(beat) => self.store.record_heartbeat(beat).await?,
-            Event::Usage {
-                prompt_tokens,
-                completion_tokens,
-                deployment,
-                latency_ms,
-                cost_micros_usd,
-            } => {
-                ::metrics::counter!(metrics::TOKENS, "direction" => "prompt")
-                    .increment(*prompt_tokens);
-                ::metrics::counter!(metrics::TOKENS, "direction" => "completion")
-                    .increment(*completion_tokens);
-                self.recent.cost(*cost_micros_usd);
-                self.watch_call(deployment, *latency_ms, *cost_micros_usd);
+            Event::Usage(call) => {
+                // A redelivery of a call already summed moves nothing in memory either.
+                if usage::record(self.store.pool(), call).await? {
+                    ::metrics::counter!(metrics::TOKENS, "direction" => "prompt")
+                        .increment(call.prompt_tokens);
+                    ::metrics::counter!(metrics::TOKENS, "direction" => "completion")
+                        .increment(call.completion_tokens);
+                    self.recent.cost(call.cost_micros_usd);
+                    self.watch_call(&call.deployment, call.latency_ms, call.cost_micros_usd);
+                } else {
+                    ::metrics::counter!(metrics::USAGE_DUPLICATES).increment(1);
+                    tracing::debug!(deployment = %call.deployment, "usage event counted before");
+                }
             }
-            Event::Task { kind } => match *kind {
-                "task.succeeded" => self.recent.task_finished(false),
-                "task.failed" => self.recent.task_finished(true),
-                _ => {}
-            },
+            Event::Task { kind, update } => {
+                if let Some(update) = update {
+                    tasks::record(self.store.pool(), update).await?;
+                }
+                match *kind {
+                    "task.succeeded" => self.recent.task_finished(false),
+                    "task.failed" => self.recent.task_finished(true),
+                    _ => {}
+                }
+            }
             Event::Run { .. } => {}
             Event::Other => tracing::debug!("event of an unknown subject acknowledged"),
         }
@@ -133,8 +144,8 @@ pub struct Handle {
 
 /// Starts the service on `runtime`: connects the database (applying migrations) and the bus,
 /// creates the durable consumer, binds the HTTP listener (port 0 picks a free port; the bound
-/// address is in the handle), starts the consumer and the liveness sweep, and marks the runtime
-/// ready.
+/// address is in the handle), starts the consumer, the alert rules and the sweep, and marks the
+/// runtime ready.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     metrics::describe();
     let pool = colony_store::connect(&config.database).await?;
@@ -158,6 +169,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         liveness,
         anomalies: anomaly::Detector::new(config.anomaly),
         recent: Arc::default(),
+        stale_task_after: config.stale_task_after,
         started_at: Utc::now(),
     });
     colony_runtime::serve_http(
@@ -181,15 +193,20 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         config: config.alerts.clone(),
         store: store.clone(),
         liveness,
+        stale_task_after: config.stale_task_after,
         http: reqwest::Client::new(),
     };
     runtime.spawn(alerter.run(recent, runtime.shutdown.clone(), runtime.tracker.clone()));
-    runtime.spawn(workers::sweep(
+    runtime.spawn(sweep::run(
         store,
-        workers::SweepOptions {
-            liveness,
+        sweep::SweepOptions {
             interval: config.sweep_interval,
-            retention: config.worker_retention,
+            liveness,
+            worker_retention: config.worker_retention,
+            stale_task_after: config.stale_task_after,
+            task_retention: config.task_retention,
+            usage_retention: config.usage_retention,
+            usage_dedup_window: config.usage_dedup_window,
         },
         runtime.shutdown.clone(),
     ));

@@ -18,6 +18,16 @@ pub const ALERTS_SUPPRESSED: &str = "colony_monitor_alerts_suppressed_total";
 pub const ALERT_NOTIFICATIONS: &str = "colony_monitor_alert_notifications_total";
 /// Model tokens reported by usage records, by `direction` (`prompt`, `completion`).
 pub const TOKENS: &str = "colony_monitor_tokens_total";
+/// Usage events not counted again because they were counted before (redeliveries).
+pub const USAGE_DUPLICATES: &str = "colony_monitor_usage_duplicates_total";
+/// Tasks queued, in the monitor's own view from task events, at the last sweep.
+pub const QUEUED_TASKS: &str = "colony_monitor_queued_tasks";
+/// Tasks running, in the monitor's own view, at the last sweep.
+pub const RUNNING_TASKS: &str = "colony_monitor_running_tasks";
+/// Tasks running for longer than `stale_task_after` at the last sweep.
+pub const STALE_TASKS: &str = "colony_monitor_stale_tasks";
+/// How long the oldest queued task had waited at the last sweep, in seconds.
+pub const QUEUE_OLDEST_AGE: &str = "colony_monitor_queue_oldest_age_seconds";
 
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
@@ -53,6 +63,26 @@ pub fn describe() {
     describe_counter!(
         TOKENS,
         "Model tokens reported by usage records, by direction (prompt, completion)."
+    );
+    describe_counter!(
+        USAGE_DUPLICATES,
+        "Usage events not counted again because they were counted within usage_dedup_window (redeliveries)."
+    );
+    describe_gauge!(
+        QUEUED_TASKS,
+        "Tasks queued in the monitor's own view (from task events), as of the last sweep."
+    );
+    describe_gauge!(
+        RUNNING_TASKS,
+        "Tasks running in the monitor's own view (from task events), as of the last sweep."
+    );
+    describe_gauge!(
+        STALE_TASKS,
+        "Tasks running for longer than stale_task_after, as of the last sweep. The monitor only reports them."
+    );
+    describe_gauge!(
+        QUEUE_OLDEST_AGE,
+        "Seconds the oldest queued task had waited at the last sweep (0 with none queued)."
     );
     colony_bus::metrics::describe();
 }

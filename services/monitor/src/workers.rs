@@ -1,11 +1,10 @@
-//! Worker liveness: a periodic sweep sets the live-worker gauge, warns once about each worker
+//! Worker liveness, the sweep's part: sets the live-worker gauges, warns once about each worker
 //! that went silent, and forgets workers past their retention.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::store::{Liveness, Store, WorkerState};
@@ -32,52 +31,30 @@ impl DeadWorkers {
     }
 }
 
-/// Liveness settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SweepOptions {
-    pub liveness: Liveness,
-    pub interval: Duration,
-    pub retention: Duration,
-}
-
-/// Sweeps every `options.interval` until `shutdown`.
-pub async fn sweep(store: Store, options: SweepOptions, shutdown: CancellationToken) {
-    let mut dead = DeadWorkers::default();
-    let mut ticker = tokio::time::interval(options.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        if let Err(error) = sweep_once(&store, &options, &mut dead).await {
-            tracing::warn!(%error, "worker sweep failed");
-        }
-    }
-}
-
-async fn sweep_once(
+/// One sweep of the registry.
+pub async fn sweep(
     store: &Store,
-    options: &SweepOptions,
+    liveness: Liveness,
+    retention: Duration,
     dead: &mut DeadWorkers,
 ) -> Result<(), crate::Error> {
-    let forgotten = store.prune(options.retention).await?;
+    let forgotten = store.prune(retention).await?;
     if forgotten > 0 {
-        tracing::info!(forgotten, retention = ?options.retention, "forgot long-dead workers");
+        tracing::info!(forgotten, ?retention, "forgot long-dead workers");
     }
-    let counts = store.counts(options.liveness).await?;
+    let counts = store.counts(liveness).await?;
     // The gauges take an f64; worker counts are far below 2^52.
     ::metrics::gauge!(metrics::WORKERS).set(counts.alive() as f64);
     for state in WorkerState::ALL {
         ::metrics::gauge!(metrics::WORKERS_BY_STATE, "state" => state.as_str())
             .set(counts.of(state) as f64);
     }
-    let dead_now = store.dead_workers(options.liveness.dead_after).await?;
+    let dead_now = store.dead_workers(liveness.dead_after).await?;
     for (worker_id, last_seen_at) in dead.update(&dead_now) {
         tracing::warn!(
             %worker_id,
             %last_seen_at,
-            stale_after = ?options.liveness.dead_after,
+            stale_after = ?liveness.dead_after,
             "worker is dead: no heartbeat within stale_after"
         );
     }
