@@ -26,7 +26,11 @@ const DASHBOARDS: [(&str, &str); 5] = [
 const DATASOURCE_UID: &str = "prometheus";
 
 /// Metrics with a `tenant` label: every selector of one must filter on `$tenant`.
-const TENANT_METRICS: [&str; 7] = [
+const TENANT_METRICS: [&str; 11] = [
+    "colony_orchestrator_runs_total",
+    "colony_orchestrator_tasks_total",
+    "colony_orchestrator_retries_total",
+    "colony_orchestrator_dead_letters_total",
     "colony_router_requests_total",
     "colony_router_tokens_total",
     "colony_router_cost_micro_usd_total",

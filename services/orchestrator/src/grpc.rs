@@ -116,7 +116,8 @@ impl OrchestratorService {
                 let validation = self.validation(&task.role);
                 let (context_window, escalation) = self.context_window(&task.role, &tier);
                 ::metrics::counter!(metrics::CLAIMS, "result" => "granted").increment(1);
-                ::metrics::counter!(metrics::TASKS, "state" => "running").increment(1);
+                ::metrics::counter!(metrics::TASKS, "tenant" => task.tenant.clone(), "state" => "running")
+                    .increment(1);
                 ::metrics::histogram!(metrics::DISPATCH_LATENCY).record(task.waited.max(0.0));
                 tracing::debug!(worker, task_id = %task.task_id, attempt = task.attempt, "task claimed");
                 v1::ClaimTaskResponse {

@@ -94,7 +94,7 @@ pub(crate) async fn divert_unapproved(
             &reason,
         )
         .await?;
-        effects.tasks.push("awaiting_approval");
+        effects.task(&tenant, "awaiting_approval");
         gone.push(id);
     }
     Ok(candidates
@@ -213,7 +213,7 @@ impl Store {
         }
         .enqueue(&mut tx)
         .await?;
-        effects.tasks.push("failed");
+        effects.task(&task.tenant, "failed");
         let policy: String =
             sqlx::query_scalar("SELECT failure_policy FROM orchestrator.runs WHERE id = $1")
                 .bind(task.run_id)

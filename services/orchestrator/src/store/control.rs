@@ -89,7 +89,7 @@ impl Store {
                         .bind(task.id)
                         .execute(&mut *tx)
                         .await?;
-                    effects.tasks.push("cancelling");
+                    effects.task(&task.tenant, "cancelling");
                     running += 1;
                 }
                 _ => {}
@@ -216,13 +216,13 @@ impl Store {
             .bind(task.run_id)
             .execute(&mut *tx)
             .await?;
-            effects.runs.push("running");
+            effects.run(&task.tenant, "running");
         }
         // What the failure stopped (skipped dependents; under fail fast, the cancelled rest)
         // waits again for its dependencies.
         super::dag::reopen(&mut tx, task.run_id, status == "failed", &mut effects).await?;
         tx.commit().await?;
-        effects.tasks.push("requeued");
+        effects.task(&task.tenant, "requeued");
         effects.record();
         tracing::info!(%task_id, attempt, "dead letter re-queued");
         self.get_task(tenant, task_id).await

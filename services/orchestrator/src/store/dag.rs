@@ -244,7 +244,7 @@ pub(crate) async fn promote_ready(
             let dispatches: i32 = task.get("dispatches");
             enqueue_dispatch(&mut *conn, &tenant, run_id, id, attempt, &role, dispatches).await?;
         }
-        effects.tasks.push("queued");
+        effects.task(&tenant, "queued");
     }
     Ok(ready.len() as u64)
 }
@@ -296,7 +296,7 @@ pub(crate) async fn skip_dependents(
         }
         .enqueue(&mut *conn)
         .await?;
-        effects.tasks.push("skipped");
+        effects.task(&failed.tenant, "skipped");
     }
     Ok(skipped.len() as u64)
 }
@@ -335,7 +335,7 @@ pub(crate) async fn cancel_unstarted(
         }
         .enqueue(&mut *conn)
         .await?;
-        effects.tasks.push("cancelled");
+        effects.task(tenant, "cancelled");
     }
     Ok(cancelled.len() as u64)
 }
@@ -578,7 +578,7 @@ impl Store {
             )
             .await?;
         }
-        effects.tasks.push("requeued");
+        effects.task(&task.tenant, "requeued");
         ::metrics::counter!(crate::metrics::PLANS, "source" => "repair", "code" => error.code())
             .increment(1);
         tracing::info!(task_id = %task.id, attempt, code = error.code(), "invalid plan sent back for repair");
@@ -623,7 +623,7 @@ impl Store {
         )
         .await?;
         for _ in 0..inserted.queued {
-            effects.tasks.push("queued");
+            effects.task(&task.tenant, "queued");
         }
         ::metrics::counter!(crate::metrics::PLANS, "source" => source, "code" => "ok").increment(1);
         tracing::info!(run_id = %task.run_id, source, tasks = plan.tasks.len(), "run planned");

@@ -216,7 +216,7 @@ impl Store {
             }
             .enqueue(conn)
             .await?;
-            effects.tasks.push("failed");
+            effects.task(&task.tenant, "failed");
         }
         let policy = self.retries.policy(class);
         let next = retry::after_failure(policy, task.used(), retry::jitter_sample());
@@ -248,8 +248,8 @@ impl Store {
                 }
                 .enqueue(conn)
                 .await?;
-                effects.tasks.push("requeued");
-                effects.retries.push(class);
+                effects.task(&task.tenant, "requeued");
+                effects.retry(&task.tenant, class);
                 tracing::info!(
                     task_id = %task.id, attempt, class = class.as_str(), delay = ?delay,
                     "attempt failed; retrying after backoff"
@@ -274,8 +274,8 @@ impl Store {
                 }
                 .enqueue(conn)
                 .await?;
-                effects.tasks.push("dead_lettered");
-                effects.dead_letters.push(class);
+                effects.task(&task.tenant, "dead_lettered");
+                effects.dead_letter(&task.tenant, class);
                 let policy: String = sqlx::query_scalar(
                     "SELECT failure_policy FROM orchestrator.runs WHERE id = $1",
                 )
@@ -323,7 +323,7 @@ impl Store {
         }
         .enqueue(conn)
         .await?;
-        effects.tasks.push("cancelled");
+        effects.task(&task.tenant, "cancelled");
         settle_run(conn, task.run_id, effects).await?;
         Ok(())
     }

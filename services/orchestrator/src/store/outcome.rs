@@ -317,7 +317,9 @@ async fn record_run_outcomes(
         })
         .collect();
     OUTBOX.enqueue_many(&mut *conn, &events).await?;
-    effects.runs.extend(statuses.iter().copied());
+    for ((run, _), status) in ended.iter().zip(&statuses) {
+        effects.run(&run.tenant, status);
+    }
     for ((run, _), status) in ended.iter().zip(&statuses) {
         if *status == "failed" {
             // Fail fast: what has not started never will (under `continue` nothing is left).
@@ -331,28 +333,50 @@ async fn record_run_outcomes(
 #[derive(Debug, Default)]
 #[must_use = "record the effects once the transaction has committed"]
 pub(crate) struct Effects {
-    /// Task states reached.
-    pub tasks: Vec<&'static str>,
-    /// Run statuses reached.
-    pub runs: Vec<&'static str>,
-    pub retries: Vec<ErrorClass>,
-    pub dead_letters: Vec<ErrorClass>,
+    /// Task states reached, by tenant.
+    tasks: Vec<(String, &'static str)>,
+    /// Run statuses reached, by tenant.
+    runs: Vec<(String, &'static str)>,
+    retries: Vec<(String, ErrorClass)>,
+    dead_letters: Vec<(String, ErrorClass)>,
     pub cancellations: u64,
 }
 
 impl Effects {
+    /// A task of `tenant` reached `state`.
+    pub fn task(&mut self, tenant: &str, state: &'static str) {
+        self.tasks.push((tenant.to_owned(), state));
+    }
+
+    /// A run of `tenant` reached `status`.
+    pub fn run(&mut self, tenant: &str, status: &'static str) {
+        self.runs.push((tenant.to_owned(), status));
+    }
+
+    /// A task of `tenant` is queued again after a failure of `class`.
+    pub fn retry(&mut self, tenant: &str, class: ErrorClass) {
+        self.retries.push((tenant.to_owned(), class));
+    }
+
+    /// A task of `tenant` is dead-lettered after a failure of `class`.
+    pub fn dead_letter(&mut self, tenant: &str, class: ErrorClass) {
+        self.dead_letters.push((tenant.to_owned(), class));
+    }
+
     pub fn record(self) {
-        for state in self.tasks {
-            ::metrics::counter!(metrics::TASKS, "state" => state).increment(1);
+        for (tenant, state) in self.tasks {
+            ::metrics::counter!(metrics::TASKS, "tenant" => tenant, "state" => state).increment(1);
         }
-        for status in self.runs {
-            ::metrics::counter!(metrics::RUNS, "status" => status).increment(1);
+        for (tenant, status) in self.runs {
+            ::metrics::counter!(metrics::RUNS, "tenant" => tenant, "status" => status).increment(1);
         }
-        for class in self.retries {
-            ::metrics::counter!(metrics::RETRIES, "class" => class.as_str()).increment(1);
+        for (tenant, class) in self.retries {
+            ::metrics::counter!(metrics::RETRIES, "tenant" => tenant, "class" => class.as_str())
+                .increment(1);
         }
-        for class in self.dead_letters {
-            ::metrics::counter!(metrics::DEAD_LETTERS, "class" => class.as_str()).increment(1);
+        for (tenant, class) in self.dead_letters {
+            ::metrics::counter!(metrics::DEAD_LETTERS, "tenant" => tenant, "class" => class.as_str())
+                .increment(1);
         }
         if self.cancellations > 0 {
             ::metrics::counter!(metrics::CANCELLATIONS).increment(self.cancellations);

@@ -99,7 +99,8 @@ impl Store {
 
 /// Counts a created run: the run, its topology, and its tasks queued at once.
 pub(crate) fn count_created(new: &NewDagRun) {
-    ::metrics::counter!(metrics::RUNS, "status" => "created").increment(1);
+    ::metrics::counter!(metrics::RUNS, "tenant" => new.tenant.clone(), "status" => "created")
+        .increment(1);
     ::metrics::counter!(
         metrics::TOPOLOGIES,
         "topology" => new.decision.topology.as_str(),
@@ -107,5 +108,6 @@ pub(crate) fn count_created(new: &NewDagRun) {
     )
     .increment(1);
     let queued = new.tasks.iter().filter(|t| t.depends_on.is_empty()).count();
-    ::metrics::counter!(metrics::TASKS, "state" => "queued").increment(queued as u64);
+    ::metrics::counter!(metrics::TASKS, "tenant" => new.tenant.clone(), "state" => "queued")
+        .increment(queued as u64);
 }

@@ -194,6 +194,8 @@ pub(crate) async fn record_successes(
         })
         .collect();
     OUTBOX.enqueue_many(&mut *conn, &events).await?;
-    effects.tasks.extend(successes.iter().map(|_| "succeeded"));
+    for success in successes {
+        effects.task(&success.task.tenant, "succeeded");
+    }
     Ok(())
 }

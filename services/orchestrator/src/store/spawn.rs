@@ -170,10 +170,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for _ in 0..inserted.queued {
-            effects.tasks.push("queued");
+            effects.task(&parent.tenant, "queued");
         }
         for _ in 0..inserted.awaiting {
-            effects.tasks.push("awaiting_approval");
+            effects.task(&parent.tenant, "awaiting_approval");
         }
         if spawn.wait {
             self.park(&mut tx, &parent, inserted.ids.len(), &mut effects)
@@ -240,7 +240,7 @@ impl Store {
         }
         .enqueue(conn)
         .await?;
-        effects.tasks.push("parked");
+        effects.task(&parent.tenant, "parked");
         Ok(())
     }
 }
