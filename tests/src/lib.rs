@@ -292,6 +292,11 @@ impl Stack {
         stack
     }
 
+    /// What the stack's service `name` (orchestrator, router, memory, monitor) has logged.
+    pub fn service_log(&self, name: &str) -> String {
+        self.services[self.services_by_name(name)].log_text()
+    }
+
     /// Index of the stack's own service process `name` (orchestrator, router, memory, monitor).
     pub fn services_by_name(&self, name: &str) -> usize {
         self.services

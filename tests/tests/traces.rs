@@ -224,6 +224,16 @@ async fn one_trace_follows_a_run_through_every_service() {
         "{reported}"
     );
     assert_eq!(reported["level"], "INFO", "{reported}");
+    // The orchestrator's line about the report it applied: the same run, the same trace.
+    let orchestrator_log = stack.service_log("orchestrator");
+    let accepted = orchestrator_log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["message"] == "report accepted" && line["run_id"] == run_id.as_str())
+        .unwrap_or_else(|| panic!("no 'report accepted' line for the run:\n{orchestrator_log}"));
+    assert_eq!(accepted["trace_id"], trace_id.as_str(), "{accepted}");
+    assert_eq!(accepted["tenant"], "default", "{accepted}");
+    assert_eq!(accepted["task_id"], reported["task_id"], "{accepted}");
     drop(stack);
     receiver.stop().await;
 }

@@ -125,6 +125,11 @@ async fn apply(store: Store, reports: Vec<Report>) -> Vec<Applied> {
 }
 
 pub async fn handle(queue: ReportQueue, delivery: Delivery<v1::TaskReport>) -> Outcome {
+    // For the log lines: the consumer's span knows nothing of the report.
+    let (tenant, run_id) = (
+        delivery.message.tenant.clone(),
+        delivery.message.run_id.clone(),
+    );
     let key = if delivery.message.run_id.is_empty() {
         delivery.message.task_id.clone()
     } else {
@@ -152,18 +157,18 @@ pub async fn handle(queue: ReportQueue, delivery: Delivery<v1::TaskReport>) -> O
             // Task and run transitions (retry, dead letter, run outcome) are counted by the
             // store once they commit.
             ::metrics::counter!(metrics::REPORTS, "result" => "accepted").increment(1);
-            tracing::info!(%task_id, attempt, state, "report accepted");
+            tracing::info!(%tenant, %run_id, %task_id, attempt, state, "report accepted");
             Outcome::Ack
         }
         Ok(ReportDecision::Rejected(reason)) => {
             ::metrics::counter!(metrics::REPORTS, "result" => "rejected").increment(1);
-            tracing::info!(%task_id, attempt, %reason, "report rejected");
+            tracing::info!(%tenant, %run_id, %task_id, attempt, %reason, "report rejected");
             Outcome::Ack
         }
         Err(error) => {
             let delay =
                 Duration::from_millis(200 * 2u64.pow(delivery.delivered.clamp(1, 7) as u32));
-            tracing::warn!(%error, %task_id, "report not applied; retrying");
+            tracing::warn!(%error, %tenant, %run_id, %task_id, "report not applied; retrying");
             Outcome::Retry(delay)
         }
     }
