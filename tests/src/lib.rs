@@ -33,8 +33,17 @@ pub struct StackOptions {
     /// The orchestrator's config file (TOML), for what the environment cannot say (roster
     /// lists); empty for none.
     pub orchestrator_toml: String,
-    /// An OTLP/gRPC collector every service exports its spans to (batches sent every 100 ms).
-    pub otlp_endpoint: Option<String>,
+    /// Where every service exports its spans, if anywhere.
+    pub otlp: Option<Otlp>,
+}
+
+/// An OTLP/gRPC collector for every service of a stack.
+#[derive(Debug, Clone)]
+pub struct Otlp {
+    pub endpoint: String,
+    /// How long the services' batch span processors wait before sending what they hold
+    /// (`OTEL_BSP_SCHEDULE_DELAY`); `None` keeps OpenTelemetry's default, 5 s.
+    pub batch_delay_ms: Option<u64>,
 }
 
 impl Default for StackOptions {
@@ -47,7 +56,7 @@ impl Default for StackOptions {
             log_filter: "info",
             orchestrator_env: Vec::new(),
             orchestrator_toml: String::new(),
-            otlp_endpoint: None,
+            otlp: None,
         }
     }
 }
@@ -77,7 +86,7 @@ fn common_env(
     db: &TestDb,
     bus: &TestBus,
     log_filter: &str,
-    otlp_endpoint: Option<&str>,
+    otlp: Option<&Otlp>,
 ) -> Vec<(String, String)> {
     let mut env = vec![
         (format!("{prefix}__BUS__URL"), bus.url.clone()),
@@ -92,13 +101,14 @@ fn common_env(
     if prefix != "AGENT_WORKER" {
         env.push((format!("{prefix}__DATABASE__URL"), db.url.clone()));
     }
-    if let Some(endpoint) = otlp_endpoint {
+    if let Some(otlp) = otlp {
         env.push((
             format!("{prefix}__TELEMETRY__OTLP_ENDPOINT"),
-            endpoint.into(),
+            otlp.endpoint.clone(),
         ));
-        // The batch span processor's delay (OpenTelemetry's variable): 5 s by default.
-        env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+        if let Some(delay) = otlp.batch_delay_ms {
+            env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), delay.to_string()));
+        }
     }
     env
 }
@@ -129,11 +139,11 @@ pub fn spawn_router(
     bus: &TestBus,
     config: &std::path::Path,
     log_filter: &str,
-    otlp_endpoint: Option<&str>,
+    otlp: Option<&Otlp>,
     http: u16,
     grpc: u16,
 ) -> Process {
-    let mut env = common_env("ROUTER", db, bus, log_filter, otlp_endpoint);
+    let mut env = common_env("ROUTER", db, bus, log_filter, otlp);
     env.push(("ROUTER__HTTP__ADDR".into(), addr(http)));
     env.push(("ROUTER__GRPC__ADDR".into(), addr(grpc)));
     let config = config.to_string_lossy().into_owned();
@@ -168,7 +178,7 @@ impl Stack {
         let (memory_http, memory_grpc) = (free_port(), free_port());
         let monitor_http = free_port();
         let filter = options.log_filter;
-        let otlp = options.otlp_endpoint.as_deref();
+        let otlp = options.otlp.as_ref();
 
         let mut services = Vec::new();
         let mut memory_env = common_env("MEMORY", &db, &bus, filter, otlp);
@@ -485,6 +495,26 @@ impl Drop for Stack {
         }
         drop(std::fs::remove_dir_all(&self.config_dir));
     }
+}
+
+/// A router config with one OpenAI-compatible deployment, `stub` (model `stub-model`, tier
+/// `mid`, 1 and 2 US dollars per million prompt and completion tokens), at `base_url`.
+pub fn openai_router(base_url: &str) -> String {
+    format!(
+        r#"
+default_deployment = "stub"
+
+[[deployments]]
+name = "stub"
+provider = "openai"
+model = "stub-model"
+base_url = "{base_url}"
+tier = "mid"
+input_price_per_mtok = 1.0
+output_price_per_mtok = 2.0
+timeout = "5s"
+"#
+    )
 }
 
 /// A router config with one scripted deployment that answers every request with `reply`

@@ -5,29 +5,11 @@ use std::time::Duration;
 
 use colony_bus::StreamKind;
 use colony_e2e::stub::{COMPLETION_TOKENS, PROMPT_TOKENS, StubProvider};
-use colony_e2e::{Stack, StackOptions, metric_sum};
+use colony_e2e::{Stack, StackOptions, metric_sum, openai_router};
 use colony_proto::v1;
 use colony_testkit::eventually;
 use futures::StreamExt;
 use prost::Message;
-
-fn openai_router(base_url: &str) -> String {
-    format!(
-        r#"
-default_deployment = "stub"
-
-[[deployments]]
-name = "stub"
-provider = "openai"
-model = "stub-model"
-base_url = "{base_url}"
-tier = "mid"
-input_price_per_mtok = 1.0
-output_price_per_mtok = 2.0
-timeout = "5s"
-"#
-    )
-}
 
 /// Every message in the EVENTS stream, as (logical subject, payload).
 async fn lifecycle_events(stack: &Stack) -> Vec<(String, Vec<u8>)> {

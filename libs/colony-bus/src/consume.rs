@@ -79,6 +79,11 @@ pub struct ConsumeOptions {
     pub concurrency: usize,
     /// How long one pull request waits for messages.
     pub fetch_wait: Duration,
+    /// The consumer observes events rather than doing the work a message asks for (the
+    /// monitor, memory's replay log): its spans are at debug level, so a trace shows them only
+    /// when `telemetry.trace_filter` asks for `colony_bus=debug`. Each event is observed by
+    /// several services; at info level their spans would outnumber the work's.
+    pub observer: bool,
 }
 
 impl ConsumeOptions {
@@ -87,6 +92,15 @@ impl ConsumeOptions {
             name: name.into(),
             concurrency: concurrency.max(1),
             fetch_wait: Duration::from_secs(5),
+            observer: false,
+        }
+    }
+
+    /// The options of a consumer that observes events (see [`ConsumeOptions::observer`]).
+    pub fn observing(self) -> Self {
+        Self {
+            observer: true,
+            ..self
         }
     }
 }
@@ -144,6 +158,7 @@ async fn consume_with<M, D, H, Fut>(
 {
     let slots = Arc::new(Semaphore::new(options.concurrency));
     let name: Arc<str> = Arc::from(options.name.as_str());
+    let observer = options.observer;
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -197,7 +212,7 @@ async fn consume_with<M, D, H, Fut>(
             let handler = handler.clone();
             let name = name.clone();
             tracker.spawn(async move {
-                handle_one(&bus, &name, raw, decode, handler).await;
+                handle_one(&bus, &name, observer, raw, decode, handler).await;
                 drop(permit);
             });
         }
@@ -207,6 +222,7 @@ async fn consume_with<M, D, H, Fut>(
 async fn handle_one<M, D, H, Fut>(
     bus: &Bus,
     name: &str,
+    observer: bool,
     raw: jetstream::Message,
     decode: D,
     handler: H,
@@ -222,7 +238,11 @@ async fn handle_one<M, D, H, Fut>(
         .as_ref()
         .and_then(|h| h.get(TRACEPARENT))
         .map(|v| v.as_str().to_owned());
-    let span = tracing::info_span!("consume", consumer = %name, subject = %subject, delivered);
+    let span = if observer {
+        tracing::debug_span!("consume", consumer = %name, subject = %subject, delivered)
+    } else {
+        tracing::info_span!("consume", consumer = %name, subject = %subject, delivered)
+    };
     colony_telemetry::set_parent(&span, traceparent.as_deref());
     if delivered > 1 {
         ::metrics::counter!(metrics::REDELIVERED, "consumer" => name.to_owned()).increment(1);

@@ -106,7 +106,7 @@ impl Replay {
         runtime.spawn(colony_bus::consume(
             bus.clone(),
             tasks,
-            ConsumeOptions::new(TASK_CONSUMER, 8),
+            ConsumeOptions::new(TASK_CONSUMER, 8).observing(),
             runtime.shutdown.clone(),
             runtime.tracker.clone(),
             move |delivery: Delivery<v1::TaskEvent>| {
@@ -118,7 +118,7 @@ impl Replay {
         runtime.spawn(colony_bus::consume(
             bus.clone(),
             steps,
-            ConsumeOptions::new(STEP_CONSUMER, 8),
+            ConsumeOptions::new(STEP_CONSUMER, 8).observing(),
             runtime.shutdown.clone(),
             runtime.tracker.clone(),
             move |delivery: Delivery<v1::TrajectoryStep>| {

@@ -184,7 +184,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     runtime.spawn(colony_bus::consume_bytes(
         bus.clone(),
         consumer,
-        ConsumeOptions::new(CONSUMER, config.consumer_concurrency),
+        ConsumeOptions::new(CONSUMER, config.consumer_concurrency).observing(),
         runtime.shutdown.clone(),
         runtime.tracker.clone(),
         handler,

@@ -3,6 +3,8 @@
 //! State in PostgreSQL, messages on the bus, what the receiver got.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,10 +15,8 @@ use colony_bus::subjects;
 use colony_monitor::Config;
 use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
 use colony_proto::v1;
-use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -89,9 +89,7 @@ async fn a_dead_worker_fires_an_alert_delivered_with_retries_and_its_return_reso
         ..Receiver::default()
     });
     let hook = receive(receiver.clone()).await;
-    let mut config = Config {
-        database: db.config(),
-        bus: test_bus.config(),
+    let config = Config {
         worker_stale_after: Duration::from_millis(800),
         sweep_interval: Duration::from_millis(100),
         alerts: AlertsConfig {
@@ -111,10 +109,8 @@ async fn a_dead_worker_fires_an_alert_delivered_with_retries_and_its_return_reso
         },
         ..Config::default()
     };
-    config.http.addr = "127.0.0.1:0".into();
-    let runtime = Runtime::new(CancellationToken::new());
-    let handle = colony_monitor::spawn(config, &runtime).await.unwrap();
-    let base = format!("http://{}", handle.http_addr);
+    let monitor = common::start(&db, &test_bus, config).await;
+    let base = monitor.base.clone();
     let bus = test_bus.connect().await;
 
     // A worker beats once, then goes silent: dead after 0.8 s, and the rule fires.
@@ -179,6 +175,5 @@ async fn a_dead_worker_fires_an_alert_delivered_with_retries_and_its_return_reso
     assert_eq!((state.as_str(), resolved_at), ("resolved", true));
     assert_eq!(alerts(&base).await[0]["state"], "resolved");
 
-    runtime.shutdown.cancel();
-    handle.wait().await;
+    monitor.stop().await;
 }

@@ -1,6 +1,8 @@
 //! In-process service test: the monitor against a fresh database and its own NATS prefix.
 //! One test, because the metrics recorder is process-wide and the gauge must not be shared.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,19 +39,10 @@ async fn get_json(url: &str) -> Value {
     response.json().await.expect("a JSON body")
 }
 
-/// The value of one series (name with its labels, exactly as rendered) in Prometheus text.
-fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
-}
-
 async fn wait_for_series(metrics_url: &str, name: &str, expected: f64) {
     eventually(WAIT, &format!("{name} = {expected}"), || async {
         let text = get_text(metrics_url).await;
-        (series(&text, name) == Some(expected)).then_some(())
+        (common::series(&text, name) == Some(expected)).then_some(())
     })
     .await;
 }

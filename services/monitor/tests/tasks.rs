@@ -5,17 +5,17 @@
 //! recorder is process-wide.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use colony_bus::{Bus, subjects};
 use colony_monitor::Config;
 use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
 use colony_proto::v1;
-use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -86,15 +86,6 @@ async fn get_json(url: &str) -> Value {
     response.json().await.unwrap()
 }
 
-/// The value of one series (name with its labels, exactly as rendered) in Prometheus text.
-fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
-}
-
 async fn metric(base: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("{base}/metrics"))
         .await
@@ -102,7 +93,7 @@ async fn metric(base: &str, name: &str) -> Option<f64> {
         .text()
         .await
         .unwrap();
-    series(&text, name)
+    common::series(&text, name)
 }
 
 /// The alert of `rule` in `/v1/alerts`, once it is in `state`.
@@ -124,9 +115,7 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
 
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
-    let mut config = Config {
-        database: db.config(),
-        bus: test_bus.config(),
+    let config = Config {
         sweep_interval: Duration::from_millis(100),
         stale_task_after: Duration::from_secs(600),
         alerts: AlertsConfig {
@@ -141,10 +130,8 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
         },
         ..Config::default()
     };
-    config.http.addr = "127.0.0.1:0".into();
-    let runtime = Runtime::new(CancellationToken::new());
-    let handle = colony_monitor::spawn(config, &runtime).await.unwrap();
-    let base = format!("http://{}", handle.http_addr);
+    let monitor = common::start(&db, &test_bus, config).await;
+    let base = monitor.base.clone();
     let bus = test_bus.connect().await;
     let pool = &db.pool;
     let second = Duration::from_secs(1);
@@ -263,6 +250,5 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
     let status = get_json(&format!("{base}/v1/status")).await;
     assert_eq!(status["stale_tasks"], serde_json::json!([]), "{status}");
 
-    runtime.shutdown.cancel();
-    handle.wait().await;
+    monitor.stop().await;
 }

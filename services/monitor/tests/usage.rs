@@ -4,6 +4,8 @@
 //! One test per process: the metrics recorder is process-wide.
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -11,10 +13,8 @@ use colony_bus::{Bus, subjects};
 use colony_monitor::Config;
 use colony_proto::prost::Message as _;
 use colony_proto::v1;
-use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -89,29 +89,17 @@ fn sums(rows: &[Value], keys: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn series(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
-}
-
 #[tokio::test]
 async fn usage_events_sum_by_tenant_model_deployment_and_run() {
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
-    let mut config = Config {
-        database: db.config(),
-        bus: test_bus.config(),
+    let config = Config {
         sweep_interval: Duration::from_millis(100),
         usage_retention: Duration::from_secs(4 * 3600),
         ..Config::default()
     };
-    config.http.addr = "127.0.0.1:0".into();
-    let runtime = Runtime::new(CancellationToken::new());
-    let handle = colony_monitor::spawn(config, &runtime).await.unwrap();
-    let base = format!("http://{}", handle.http_addr);
+    let monitor = common::start(&db, &test_bus, config).await;
+    let base = monitor.base.clone();
     let bus = test_bus.connect().await;
 
     let minute = Duration::from_secs(60);
@@ -270,17 +258,16 @@ async fn usage_events_sum_by_tenant_model_deployment_and_run() {
         .await
         .unwrap();
     assert_eq!(
-        series(&metrics, "colony_monitor_usage_duplicates_total"),
+        common::series(&metrics, "colony_monitor_usage_duplicates_total"),
         Some(1.0)
     );
     assert_eq!(
-        series(
+        common::series(
             &metrics,
             r#"colony_monitor_tokens_total{direction="prompt"}"#
         ),
         Some(100.0 + 200.0 + 50.0 + 300.0 + 10.0 + 2.0 + 1.0)
     );
 
-    runtime.shutdown.cancel();
-    handle.wait().await;
+    monitor.stop().await;
 }

@@ -34,23 +34,6 @@ use colony_e2e::{Stack, StackOptions, bench};
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
-const ROUTER: &str = r#"
-default_deployment = "instant"
-
-[[deployments]]
-name = "instant"
-provider = "scripted"
-model = "scripted-instant"
-tier = "mid"
-input_price_per_mtok = 0.0
-output_price_per_mtok = 0.0
-timeout = "30s"
-
-[[deployments.script]]
-reply = "done"
-delay = "0ms"
-"#;
-
 /// What each run's single task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Work {
@@ -260,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
         args.workers, args.slots
     );
     let stack = Stack::start(StackOptions {
-        router_toml: ROUTER.into(),
+        router_toml: colony_e2e::scripted_router("done", "0ms"),
         workers: args.workers,
         worker_slots: args.slots,
         log_filter: "warn",

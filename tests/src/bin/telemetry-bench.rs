@@ -19,23 +19,6 @@ use colony_e2e::otlp::OtlpReceiver;
 use colony_e2e::{Stack, StackOptions};
 use futures::StreamExt as _;
 
-const ROUTER: &str = r#"
-default_deployment = "instant"
-
-[[deployments]]
-name = "instant"
-provider = "scripted"
-model = "scripted-instant"
-tier = "mid"
-input_price_per_mtok = 0.0
-output_price_per_mtok = 0.0
-timeout = "30s"
-
-[[deployments.script]]
-reply = "done"
-delay = "0ms"
-"#;
-
 const USAGE: &str = "usage: telemetry-bench [--runs N] [--rounds R] [--concurrency C]";
 
 struct Args {
@@ -80,11 +63,16 @@ async fn drain(args: &Args, export: bool) -> anyhow::Result<(f64, f64)> {
         None
     };
     let stack = Stack::start(StackOptions {
-        router_toml: ROUTER.into(),
+        router_toml: colony_e2e::scripted_router("done", "0ms"),
         workers: 1,
         worker_slots: 8,
         log_filter: "warn",
-        otlp_endpoint: receiver.as_ref().map(|r| r.endpoint.clone()),
+        // OpenTelemetry's default batching (every 5 s, or sooner when 512 spans wait), as
+        // an installation would run it.
+        otlp: receiver.as_ref().map(|r| colony_e2e::Otlp {
+            endpoint: r.endpoint.clone(),
+            batch_delay_ms: None,
+        }),
         ..StackOptions::default()
     })
     .await;
@@ -122,7 +110,8 @@ async fn drain(args: &Args, export: bool) -> anyhow::Result<(f64, f64)> {
     drop(stack);
     let spans_per_task = match receiver {
         Some(receiver) => {
-            // The services flush what they still buffer as they stop.
+            // The services flushed what they still held as they stopped (the stack's drop waits
+            // for them); give the last exports a moment to be counted.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let spans = receiver.received() as f64 / args.runs as f64;
             receiver.stop().await;
