@@ -38,6 +38,15 @@ pub struct Delivery<M> {
 }
 
 impl<M> Delivery<M> {
+    /// When JetStream stored the message, on the NATS server's clock; `None` if the delivery's
+    /// metadata cannot be read. Unlike the time of handling, it does not grow while a consumer
+    /// catches up on a backlog, so `published_at − the event's own time` is how late the
+    /// publisher sent it (an outbox's lag).
+    pub fn published_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let published = self.raw.info().ok()?.published;
+        Some(std::time::SystemTime::from(published).into())
+    }
+
     /// Tells JetStream the work is still going on, restarting its ack timer.
     pub async fn progress(&self) -> Result<(), crate::Error> {
         self.raw

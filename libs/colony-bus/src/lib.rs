@@ -418,3 +418,44 @@ impl Bus {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the NATS subject filter `filter` (with `*` and `>` wildcards) matches `subject`.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let mut subject_tokens = subject.split('.');
+        for token in filter.split('.') {
+            match (token, subject_tokens.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (literal, Some(actual)) if literal == actual => {}
+                _ => return false,
+            }
+        }
+        subject_tokens.next().is_none()
+    }
+
+    #[test]
+    fn every_event_subject_falls_within_the_events_stream() {
+        assert!(!matches("colony.v1.event.>", "colony.v1.event"));
+        assert!(!matches("colony.v1.event.*", "colony.v1.event.run.created"));
+        for subject in [
+            subjects::run_event("created"),
+            subjects::task_event("failed"),
+            subjects::WORKER_HEARTBEAT.to_owned(),
+            subjects::USAGE_RECORDED.to_owned(),
+            subjects::TRAJECTORY_STEP.to_owned(),
+            subjects::TASK_TOKENS.to_owned(),
+            subjects::MEMORY_CHANGED.to_owned(),
+            subjects::BREAKER_CHANGED.to_owned(),
+        ] {
+            let streams: Vec<StreamKind> = StreamKind::ALL
+                .into_iter()
+                .filter(|kind| kind.subjects().iter().any(|f| matches(f, &subject)))
+                .collect();
+            assert_eq!(streams, [StreamKind::Events], "{subject}");
+        }
+    }
+}

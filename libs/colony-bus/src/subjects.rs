@@ -14,6 +14,8 @@ pub const TRAJECTORY_STEP: &str = "colony.v1.event.trajectory.step";
 pub const TASK_TOKENS: &str = "colony.v1.event.tokens";
 /// Memories changed on one memory replica; the others refresh their index.
 pub const MEMORY_CHANGED: &str = "colony.v1.event.memory.changed";
+/// A router replica's circuit breaker changed state (`BreakerChanged`), for the monitor.
+pub const BREAKER_CHANGED: &str = "colony.v1.event.breaker";
 
 /// `colony.v1.task.dispatch.<role>`.
 pub fn dispatch(role: &str) -> String {

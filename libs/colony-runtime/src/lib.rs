@@ -21,6 +21,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use service::{ServiceConfig, main};
+
+/// `<hostname>-<pid>-<4 random hex digits>` (`fallback` when there is no hostname): names one
+/// service process in its events, unique per process even when replicas share a hostname or a
+/// pid (containers). Only letters, digits, `_`, `-` and `.`, so it fits a message id.
+pub fn instance_name(fallback: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_owned());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..4])
+}
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// The root of a service's lifetime: cancelling `shutdown` stops intake everywhere; `tracker`
@@ -239,5 +265,17 @@ mod tests {
         runtime.shutdown.cancel();
         assert!(runtime.drain(Duration::from_secs(5)).await);
         assert!(!runtime.is_ready());
+    }
+
+    #[test]
+    fn instance_names_are_unique_and_safe() {
+        let (a, b) = (instance_name("worker"), instance_name("worker"));
+        assert_ne!(a, b);
+        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
+            "{a}"
+        );
     }
 }

@@ -240,26 +240,7 @@ impl Config {
 /// `<hostname>-<pid>-<4 random hex digits>`: unique per process even when replicas share a
 /// hostname or a pid (containers).
 pub fn default_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.trim().is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".to_owned());
-    let host: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect();
-    let random = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &random[..4])
+    colony_runtime::instance_name("worker")
 }
 
 #[cfg(test)]
@@ -399,18 +380,5 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let error = load(&[("AGENT_WORKER__SLOTZ", "1")]).expect_err("unknown keys fail");
         assert!(error.to_string().contains("slotz"), "{error}");
-    }
-
-    #[test]
-    fn default_worker_ids_are_unique_and_safe() {
-        let a = default_worker_id();
-        let b = default_worker_id();
-        assert_ne!(a, b);
-        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
-            "{a}"
-        );
     }
 }

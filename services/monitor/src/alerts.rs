@@ -1,6 +1,6 @@
 //! Alert rules from the configuration, evaluated every `alerts.evaluate_interval` on what the
-//! monitor knows: its worker registry, its view of queued and running tasks, and the task,
-//! usage and anomaly events of a recent window. A rule whose value goes above its threshold fires — one firing alert per rule, kept
+//! monitor knows: its worker registry, its view of queued and running tasks, the routers'
+//! circuit breakers, and the task, usage, anomaly and event-lag samples of a recent window. A rule whose value goes above its threshold fires — one firing alert per rule, kept
 //! in `monitor.alerts` — and resolves when the value is back; both are posted to every webhook
 //! with retries. A rule that resolved does not fire again within `alerts.cooldown`.
 
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
+use crate::breakers::Breakers;
 use crate::metrics;
 use crate::store::{Liveness, Store};
 use crate::tasks::{self, TaskSummary};
@@ -43,8 +44,8 @@ pub struct AlertsConfig {
 }
 
 /// `[[alerts.rules]]`: fires while the value of `kind` over `window` is above `threshold`.
-/// `queue_depth`, `queue_age_seconds` and `stale_tasks` measure the tasks as they are now and
-/// ignore `window`.
+/// `queue_depth`, `queue_age_seconds`, `stale_tasks` and `open_breakers` measure what is now
+/// and ignore `window`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
@@ -84,6 +85,11 @@ pub enum RuleKind {
     QueueAgeSeconds,
     /// Tasks running for longer than `stale_task_after` now.
     StaleTasks,
+    /// Routers' circuit breakers open or half-open now, one per (router replica, deployment).
+    OpenBreakers,
+    /// The largest lag of an event (from its own time to JetStream storing it) in the window,
+    /// in seconds.
+    EventLagSeconds,
 }
 
 impl RuleKind {
@@ -96,14 +102,19 @@ impl RuleKind {
             RuleKind::QueueDepth => "queue_depth",
             RuleKind::QueueAgeSeconds => "queue_age_seconds",
             RuleKind::StaleTasks => "stale_tasks",
+            RuleKind::OpenBreakers => "open_breakers",
+            RuleKind::EventLagSeconds => "event_lag_seconds",
         }
     }
 
-    /// Measured on the task view as it is now, not over the rule's window.
+    /// Measured as things are now, not over the rule's window.
     fn is_instant(self) -> bool {
         matches!(
             self,
-            RuleKind::QueueDepth | RuleKind::QueueAgeSeconds | RuleKind::StaleTasks
+            RuleKind::QueueDepth
+                | RuleKind::QueueAgeSeconds
+                | RuleKind::StaleTasks
+                | RuleKind::OpenBreakers
         )
     }
 }
@@ -136,6 +147,12 @@ impl Default for AlertsConfig {
                 rule("queue-depth", RuleKind::QueueDepth, 1000.0, 600),
                 rule("queue-age", RuleKind::QueueAgeSeconds, 600.0, 600),
                 rule("tasks-stale", RuleKind::StaleTasks, 0.0, 600),
+                // Like ColonyBreakerOpen in deploy/prometheus/alerts.yml (without its 10-min `for`),
+                // from the routers' events.
+                rule("breakers-open", RuleKind::OpenBreakers, 0.0, 600),
+                // Events a minute late; a fully stuck outbox sends none at all, which
+                // ColonyOutboxLag (colony_outbox_lag_seconds) catches.
+                rule("event-lag", RuleKind::EventLagSeconds, 60.0, 600),
             ],
         }
     }
@@ -192,11 +209,17 @@ enum Sample {
     Anomaly,
 }
 
-/// The recent task outcomes, spend and anomalies this process consumed.
+/// The recent task outcomes, spend, anomalies and event lags this process consumed.
 #[derive(Debug, Default)]
 pub struct Recent {
     samples: Mutex<VecDeque<(Instant, Sample)>>,
+    /// The largest event lag (seconds) of each second that saw events, oldest first: every
+    /// event has a lag, so one sample per event would grow with the event rate.
+    lags: Mutex<VecDeque<(Instant, f64)>>,
 }
+
+/// Event lags within this long of a bucket's first one share its bucket.
+const LAG_BUCKET: Duration = Duration::from_secs(1);
 
 impl Recent {
     fn push(&self, sample: Sample) {
@@ -223,6 +246,45 @@ impl Recent {
 
     pub fn anomaly(&self) {
         self.push(Sample::Anomaly);
+    }
+
+    /// An event arrived `seconds` late (negative is taken as 0: clock skew).
+    pub fn event_lag(&self, seconds: f64) {
+        self.event_lag_at(seconds, Instant::now());
+    }
+
+    fn event_lag_at(&self, seconds: f64, now: Instant) {
+        if seconds.is_nan() {
+            return;
+        }
+        let seconds = seconds.max(0.0);
+        let mut lags = self.lags.lock().unwrap_or_else(PoisonError::into_inner);
+        while lags
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > MAX_WINDOW)
+        {
+            lags.pop_front();
+        }
+        match lags.back_mut() {
+            Some((at, largest)) if now.saturating_duration_since(*at) < LAG_BUCKET => {
+                *largest = largest.max(seconds);
+            }
+            _ => lags.push_back((now, seconds)),
+        }
+    }
+
+    /// The largest event lag within `window`, in seconds; 0 without events.
+    pub fn largest_lag(&self, window: Duration) -> f64 {
+        self.largest_lag_at(window, Instant::now())
+    }
+
+    fn largest_lag_at(&self, window: Duration, now: Instant) -> f64 {
+        let lags = self.lags.lock().unwrap_or_else(PoisonError::into_inner);
+        lags.iter()
+            .rev()
+            .take_while(|(at, _)| now.saturating_duration_since(*at) <= window)
+            .map(|(_, lag)| *lag)
+            .fold(0.0, f64::max)
     }
 
     /// `(finished, failed, cost micro-USD, anomalies)` within `window`.
@@ -309,6 +371,8 @@ pub struct Alerter {
     pub config: AlertsConfig,
     pub store: Store,
     pub liveness: Liveness,
+    /// The routers' breakers (`open_breakers`).
+    pub breakers: std::sync::Arc<Breakers>,
     /// When a running task is stale (`stale_tasks`).
     pub stale_task_after: Duration,
     pub http: reqwest::Client,
@@ -393,6 +457,8 @@ impl Alerter {
             RuleKind::QueueDepth => task_view.get(self).await?.queued as f64,
             RuleKind::QueueAgeSeconds => task_view.get(self).await?.queue_oldest_age_seconds,
             RuleKind::StaleTasks => task_view.get(self).await?.stale as f64,
+            RuleKind::OpenBreakers => self.breakers.open().len() as f64,
+            RuleKind::EventLagSeconds => recent.largest_lag(rule.window),
         })
     }
 
@@ -561,11 +627,34 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_lag_of_a_window_counts_in_bounded_buckets() {
+        let recent = Recent::default();
+        let start = Instant::now();
+        recent.event_lag_at(2.0, start);
+        recent.event_lag_at(-5.0, start);
+        recent.event_lag_at(f64::NAN, start);
+        recent.event_lag_at(7.5, start + Duration::from_millis(500));
+        recent.event_lag_at(1.0, start + Duration::from_secs(30));
+        // Within a second of each other, the lags share a bucket.
+        assert_eq!(recent.lags.lock().map(|lags| lags.len()).ok(), Some(2));
+        let later = start + Duration::from_secs(40);
+        assert!((recent.largest_lag_at(Duration::from_secs(60), later) - 7.5).abs() < 1e-9);
+        assert!((recent.largest_lag_at(Duration::from_secs(20), later) - 1.0).abs() < 1e-9);
+        assert!(recent.largest_lag_at(Duration::from_secs(5), later).abs() < f64::EPSILON);
+        // Negative lags count as 0, never below.
+        let skewed = Recent::default();
+        skewed.event_lag_at(-3.0, start);
+        assert!(skewed.largest_lag_at(Duration::from_secs(60), start).abs() < f64::EPSILON);
+    }
+
+    #[test]
     fn task_rules_parse_and_say_what_they_measure() {
         let parsed: Result<Vec<AlertRule>, _> = serde_json::from_value(serde_json::json!([
             {"name": "deep", "kind": "queue_depth", "threshold": 100.0},
             {"name": "old", "kind": "queue_age_seconds", "threshold": 300.0},
             {"name": "stuck", "kind": "stale_tasks", "threshold": 0.0, "window": "1m"},
+            {"name": "open", "kind": "open_breakers", "threshold": 0.0},
+            {"name": "late", "kind": "event_lag_seconds", "threshold": 60.0, "window": "10m"},
         ]));
         let rules = parsed.expect("the task rule kinds parse");
         let kinds: Vec<RuleKind> = rules.iter().map(|r| r.kind).collect();
@@ -574,12 +663,16 @@ mod tests {
             [
                 RuleKind::QueueDepth,
                 RuleKind::QueueAgeSeconds,
-                RuleKind::StaleTasks
+                RuleKind::StaleTasks,
+                RuleKind::OpenBreakers,
+                RuleKind::EventLagSeconds,
             ]
         );
         let stale_after = Duration::from_secs(1800);
         assert_eq!(scope(&rules[0], stale_after), "now");
         assert_eq!(scope(&rules[2], stale_after), "running longer than 30m");
+        assert_eq!(scope(&rules[3], stale_after), "now");
+        assert_eq!(scope(&rules[4], stale_after), "over 10m");
         let windowed = rule("burn", RuleKind::BudgetBurnUsdPerHour, 1.0, 900);
         assert_eq!(scope(&windowed, stale_after), "over 15m");
         let unknown: Result<AlertRule, _> = serde_json::from_value(

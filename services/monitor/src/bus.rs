@@ -12,14 +12,15 @@ use colony_proto::v1;
 
 use crate::Error;
 use crate::Monitor;
+use crate::breakers::{BreakerChange, BreakerState};
 use crate::events::{Event, Heartbeat};
 use crate::tasks::{TaskUpdate, Transition};
 use crate::usage::Usage;
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "monitor";
-/// Everything on the EVENTS stream (`colony.v1.event.>`, `colony.v1.worker.>`,
-/// `colony.v1.usage.>`). JetStream accepts a filter wider than the stream's subjects; the
+/// Everything on the EVENTS stream (`colony.v1.event.>` — breaker changes included —,
+/// `colony.v1.worker.>`, `colony.v1.usage.>`). JetStream accepts a filter wider than the stream's subjects; the
 /// stream's own subjects bound what arrives.
 pub const FILTER: &str = "colony.v1.>";
 
@@ -67,6 +68,16 @@ fn task_kind(kind: i32) -> &'static str {
     }
 }
 
+/// The label and the domain state of a breaker state; `None` for one this monitor does not know.
+fn breaker_state(state: i32) -> (&'static str, Option<BreakerState>) {
+    match v1::BreakerState::try_from(state) {
+        Ok(v1::BreakerState::Closed) => ("breaker.closed", Some(BreakerState::Closed)),
+        Ok(v1::BreakerState::HalfOpen) => ("breaker.half_open", Some(BreakerState::HalfOpen)),
+        Ok(v1::BreakerState::Open) => ("breaker.open", Some(BreakerState::Open)),
+        Ok(v1::BreakerState::Unspecified) | Err(_) => ("breaker.unspecified", None),
+    }
+}
+
 /// What a task event of `kind` does to its task; `None` for an unknown kind.
 fn transition(kind: i32) -> Option<Transition> {
     match v1::TaskEventKind::try_from(kind) {
@@ -92,14 +103,16 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
         let event: v1::RunEvent = decode_as(subject, "RunEvent", payload)?;
         return Ok(Event::Run {
             kind: run_kind(event.kind),
+            occurred_at: time(event.occurred_at.as_ref()),
         });
     }
     if family == subjects::EVENT_TASK {
         let event: v1::TaskEvent = decode_as(subject, "TaskEvent", payload)?;
+        let occurred_at = time(event.occurred_at.as_ref());
         let update = transition(event.kind)
             .filter(|_| !event.task_id.is_empty())
             .map(|transition| TaskUpdate {
-                occurred_at: time(event.occurred_at.as_ref()),
+                occurred_at,
                 task_id: event.task_id,
                 tenant: event.tenant,
                 run_id: event.run_id,
@@ -109,7 +122,30 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
             });
         return Ok(Event::Task {
             kind: task_kind(event.kind),
+            occurred_at,
             update,
+        });
+    }
+    if subject == subjects::BREAKER_CHANGED {
+        let event: v1::BreakerChanged = decode_as(subject, "BreakerChanged", payload)?;
+        if event.router_id.is_empty() || event.deployment.is_empty() {
+            return Err(Error::Invalid {
+                subject: subject.to_owned(),
+                expected: "BreakerChanged",
+                reason: "router_id or deployment is empty".into(),
+            });
+        }
+        let (kind, state) = breaker_state(event.state);
+        let occurred_at = time(event.occurred_at.as_ref());
+        return Ok(Event::Breaker {
+            kind,
+            change: state.map(|state| BreakerChange {
+                router_id: event.router_id,
+                deployment: event.deployment,
+                state,
+                generation: event.generation,
+                occurred_at,
+            }),
         });
     }
     if subject == subjects::WORKER_HEARTBEAT {
@@ -153,8 +189,12 @@ pub fn decode(subject: &str, payload: &Bytes) -> Result<Event, Error> {
 
 /// Handles one delivery. Errors are logged here, once.
 pub async fn handle(monitor: Arc<Monitor>, delivery: Delivery<Bytes>) -> Outcome {
+    // The lag of an event runs to when JetStream stored it, not to now: a monitor catching up
+    // on a backlog (after a restart, or the first start replaying the stream) is not lag of
+    // the publishers. Without the delivery's metadata, now is the next best thing.
+    let arrived_at = delivery.published_at().unwrap_or_else(Utc::now);
     let result = match decode(&delivery.subject, &delivery.message) {
-        Ok(event) => monitor.apply(event).await,
+        Ok(event) => monitor.apply(event, arrived_at).await,
         Err(error) => Err(error),
     };
     match result {
@@ -198,7 +238,8 @@ mod tests {
         assert_eq!(
             decode("colony.v1.event.run.created", &bytes(&run)).ok(),
             Some(Event::Run {
-                kind: "run.created"
+                kind: "run.created",
+                occurred_at: None,
             })
         );
         let task = v1::TaskEvent {
@@ -342,7 +383,8 @@ mod tests {
                 anonymous,
                 Ok(Event::Task {
                     kind: "task.started",
-                    update: None
+                    update: None,
+                    ..
                 })
             ),
             "{anonymous:?}"
@@ -356,6 +398,62 @@ mod tests {
         assert_eq!(error.as_ref().map(Error::code), Some("malformed"));
         let anonymous = bytes(&v1::WorkerHeartbeat::default());
         let error = decode(subjects::WORKER_HEARTBEAT, &anonymous).err();
+        assert_eq!(error.as_ref().map(Error::code), Some("invalid"));
+    }
+
+    #[test]
+    fn breaker_changes_keep_their_order_and_time() {
+        let at = colony_proto::now();
+        let changed = |state: v1::BreakerState| v1::BreakerChanged {
+            deployment: "gpt".into(),
+            router_id: "r1".into(),
+            state: state as i32,
+            generation: 3,
+            occurred_at: Some(at),
+        };
+        let event = decode(
+            subjects::BREAKER_CHANGED,
+            &bytes(&changed(v1::BreakerState::HalfOpen)),
+        );
+        let Ok(Event::Breaker {
+            kind: "breaker.half_open",
+            change: Some(change),
+        }) = &event
+        else {
+            panic!("expected a breaker change, got {event:?}");
+        };
+        assert_eq!(
+            (change.router_id.as_str(), change.deployment.as_str()),
+            ("r1", "gpt")
+        );
+        assert_eq!(
+            (change.state, change.generation),
+            (BreakerState::HalfOpen, 3)
+        );
+        assert_eq!(
+            event
+                .ok()
+                .and_then(|e| e.occurred_at())
+                .map(|t| t.timestamp()),
+            Some(at.seconds)
+        );
+        // A state from a newer router is counted, not applied.
+        let unknown = v1::BreakerChanged {
+            state: 42,
+            ..changed(v1::BreakerState::Open)
+        };
+        assert_eq!(
+            decode(subjects::BREAKER_CHANGED, &bytes(&unknown)).ok(),
+            Some(Event::Breaker {
+                kind: "breaker.unspecified",
+                change: None
+            })
+        );
+        let anonymous = v1::BreakerChanged {
+            router_id: String::new(),
+            ..changed(v1::BreakerState::Open)
+        };
+        let error = decode(subjects::BREAKER_CHANGED, &bytes(&anonymous)).err();
         assert_eq!(error.as_ref().map(Error::code), Some("invalid"));
     }
 

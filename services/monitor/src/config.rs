@@ -50,6 +50,12 @@ pub struct Config {
     /// A usage event redelivered within this long of its first arrival is not counted again.
     #[serde(with = "humantime_serde")]
     pub usage_dedup_window: Duration,
+    /// A router's circuit breaker not heard of (no `colony.v1.event.breaker` change) for this
+    /// long is forgotten: its router went away, or is idle and refuses nobody. Keep it well
+    /// above the routers' `resilience.breaker.open_duration`: a busy router's open breaker
+    /// changes once per open duration.
+    #[serde(with = "humantime_serde")]
+    pub breaker_forget_after: Duration,
     /// The anomaly detector on per-deployment latency and cost.
     pub anomaly: AnomalyConfig,
     /// Alert rules, their webhooks and cooldown.
@@ -83,6 +89,7 @@ impl Default for Config {
             task_retention: Duration::from_secs(7 * 24 * 3600),
             usage_retention: Duration::from_secs(90 * 24 * 3600),
             usage_dedup_window: Duration::from_secs(24 * 3600),
+            breaker_forget_after: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(10),
             anomaly: AnomalyConfig::default(),
             alerts: AlertsConfig::default(),
@@ -145,6 +152,12 @@ impl Validate for Config {
                 "usage_dedup_window: must be at least 1m, longer than a redelivery takes".into(),
             );
         }
+        if self.breaker_forget_after < Duration::from_secs(60) {
+            problems.push(
+                "breaker_forget_after: must be at least 1m, longer than a breaker's open duration"
+                    .into(),
+            );
+        }
         if self.consumer_concurrency == 0 {
             problems.push("consumer_concurrency: must be at least 1".into());
         }
@@ -181,6 +194,17 @@ mod tests {
         assert_eq!(config.worker_stale_after, Duration::from_secs(30));
         assert_eq!(config.stale_task_after, Duration::from_secs(1800));
         assert_eq!(config.usage_retention, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(config.breaker_forget_after, Duration::from_secs(600));
+        let rules: Vec<&str> = config
+            .alerts
+            .rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert!(
+            rules.ends_with(&["breakers-open", "event-lag"]),
+            "{rules:?}"
+        );
     }
 
     #[test]
@@ -208,6 +232,7 @@ mod tests {
             ("MONITOR__TASK_RETENTION", "90m"),
             ("MONITOR__USAGE_RETENTION", "10m"),
             ("MONITOR__USAGE_DEDUP_WINDOW", "1s"),
+            ("MONITOR__BREAKER_FORGET_AFTER", "30s"),
         ])
         .expect_err("bad values fail");
         let text = error.to_string();
@@ -219,6 +244,7 @@ mod tests {
             "task_retention",
             "usage_retention",
             "usage_dedup_window",
+            "breaker_forget_after",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }

@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::breakers::OpenBreaker;
 use crate::store::Worker;
 use crate::tasks::{self, StaleTask, TaskSummary};
 use crate::usage::{self, By, UsageQuery, UsageRow};
@@ -51,6 +52,11 @@ struct StatusResponse {
     stale_task_after_seconds: f64,
     /// The stale tasks, oldest first (50 at most).
     stale_tasks: Vec<StaleTask>,
+    /// The routers' open and half-open circuit breakers, by router and deployment.
+    open_breakers: Vec<OpenBreaker>,
+    /// The largest event lag (event time to JetStream storing it) within the last minute, in
+    /// seconds.
+    event_lag_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,6 +122,10 @@ async fn status(State(monitor): State<Arc<Monitor>>) -> Result<Json<StatusRespon
         tasks,
         stale_task_after_seconds: monitor.stale_task_after.as_secs_f64(),
         stale_tasks,
+        open_breakers: monitor.breakers.open(),
+        event_lag_seconds: monitor
+            .recent
+            .largest_lag(crate::sweep::EVENT_LAG_GAUGE_WINDOW),
     }))
 }
 

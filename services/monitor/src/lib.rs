@@ -1,10 +1,12 @@
-//! colony-monitor: watches the EVENTS stream — run and task lifecycle, worker heartbeats and
-//! usage records — and turns it into metrics, a worker registry with liveness, its own view of
-//! queued and running tasks (stale-task detection), usage summaries, alerts, and a small status
-//! API. See `README.md` for subjects, semantics and failure modes.
+//! colony-monitor: watches the EVENTS stream — run and task lifecycle, worker heartbeats, usage
+//! records and the routers' circuit breaker changes — and turns it into metrics, a worker
+//! registry with liveness, its own view of queued and running tasks (stale-task detection), the
+//! open breakers, how late events arrive, usage summaries, alerts, and a small status API. See
+//! `README.md` for subjects, semantics and failure modes.
 
 pub mod alerts;
 pub mod anomaly;
+pub mod breakers;
 mod bus;
 pub mod config;
 mod error;
@@ -51,6 +53,8 @@ struct Monitor {
     anomalies: anomaly::Detector,
     /// What the alert rules measure.
     recent: Arc<alerts::Recent>,
+    /// The routers' breakers, from their change events.
+    breakers: Arc<breakers::Breakers>,
     /// When a running task is stale.
     stale_task_after: Duration,
     started_at: DateTime<Utc>,
@@ -84,9 +88,9 @@ impl Monitor {
         }
     }
 
-    /// Applies one decoded event. The database comes first and counters move only after it,
-    /// so a retried event is counted once it succeeds.
-    async fn apply(&self, event: Event) -> Result<(), Error> {
+    /// Applies one decoded event that JetStream stored at `arrived_at`. The database comes
+    /// first and counters move only after it, so a retried event is counted once it succeeds.
+    async fn apply(&self, event: Event, arrived_at: DateTime<Utc>) -> Result<(), Error> {
         match &event {
             Event::Heartbeat(beat) => self.store.record_heartbeat(beat).await?,
             Event::Usage(call) => {
@@ -103,7 +107,7 @@ impl Monitor {
                     tracing::debug!(deployment = %call.deployment, "usage event counted before");
                 }
             }
-            Event::Task { kind, update } => {
+            Event::Task { kind, update, .. } => {
                 if let Some(update) = update {
                     tasks::record(self.store.pool(), update).await?;
                 }
@@ -113,8 +117,28 @@ impl Monitor {
                     _ => {}
                 }
             }
+            Event::Breaker { change, .. } => {
+                if let Some(change) = change
+                    && self.breakers.apply(change.clone())
+                {
+                    let open = self.breakers.open().len();
+                    #[expect(clippy::cast_precision_loss, reason = "breaker counts are small")]
+                    ::metrics::gauge!(metrics::OPEN_BREAKERS).set(open as f64);
+                    tracing::info!(
+                        router_id = %change.router_id,
+                        deployment = %change.deployment,
+                        state = ?change.state,
+                        open,
+                        "router circuit breaker changed"
+                    );
+                }
+            }
             Event::Run { .. } => {}
             Event::Other => tracing::debug!("event of an unknown subject acknowledged"),
+        }
+        if let Some(occurred_at) = event.occurred_at() {
+            self.recent
+                .event_lag(events::lag_seconds(occurred_at, arrived_at));
         }
         let kind = event.kind();
         ::metrics::counter!(metrics::EVENTS, "kind" => kind).increment(1);
@@ -169,6 +193,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         liveness,
         anomalies: anomaly::Detector::new(config.anomaly),
         recent: Arc::default(),
+        breakers: Arc::new(breakers::Breakers::new(config.breaker_forget_after)),
         stale_task_after: config.stale_task_after,
         started_at: Utc::now(),
     });
@@ -180,6 +205,7 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     );
 
     let recent = monitor.recent.clone();
+    let breakers = monitor.breakers.clone();
     let handler = move |delivery| bus::handle(monitor.clone(), delivery);
     runtime.spawn(colony_bus::consume_bytes(
         bus.clone(),
@@ -193,12 +219,19 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         config: config.alerts.clone(),
         store: store.clone(),
         liveness,
+        breakers: breakers.clone(),
         stale_task_after: config.stale_task_after,
         http: reqwest::Client::new(),
     };
-    runtime.spawn(alerter.run(recent, runtime.shutdown.clone(), runtime.tracker.clone()));
+    runtime.spawn(alerter.run(
+        recent.clone(),
+        runtime.shutdown.clone(),
+        runtime.tracker.clone(),
+    ));
     runtime.spawn(sweep::run(
         store,
+        recent,
+        breakers,
         sweep::SweepOptions {
             interval: config.sweep_interval,
             liveness,

@@ -29,6 +29,13 @@ pub const STALE_TASKS: &str = "colony_monitor_stale_tasks";
 /// How long the oldest queued task had waited at the last sweep, in seconds.
 pub const QUEUE_OLDEST_AGE: &str = "colony_monitor_queue_oldest_age_seconds";
 
+/// Routers' circuit breakers open or half-open, one per (router replica, deployment), from
+/// their change events.
+pub const OPEN_BREAKERS: &str = "colony_monitor_open_breakers";
+/// The largest event lag (event time to JetStream storing it) within the minute before the last
+/// sweep, in seconds.
+pub const EVENT_LAG: &str = "colony_monitor_event_lag_seconds";
+
 /// Registers descriptions so `/metrics` explains every series.
 pub fn describe() {
     use ::metrics::{describe_counter, describe_gauge};
@@ -83,6 +90,19 @@ pub fn describe() {
     describe_gauge!(
         QUEUE_OLDEST_AGE,
         "Seconds the oldest queued task had waited at the last sweep (0 with none queued)."
+    );
+    describe_gauge!(
+        OPEN_BREAKERS,
+        "Routers' circuit breakers open or half-open, one per router replica and deployment, as \
+         their colony.v1.event.breaker changes tell (breakers not heard of for \
+         breaker_forget_after are forgotten)."
+    );
+    describe_gauge!(
+        EVENT_LAG,
+        ::metrics::Unit::Seconds,
+        "The largest lag of the events consumed within the minute before the last sweep: from \
+         the event's own time (occurred_at, sent_at) to JetStream storing it, i.e. outbox and \
+         publish delay. 0 without events; needs synchronised clocks."
     );
     colony_bus::metrics::describe();
 }

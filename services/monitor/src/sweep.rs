@@ -1,12 +1,18 @@
-//! The periodic sweep: worker liveness, the task gauges, and retention of workers, tasks and
-//! usage. Each part fails on its own (logged, tried again next interval).
+//! The periodic sweep: worker liveness, the task, breaker and event-lag gauges, and retention
+//! of workers, tasks and usage. Each part fails on its own (logged, tried again next interval).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Recent;
+use crate::breakers::Breakers;
 use crate::store::{Liveness, Store};
-use crate::{tasks, usage, workers};
+use crate::{metrics, tasks, usage, workers};
+
+/// `colony_monitor_event_lag_seconds` is the largest lag within this long before each sweep.
+pub const EVENT_LAG_GAUGE_WINDOW: Duration = Duration::from_secs(60);
 
 /// What the sweep judges and keeps.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +27,13 @@ pub struct SweepOptions {
 }
 
 /// Sweeps every `options.interval` until `shutdown`.
-pub async fn run(store: Store, options: SweepOptions, shutdown: CancellationToken) {
+pub async fn run(
+    store: Store,
+    recent: Arc<Recent>,
+    breakers: Arc<Breakers>,
+    options: SweepOptions,
+    shutdown: CancellationToken,
+) {
     let mut dead = workers::DeadWorkers::default();
     let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -31,6 +43,10 @@ pub async fn run(store: Store, options: SweepOptions, shutdown: CancellationToke
             _ = ticker.tick() => {}
         }
         let pool = store.pool();
+        // Here too, not only when an event arrives: forgotten breakers leave the count.
+        #[expect(clippy::cast_precision_loss, reason = "breaker counts are small")]
+        ::metrics::gauge!(metrics::OPEN_BREAKERS).set(breakers.open().len() as f64);
+        ::metrics::gauge!(metrics::EVENT_LAG).set(recent.largest_lag(EVENT_LAG_GAUGE_WINDOW));
         if let Err(error) = workers::sweep(
             &store,
             options.liveness,

@@ -4,8 +4,10 @@
 //! and circuit breakers with retries and fallbacks, holds each call's worst-case cost on its
 //! budgets in PostgreSQL, sorts every failure into one of five error classes, and writes each
 //! call's usage and cost to `router.usage_ledger` in batches, with a `UsageRecord` per call
-//! (published on `colony.v1.usage.recorded` by the outbox relay).
+//! (published on `colony.v1.usage.recorded` by the outbox relay). Every circuit breaker change
+//! is published on `colony.v1.event.breaker` (best effort) for the monitor.
 
+pub mod breaker_events;
 pub mod budget;
 pub mod config;
 pub mod error;
@@ -61,8 +63,8 @@ pub struct Handle {
 
 /// Starts the router on `runtime`: builds every deployment's provider, connects the database
 /// (applying migrations) and the bus, binds both listeners (port 0 picks a free port; the bound
-/// addresses are in the handle), starts the gRPC server, the health endpoints and the outbox
-/// relay, and marks the runtime ready.
+/// addresses are in the handle), starts the gRPC server, the health endpoints, the outbox
+/// relay and the breaker-change publisher, and marks the runtime ready.
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     // The recorder first: what is described or recorded before it exists is lost (the local
     // model records its size while the deployments are built).
@@ -88,6 +90,20 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
     }
     let bus = Bus::connect(&config.bus, "colony-router").await?;
     bus.ensure_streams().await?;
+    // Wired before any call can move a breaker, so that no change goes unpublished.
+    let router_id = breaker_events::router_id();
+    let (breaker_changes, changed_breakers) = tokio::sync::mpsc::channel(breaker_events::QUEUE);
+    for deployment in deployments.iter() {
+        deployment.breaker.send_changes_to(breaker_changes.clone());
+    }
+    drop(breaker_changes);
+    tracing::info!(%router_id, "breaker changes published as this replica");
+    runtime.spawn(breaker_events::publish(
+        bus.clone(),
+        router_id,
+        changed_breakers,
+        runtime.shutdown.clone(),
+    ));
     let http = colony_runtime::bind(&config.http.addr).await?;
     let grpc = colony_runtime::bind(&config.grpc.addr).await?;
     let http_addr = http.local_addr()?;

@@ -29,6 +29,7 @@ pub const QUEUE_REFUSALS: &str = "colony_router_queue_refusals_total";
 pub const BREAKER_STATE: &str = "colony_router_breaker_state";
 pub const BREAKER_TRANSITIONS: &str = "colony_router_breaker_transitions_total";
 pub const BREAKER_REJECTIONS: &str = "colony_router_breaker_rejections_total";
+pub const BREAKER_EVENTS_FAILED: &str = "colony_router_breaker_events_failed_total";
 pub const RATE_LEASES: &str = "colony_router_rate_lease_total";
 
 /// The ledger writer (ledger.rs).
@@ -115,6 +116,11 @@ pub fn describe() {
     describe_counter!(
         BREAKER_REJECTIONS,
         "Requests refused because a deployment's circuit breaker is open, by deployment."
+    );
+    describe_counter!(
+        BREAKER_EVENTS_FAILED,
+        "Circuit breaker changes not published on colony.v1.event.breaker (best effort), by \
+         reason: queue_full (the publisher was behind), publish (NATS refused the send)."
     );
     // The ledger writer.
     describe_counter!(

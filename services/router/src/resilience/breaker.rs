@@ -24,14 +24,21 @@
 //! probe slot so a half-open breaker is never stuck waiting for a report that will not come.
 //! Reports from attempts let through before the latest state change are ignored, so calls still
 //! in flight when the breaker opens cannot extend or end the open period.
+//!
+//! Beyond its metrics, a breaker can hand every state change to a channel
+//! ([`Breaker::send_changes_to`]); the router publishes them on the bus from there, so the
+//! breaker itself knows nothing of NATS and a slow bus never holds up a call.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use metrics::{counter, gauge};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS, BreakerConfig};
+use super::{
+    BREAKER_EVENTS_FAILED, BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS, BreakerConfig,
+};
 use crate::error::ErrorClass;
 
 /// Whether a failure of this class counts towards opening the breaker.
@@ -66,6 +73,16 @@ impl BreakerState {
     }
 }
 
+/// A breaker's change of state, as handed to [`Breaker::send_changes_to`]'s channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub deployment: String,
+    pub state: BreakerState,
+    /// Bumped by every change of this breaker (from 1): orders its changes.
+    pub generation: u64,
+    pub at: SystemTime,
+}
+
 /// The breaker refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the deployment's circuit breaker is open after repeated provider failures")]
@@ -81,6 +98,8 @@ pub struct Breaker {
     deployment: String,
     config: BreakerConfig,
     inner: Mutex<Inner>,
+    /// Where state changes go besides the metrics, once wired.
+    changes: OnceLock<mpsc::Sender<Change>>,
 }
 
 #[derive(Debug)]
@@ -125,6 +144,7 @@ impl Breaker {
                 state: State::Closed { failures: 0 },
                 generation: 0,
             }),
+            changes: OnceLock::new(),
         };
         gauge!(BREAKER_STATE, "deployment" => breaker.deployment.clone())
             .set(BreakerState::Closed.gauge());
@@ -160,6 +180,16 @@ impl Breaker {
             probe,
             reported: false,
         })
+    }
+
+    /// Hands every later state change to `changes`, in order. Set once (a later call is
+    /// ignored). Sending never waits: with the channel full, the change is dropped and counted
+    /// in `colony_router_breaker_events_failed_total{reason="queue_full"}`, because a call must
+    /// not wait on whoever reads the channel.
+    pub fn send_changes_to(&self, changes: mpsc::Sender<Change>) {
+        if self.changes.set(changes).is_err() {
+            tracing::debug!(deployment = %self.deployment, "breaker changes already wired");
+        }
     }
 
     /// Where the breaker stands now (open until the first call after the open duration).
@@ -220,6 +250,32 @@ impl Breaker {
             "to" => public.as_str()
         )
         .increment(1);
+        // Sent under the lock, so the channel holds one breaker's changes in their order.
+        if let Some(changes) = self.changes.get() {
+            let change = Change {
+                deployment: self.deployment.clone(),
+                state: public,
+                generation: inner.generation,
+                at: SystemTime::now(),
+            };
+            match changes.try_send(change) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(change)) => {
+                    counter!(BREAKER_EVENTS_FAILED, "reason" => "queue_full").increment(1);
+                    tracing::warn!(
+                        deployment = %change.deployment,
+                        state = change.state.as_str(),
+                        "breaker change not published: the publisher is behind"
+                    );
+                }
+                // The publisher has stopped: the router is shutting down.
+                Err(mpsc::error::TrySendError::Closed(change)) => tracing::debug!(
+                    deployment = %change.deployment,
+                    state = change.state.as_str(),
+                    "breaker change not published: shutting down"
+                ),
+            }
+        }
     }
 
     fn reject(&self, retry_in: Option<Duration>) -> Open {
@@ -349,6 +405,29 @@ mod tests {
         let attempt = breaker.allow().unwrap();
         assert!(!attempt.is_probe());
         attempt.success();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_change_is_sent_in_order_and_a_full_channel_drops_without_waiting() {
+        let breaker = breaker(1, 1);
+        let (changes, mut received) = mpsc::channel(2);
+        breaker.send_changes_to(changes);
+        fail(&breaker, 1);
+        advance(Duration::from_secs(30)).await;
+        breaker.allow().unwrap().success();
+        let mut seen = Vec::new();
+        while let Ok(change) = received.try_recv() {
+            assert_eq!(change.deployment, "test");
+            seen.push((change.state, change.generation));
+        }
+        // Open, then half-open: the channel (2) was full when the probe closed it.
+        assert_eq!(seen, [(BreakerState::Open, 1), (BreakerState::HalfOpen, 2)]);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        fail(&breaker, 1);
+        assert_eq!(
+            received.try_recv().map(|c| (c.state, c.generation)).ok(),
+            Some((BreakerState::Open, 4))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::metrics::{
-    BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS, QUEUE_DEPTH, QUEUE_REFUSALS,
-    QUEUE_WAIT_SECONDS, RATE_LEASES,
+    BREAKER_EVENTS_FAILED, BREAKER_REJECTIONS, BREAKER_STATE, BREAKER_TRANSITIONS, QUEUE_DEPTH,
+    QUEUE_REFUSALS, QUEUE_WAIT_SECONDS, RATE_LEASES,
 };
 
 /// How the router protects deployments and itself; one setting for every deployment. Every key

@@ -1,0 +1,152 @@
+//! Open breakers from the routers' real `BreakerChanged` events on the bus: an open breaker is
+//! listed in `/v1/status`, counted in `colony_monitor_open_breakers` and fires an
+//! `open_breakers` rule, through half-open; its `closed` change resolves the alert and empties
+//! the list. A change older than the one already applied (reordered) changes nothing.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+mod common;
+
+use std::time::Duration;
+
+use colony_bus::subjects;
+use colony_monitor::Config;
+use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
+use colony_proto::v1;
+use colony_testkit::{TestBus, TestDb, eventually};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn changed(
+    bus: &colony_bus::Bus,
+    deployment: &str,
+    state: v1::BreakerState,
+    generation: u64,
+) {
+    bus.publish(
+        subjects::BREAKER_CHANGED,
+        &format!("breaker-r1-{deployment}-{generation}"),
+        &v1::BreakerChanged {
+            deployment: deployment.into(),
+            router_id: "router-a-1-beef".into(),
+            state: state as i32,
+            generation,
+            occurred_at: Some(colony_proto::now()),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn get(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The rule's alert in `/v1/alerts` in `state`, once it is there.
+async fn alert_in(base: &str, state: &str) -> Value {
+    eventually(WAIT, &format!("a {state} breakers-open alert"), || async {
+        let body = get(&format!("{base}/v1/alerts")).await;
+        body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|alert| alert["rule"] == "breakers-open" && alert["state"] == state)
+            .cloned()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let config = Config {
+        sweep_interval: Duration::from_millis(100),
+        alerts: AlertsConfig {
+            evaluate_interval: Duration::from_millis(100),
+            cooldown: Duration::ZERO,
+            rules: vec![AlertRule {
+                name: "breakers-open".into(),
+                kind: RuleKind::OpenBreakers,
+                threshold: 0.0,
+                window: Duration::from_secs(600),
+                min_events: 1,
+            }],
+            ..AlertsConfig::default()
+        },
+        ..Config::default()
+    };
+    let monitor = common::start(&db, &test_bus, config).await;
+    let base = monitor.base.clone();
+    let bus = test_bus.connect().await;
+
+    // claude's change to closed arrives before the older one that opened it (reordered): the
+    // older one changes nothing. gpt opens.
+    changed(&bus, "claude", v1::BreakerState::Closed, 2).await;
+    eventually(WAIT, "claude's closed change handled", || async {
+        let status = get(&format!("{base}/v1/status")).await;
+        (status["events"]["breaker.closed"] == 1).then_some(())
+    })
+    .await;
+    changed(&bus, "claude", v1::BreakerState::Open, 1).await;
+    changed(&bus, "gpt", v1::BreakerState::Open, 1).await;
+    let listed = eventually(WAIT, "both open changes handled", || async {
+        let status = get(&format!("{base}/v1/status")).await;
+        (status["events"]["breaker.open"] == 2).then(|| status["open_breakers"].clone())
+    })
+    .await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["router_id"], "router-a-1-beef");
+    assert_eq!(listed[0]["deployment"], "gpt");
+    assert_eq!(listed[0]["state"], "open");
+    assert!(listed[0]["since"].is_string(), "{listed:?}");
+    let gauge = common::series(&metrics(&base).await, "colony_monitor_open_breakers");
+    assert_eq!(gauge, Some(1.0));
+
+    let firing = alert_in(&base, "firing").await;
+    assert_eq!(firing["fired_value"], 1.0);
+    assert!(
+        firing["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("breakers-open: open_breakers is 1.000, above 0 (now)"),
+        "{firing}"
+    );
+
+    // Half-open still counts as open: the alert keeps firing.
+    changed(&bus, "gpt", v1::BreakerState::HalfOpen, 2).await;
+    eventually(WAIT, "gpt half-open", || async {
+        let status = get(&format!("{base}/v1/status")).await;
+        (status["open_breakers"][0]["state"] == "half_open").then_some(())
+    })
+    .await;
+    // The probe succeeded: closed, resolved, nothing listed, the gauge at 0.
+    changed(&bus, "gpt", v1::BreakerState::Closed, 3).await;
+    let resolved = alert_in(&base, "resolved").await;
+    assert_eq!(resolved["last_value"], 0.0);
+    let firings: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM monitor.alerts WHERE rule = 'breakers-open'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(firings, 1, "half-open did not resolve and refire the alert");
+    let status = get(&format!("{base}/v1/status")).await;
+    assert_eq!(status["open_breakers"], Value::Array(Vec::new()));
+    eventually(WAIT, "the gauge back at 0", || async {
+        (common::series(&metrics(&base).await, "colony_monitor_open_breakers") == Some(0.0))
+            .then_some(())
+    })
+    .await;
+
+    monitor.stop().await;
+}
