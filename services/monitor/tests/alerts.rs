@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use colony_bus::subjects;
 use colony_monitor::Config;
-use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
+use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
@@ -98,13 +98,7 @@ async fn a_dead_worker_fires_an_alert_delivered_with_retries_and_its_return_reso
             webhooks: vec![hook.clone()],
             webhook_attempts: 4,
             webhook_backoff: Duration::from_millis(50),
-            rules: vec![AlertRule {
-                name: "workers-died".into(),
-                kind: RuleKind::DeadWorkers,
-                threshold: 0.0,
-                window: Duration::from_secs(600),
-                min_events: 1,
-            }],
+            rules: vec![common::rule("workers-died", RuleKind::DeadWorkers, 0.0)],
             ..AlertsConfig::default()
         },
         ..Config::default()

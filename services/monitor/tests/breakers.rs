@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use colony_bus::subjects;
 use colony_monitor::Config;
-use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
+use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
@@ -74,13 +74,7 @@ async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
         alerts: AlertsConfig {
             evaluate_interval: Duration::from_millis(100),
             cooldown: Duration::ZERO,
-            rules: vec![AlertRule {
-                name: "breakers-open".into(),
-                kind: RuleKind::OpenBreakers,
-                threshold: 0.0,
-                window: Duration::from_secs(600),
-                min_events: 1,
-            }],
+            rules: vec![common::rule("breakers-open", RuleKind::OpenBreakers, 0.0)],
             ..AlertsConfig::default()
         },
         ..Config::default()

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use colony_bus::subjects;
 use colony_monitor::Config;
-use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
+use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
@@ -29,13 +29,7 @@ async fn an_event_five_minutes_late_fires_the_event_lag_rule() {
         sweep_interval: Duration::from_millis(100),
         alerts: AlertsConfig {
             evaluate_interval: Duration::from_millis(100),
-            rules: vec![AlertRule {
-                name: "event-lag".into(),
-                kind: RuleKind::EventLagSeconds,
-                threshold: 60.0,
-                window: Duration::from_secs(600),
-                min_events: 1,
-            }],
+            rules: vec![common::rule("event-lag", RuleKind::EventLagSeconds, 60.0)],
             ..AlertsConfig::default()
         },
         ..Config::default()

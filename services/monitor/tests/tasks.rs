@@ -11,23 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use colony_bus::{Bus, subjects};
 use colony_monitor::Config;
-use colony_monitor::alerts::{AlertRule, AlertsConfig, RuleKind};
+use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
 use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn rule(name: &str, kind: RuleKind, threshold: f64) -> AlertRule {
-    AlertRule {
-        name: name.into(),
-        kind,
-        threshold,
-        window: Duration::from_secs(600),
-        min_events: 1,
-    }
-}
 
 /// Publishes a task event of `kind` for `task_id` at `attempt`, `ago` before now.
 async fn task_event(
@@ -122,9 +112,9 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
             evaluate_interval: Duration::from_millis(100),
             cooldown: Duration::ZERO,
             rules: vec![
-                rule("tasks-stale", RuleKind::StaleTasks, 0.0),
-                rule("queue-depth", RuleKind::QueueDepth, 1.0),
-                rule("queue-age", RuleKind::QueueAgeSeconds, 3600.0),
+                common::rule("tasks-stale", RuleKind::StaleTasks, 0.0),
+                common::rule("queue-depth", RuleKind::QueueDepth, 1.0),
+                common::rule("queue-age", RuleKind::QueueAgeSeconds, 3600.0),
             ],
             ..AlertsConfig::default()
         },

@@ -3,7 +3,10 @@
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 #![allow(dead_code, reason = "each test file uses its own part")]
 
+use std::time::Duration;
+
 use colony_monitor::Config;
+use colony_monitor::alerts::{AlertRule, RuleKind};
 use colony_runtime::Runtime;
 use colony_testkit::{TestBus, TestDb};
 use tokio_util::sync::CancellationToken;
@@ -47,4 +50,15 @@ pub fn series(metrics: &str, name: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|value| value.trim().parse().ok())
     })
+}
+
+/// A rule of `kind` named `name` that fires above `threshold`, over 10 minutes, from one event.
+pub fn rule(name: &str, kind: RuleKind, threshold: f64) -> AlertRule {
+    AlertRule {
+        name: name.into(),
+        kind,
+        threshold,
+        window: Duration::from_secs(600),
+        min_events: 1,
+    }
 }
