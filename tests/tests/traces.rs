@@ -10,6 +10,10 @@ use colony_e2e::stub::StubProvider;
 use colony_e2e::{Otlp, Stack, StackOptions, openai_router};
 use serde_json::Value;
 
+/// The trace and span of the client that creates the run (its `traceparent`).
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
 /// The spans of one trace, by span id.
 struct Trace {
     spans: HashMap<String, ReceivedSpan>,
@@ -49,11 +53,16 @@ impl Trace {
             .collect()
     }
 
-    /// Span ids whose parent is not in the trace (the root's parent is empty).
+    /// Spans whose parent is not in the trace, but for the root (the client's span is its
+    /// parent).
     fn orphans(&self) -> Vec<&ReceivedSpan> {
         self.spans
             .values()
-            .filter(|span| !span.parent_span_id.is_empty() && self.parent(span).is_none())
+            .filter(|span| {
+                span.parent_span_id != CLIENT_SPAN
+                    && !span.parent_span_id.is_empty()
+                    && self.parent(span).is_none()
+            })
             .collect()
     }
 
@@ -145,18 +154,33 @@ async fn one_trace_follows_a_run_through_every_service() {
     })
     .await;
 
-    let run_id = stack.submit("name three colours").await;
+    // The client's own trace: the run joins it, as a child of the client's span.
+    let response = stack
+        .http
+        .post(format!("{}/v1/runs", stack.orchestrator_url))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&serde_json::json!({ "goal": "name three colours" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let run_id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let run = stack.wait_run(&run_id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "succeeded", "{run}");
 
-    // The request that created the run is the trace's root.
+    // The request that created the run is the root of the run's part of the client's trace.
     let started = std::time::Instant::now();
     let trace = loop {
         let spans = receiver.spans();
         let root = spans.iter().find(|span| {
             span.service == "colony-orchestrator"
                 && span.attributes.get("run_id") == Some(&run_id)
-                && span.parent_span_id.is_empty()
+                && span.trace_id == CLIENT_TRACE
+                && span.parent_span_id == CLIENT_SPAN
+                && span.name == "POST /v1/runs"
         });
         if let Some(root) = root {
             let trace = Trace {

@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::{FailurePolicy, RunsConfig, is_name};
@@ -112,14 +113,27 @@ async fn create_run(
     headers: HeaderMap,
     body: Result<Json<CreateRun>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RunView>), Error> {
-    let result = create_run_inner(&state, &headers, body).await;
+    // The root of the run's trace, or a child of the caller's when it sent a W3C
+    // `traceparent`: a client's own trace then follows the run through every service.
+    let span = tracing::info_span!(
+        "create_run",
+        otel.name = "POST /v1/runs",
+        otel.kind = "server",
+        tenant = tracing::field::Empty,
+        run_id = tracing::field::Empty,
+    );
+    colony_telemetry::set_parent(
+        &span,
+        headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok()),
+    );
+    let result = create_run_inner(&state, &headers, body)
+        .instrument(span)
+        .await;
     counted(StatusCode::CREATED, "/v1/runs", result).map(|run| (StatusCode::CREATED, Json(run)))
 }
 
-#[tracing::instrument(
-    skip_all,
-    fields(otel.name = "POST /v1/runs", otel.kind = "server", tenant, run_id)
-)]
 async fn create_run_inner(
     state: &ApiState,
     headers: &HeaderMap,
