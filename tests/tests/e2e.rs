@@ -83,11 +83,13 @@ async fn a_goal_flows_through_all_five_services() {
     let text: String = tokens.iter().map(|chunk| chunk.text.as_str()).collect();
     assert_eq!(text, "echo: name three colours");
     assert!(tokens.last().is_some_and(|chunk| chunk.done), "{tokens:?}");
-    // The router counts the call and its spend for its tenant.
+    // The router counts the call, its spend and its latency for its tenant.
     let router_metrics = stack.metrics(&stack.router_http_url).await;
     for counter in [
         "colony_router_requests_total{",
         "colony_router_cost_micro_usd_total{",
+        "colony_router_request_duration_seconds_count{",
+        "colony_router_time_to_first_token_seconds_count{",
     ] {
         assert!(
             router_metrics

@@ -1,6 +1,6 @@
 //! The router's metrics. Labels are deployment names (from config), outcomes and classes, and
-//! on the per-call counters (requests, tokens, cost) the tenant, so spend and load can be
-//! followed per tenant: never run, task or other ids.
+//! on the per-call series (requests, tokens, cost, call time, time to first token) the tenant,
+//! so spend, load and latency can be followed per tenant: never run, task or other ids.
 
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ pub fn describe() {
     describe_histogram!(
         REQUEST_SECONDS,
         Unit::Seconds,
-        "Time of one provider call, by deployment."
+        "Time of one provider call, by deployment and tenant."
     );
     describe_counter!(
         TOKENS,
@@ -74,7 +74,7 @@ pub fn describe() {
     describe_histogram!(
         FIRST_TOKEN_SECONDS,
         Unit::Seconds,
-        "Time from opening a stream to its first event, by deployment."
+        "Time from opening a stream to its first event, by deployment and tenant."
     );
     describe_histogram!(
         OVERHEAD_SECONDS,
@@ -152,8 +152,8 @@ pub fn fell_back(deployment: &str) {
     counter!(FALLBACKS, "deployment" => deployment.to_owned()).increment(1);
 }
 
-pub fn first_token(deployment: &str, elapsed: Duration) {
-    histogram!(FIRST_TOKEN_SECONDS, "deployment" => deployment.to_owned())
+pub fn first_token(deployment: &str, tenant: &str, elapsed: Duration) {
+    histogram!(FIRST_TOKEN_SECONDS, "deployment" => deployment.to_owned(), "tenant" => tenant_label(tenant))
         .record(elapsed.as_secs_f64());
 }
 
@@ -162,7 +162,7 @@ pub fn overhead(deployment: &str, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
-/// The `tenant` label of a call (`-` when the caller named none).
+/// The `tenant` label of a call (`-` when the caller named none, or it is not known yet).
 fn tenant_label(tenant: &str) -> String {
     if tenant.is_empty() {
         "-".to_owned()
@@ -185,7 +185,8 @@ pub fn call(
     let outcome = if error.is_some() { "error" } else { "ok" };
     counter!(REQUESTS, "deployment" => deployment.clone(), "tenant" => tenant.clone(), "outcome" => outcome)
         .increment(1);
-    histogram!(REQUEST_SECONDS, "deployment" => deployment.clone()).record(elapsed.as_secs_f64());
+    histogram!(REQUEST_SECONDS, "deployment" => deployment.clone(), "tenant" => tenant.clone())
+        .record(elapsed.as_secs_f64());
     for (direction, tokens) in [("prompt", usage.prompt), ("completion", usage.completion)] {
         counter!(TOKENS, "deployment" => deployment.clone(), "tenant" => tenant.clone(), "direction" => direction)
             .increment(tokens);
@@ -197,7 +198,9 @@ pub fn call(
     }
 }
 
-/// Counts a request refused before any deployment was chosen.
+/// Counts a request refused before any deployment was chosen (its tenant is not known then:
+/// the label is `-`, so every series of the counter has the same labels).
 pub fn rejected() {
-    counter!(REQUESTS, "deployment" => UNROUTED, "outcome" => "rejected").increment(1);
+    counter!(REQUESTS, "deployment" => UNROUTED, "tenant" => tenant_label(""), "outcome" => "rejected")
+        .increment(1);
 }

@@ -385,7 +385,11 @@ impl Service {
                     let started = Instant::now();
                     match first_event(&admitted.deployment, &admitted.request).await {
                         Ok((first, rest)) => {
-                            metrics::first_token(&admitted.deployment.name, started.elapsed());
+                            metrics::first_token(
+                                &admitted.deployment.name,
+                                &call.caller.tenant,
+                                started.elapsed(),
+                            );
                             let (sender, items) = mpsc::channel(STREAM_BUFFER);
                             let start = StreamStart {
                                 deployment: admitted.deployment.name.clone(),
