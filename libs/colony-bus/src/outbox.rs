@@ -77,6 +77,41 @@ impl Default for RelayOptions {
     }
 }
 
+/// Whether `table` names an outbox table as `schema.table`, each part a plain lower-case SQL
+/// identifier (letters, digits, `_`, not starting with a digit).
+pub fn is_table_name(table: &str) -> bool {
+    let plain = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|first| first.is_ascii_lowercase() || first == '_')
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    table
+        .split_once('.')
+        .is_some_and(|(schema, name)| plain(schema) && plain(name))
+}
+
+/// How long the oldest row of the outbox `table` (`schema.table`) has waited, in seconds; 0
+/// when the table is empty. Sent rows are deleted, so every row waits. For observers that know
+/// a service's outbox by name only (the monitor): the owning service's relay reports its own
+/// lag as `colony_outbox_lag_seconds`, but a relay that stopped reports nothing.
+pub async fn oldest_age_seconds(pool: &PgPool, table: &str) -> Result<f64, sqlx::Error> {
+    // Quoted part by part, so no name can be more than an identifier.
+    let quoted: Vec<String> = table
+        .split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect();
+    let age: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT EXTRACT(EPOCH FROM (now() - created_at))::float8 FROM {} ORDER BY id LIMIT 1",
+        quoted.join(".")
+    ))
+    .fetch_optional(pool)
+    .await?;
+    Ok(age.unwrap_or(0.0).max(0.0))
+}
+
 /// The in-process wake-up of each table's relay (see [`Outbox::quiet`]).
 static WAKERS: LazyLock<Mutex<HashMap<&'static str, Arc<tokio::sync::Notify>>>> =
     LazyLock::new(Mutex::default);
@@ -302,6 +337,30 @@ impl Outbox {
                 () = waker.notified() => {}
                 healthy = wait => if !healthy { listener = None },
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_table_name;
+
+    #[test]
+    fn table_names_are_schema_dot_table_of_plain_identifiers() {
+        for good in ["orchestrator.outbox", "router.outbox", "_a.b_2"] {
+            assert!(is_table_name(good), "{good}");
+        }
+        for bad in [
+            "outbox",
+            "a.b.c",
+            ".outbox",
+            "router.",
+            "Router.outbox",
+            "2x.outbox",
+            "router.outbox; DROP TABLE x",
+            "router.\"outbox\"",
+        ] {
+            assert!(!is_table_name(bad), "{bad}");
         }
     }
 }

@@ -40,12 +40,14 @@ pub struct AlertsConfig {
     /// Wait before the first retry, doubled after each.
     #[serde(with = "humantime_serde")]
     pub webhook_backoff: Duration,
+    /// The services' outbox tables (`schema.table`) the `outbox_lag_seconds` kind reads.
+    pub outbox_tables: Vec<String>,
     pub rules: Vec<AlertRule>,
 }
 
 /// `[[alerts.rules]]`: fires while the value of `kind` over `window` is above `threshold`.
-/// `queue_depth`, `queue_age_seconds`, `stale_tasks` and `open_breakers` measure what is now
-/// and ignore `window`.
+/// `queue_depth`, `queue_age_seconds`, `stale_tasks`, `open_breakers` and
+/// `outbox_lag_seconds` measure what is now and ignore `window`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
@@ -90,6 +92,9 @@ pub enum RuleKind {
     /// The largest lag of an event (from its own time to JetStream storing it) in the window,
     /// in seconds.
     EventLagSeconds,
+    /// How long the oldest row of any of `alerts.outbox_tables` has waited now, in seconds:
+    /// unlike event lag, it sees an outbox whose relay sends nothing at all.
+    OutboxLagSeconds,
 }
 
 impl RuleKind {
@@ -104,6 +109,7 @@ impl RuleKind {
             RuleKind::StaleTasks => "stale_tasks",
             RuleKind::OpenBreakers => "open_breakers",
             RuleKind::EventLagSeconds => "event_lag_seconds",
+            RuleKind::OutboxLagSeconds => "outbox_lag_seconds",
         }
     }
 
@@ -115,6 +121,7 @@ impl RuleKind {
                 | RuleKind::QueueAgeSeconds
                 | RuleKind::StaleTasks
                 | RuleKind::OpenBreakers
+                | RuleKind::OutboxLagSeconds
         )
     }
 }
@@ -138,6 +145,7 @@ impl Default for AlertsConfig {
             webhook_timeout: Duration::from_secs(5),
             webhook_attempts: 5,
             webhook_backoff: Duration::from_secs(1),
+            outbox_tables: vec!["orchestrator.outbox".into(), "router.outbox".into()],
             rules: vec![
                 rule("workers-died", RuleKind::DeadWorkers, 0.0, 900),
                 rule("task-error-rate", RuleKind::TaskErrorRate, 0.2, 600),
@@ -151,8 +159,9 @@ impl Default for AlertsConfig {
                 // from the routers' events.
                 rule("breakers-open", RuleKind::OpenBreakers, 0.0, 600),
                 // Events a minute late; a fully stuck outbox sends none at all, which
-                // ColonyOutboxLag (colony_outbox_lag_seconds) catches.
+                // outbox-lag catches, as ColonyOutboxLag does from colony_outbox_lag_seconds.
                 rule("event-lag", RuleKind::EventLagSeconds, 60.0, 600),
+                rule("outbox-lag", RuleKind::OutboxLagSeconds, 60.0, 600),
             ],
         }
     }
@@ -174,6 +183,14 @@ impl AlertsConfig {
             if !(webhook.starts_with("http://") || webhook.starts_with("https://")) {
                 problems.push(format!(
                     "alerts.webhooks: {webhook:?} is not an http(s) URL"
+                ));
+            }
+        }
+        for table in &self.outbox_tables {
+            if !colony_bus::outbox::is_table_name(table) {
+                problems.push(format!(
+                    "alerts.outbox_tables: {table:?} is not a table as schema.table \
+                     (lower-case letters, digits and _)"
                 ));
             }
         }
@@ -425,6 +442,11 @@ impl Alerter {
                     }
                     Ok(None) => {}
                     Err(error) => {
+                        ::metrics::counter!(
+                            metrics::ALERT_EVALUATION_FAILURES,
+                            "rule" => rule.name.clone()
+                        )
+                        .increment(1);
                         tracing::warn!(%error, rule = %rule.name, "alert rule not evaluated");
                     }
                 }
@@ -459,6 +481,17 @@ impl Alerter {
             RuleKind::StaleTasks => task_view.get(self).await?.stale as f64,
             RuleKind::OpenBreakers => self.breakers.open().len() as f64,
             RuleKind::EventLagSeconds => recent.largest_lag(rule.window),
+            RuleKind::OutboxLagSeconds => {
+                let mut oldest: f64 = 0.0;
+                for table in &self.config.outbox_tables {
+                    // A missing table fails the rule with PostgreSQL's "relation ... does not
+                    // exist", which names it.
+                    let age =
+                        colony_bus::outbox::oldest_age_seconds(self.store.pool(), table).await?;
+                    oldest = oldest.max(age);
+                }
+                oldest
+            }
         })
     }
 
@@ -655,6 +688,7 @@ mod tests {
             {"name": "stuck", "kind": "stale_tasks", "threshold": 0.0, "window": "1m"},
             {"name": "open", "kind": "open_breakers", "threshold": 0.0},
             {"name": "late", "kind": "event_lag_seconds", "threshold": 60.0, "window": "10m"},
+            {"name": "held", "kind": "outbox_lag_seconds", "threshold": 60.0},
         ]));
         let rules = parsed.expect("the task rule kinds parse");
         let kinds: Vec<RuleKind> = rules.iter().map(|r| r.kind).collect();
@@ -666,6 +700,7 @@ mod tests {
                 RuleKind::StaleTasks,
                 RuleKind::OpenBreakers,
                 RuleKind::EventLagSeconds,
+                RuleKind::OutboxLagSeconds,
             ]
         );
         let stale_after = Duration::from_secs(1800);
@@ -673,6 +708,7 @@ mod tests {
         assert_eq!(scope(&rules[2], stale_after), "running longer than 30m");
         assert_eq!(scope(&rules[3], stale_after), "now");
         assert_eq!(scope(&rules[4], stale_after), "over 10m");
+        assert_eq!(scope(&rules[5], stale_after), "now");
         let windowed = rule("burn", RuleKind::BudgetBurnUsdPerHour, 1.0, 900);
         assert_eq!(scope(&windowed, stale_after), "over 15m");
         let unknown: Result<AlertRule, _> = serde_json::from_value(
@@ -688,6 +724,7 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         let config = AlertsConfig {
             webhooks: vec!["ftp://example".into()],
+            outbox_tables: vec!["outbox; DROP TABLE monitor.alerts".into()],
             rules: vec![
                 rule("twice", RuleKind::Anomalies, 1.0, 60),
                 rule("twice", RuleKind::DeadWorkers, f64::NAN, 0),
@@ -698,6 +735,7 @@ mod tests {
         let text = problems.join("\n");
         for expected in [
             "alerts.webhooks: \"ftp://example\"",
+            "alerts.outbox_tables: \"outbox; DROP TABLE monitor.alerts\" is not a table",
             "alerts.rules: \"twice\" must be a non-empty name used once",
             "alerts.rules.twice.threshold",
             "alerts.rules.twice.window",

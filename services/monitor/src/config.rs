@@ -202,7 +202,7 @@ mod tests {
             .map(|r| r.name.as_str())
             .collect();
         assert!(
-            rules.ends_with(&["breakers-open", "event-lag"]),
+            rules.ends_with(&["breakers-open", "event-lag", "outbox-lag"]),
             "{rules:?}"
         );
     }

@@ -14,6 +14,8 @@ pub const ANOMALIES: &str = "colony_monitor_anomalies_total";
 pub const ALERTS_FIRING: &str = "colony_monitor_alerts_firing";
 /// Firings held back because the rule resolved within `alerts.cooldown`, by `rule`.
 pub const ALERTS_SUPPRESSED: &str = "colony_monitor_alerts_suppressed_total";
+/// Rule evaluations that failed (the database, a missing outbox table), by `rule`.
+pub const ALERT_EVALUATION_FAILURES: &str = "colony_monitor_alert_evaluation_failures_total";
 /// Alert notifications to webhooks by `result` (`delivered`, `failed` after every attempt).
 pub const ALERT_NOTIFICATIONS: &str = "colony_monitor_alert_notifications_total";
 /// Model tokens reported by usage records, by `direction` (`prompt`, `completion`).
@@ -62,6 +64,10 @@ pub fn describe() {
     describe_counter!(
         ALERTS_SUPPRESSED,
         "Firings held back because the rule resolved within alerts.cooldown, by rule."
+    );
+    describe_counter!(
+        ALERT_EVALUATION_FAILURES,
+        "Alert rule evaluations that failed (the database, a missing outbox table), by rule: the rule keeps its last state."
     );
     describe_counter!(
         ALERT_NOTIFICATIONS,

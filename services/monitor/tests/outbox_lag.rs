@@ -1,0 +1,118 @@
+//! Outbox lag read from the outbox tables themselves: a router outbox row held back five
+//! minutes (a relay that sends nothing, so no event shows a lag) fires an `outbox_lag_seconds`
+//! rule; sending it resolves the rule; an outbox table that is gone fails the rule's
+//! evaluation, counted by rule.
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
+
+mod common;
+
+use std::time::Duration;
+
+use colony_monitor::Config;
+use colony_monitor::alerts::{AlertsConfig, RuleKind};
+use colony_testkit::{TestBus, TestDb, eventually};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn alert(base: &str, state: &str) -> Option<Value> {
+    let body: Value = reqwest::get(format!("{base}/v1/alerts"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|alert| alert["rule"] == "outbox-lag" && alert["state"] == state)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_held_back_outbox_row_fires_the_outbox_lag_rule_until_it_is_sent() {
+    let db = TestDb::new().await;
+    let test_bus = TestBus::new();
+    let config = Config {
+        alerts: AlertsConfig {
+            evaluate_interval: Duration::from_millis(100),
+            cooldown: Duration::ZERO,
+            rules: vec![common::rule("outbox-lag", RuleKind::OutboxLagSeconds, 60.0)],
+            ..AlertsConfig::default()
+        },
+        ..Config::default()
+    };
+    let monitor = common::start(&db, &test_bus, config).await;
+    let base = monitor.base.clone();
+
+    // Empty outboxes: nothing fires.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(alert(&base, "firing").await.is_none());
+
+    sqlx::query(
+        "INSERT INTO router.outbox (msg_id, subject, payload, created_at) \
+         VALUES ('usage-1', 'colony.v1.event.usage', '\\x00', now() - interval '5 minutes')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let firing = eventually(WAIT, "the outbox-lag alert firing", || {
+        alert(&base, "firing")
+    })
+    .await;
+    let fired = firing["fired_value"].as_f64().unwrap();
+    assert!((299.0..330.0).contains(&fired), "{firing}");
+    assert!(
+        firing["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("outbox-lag: outbox_lag_seconds is 3"),
+        "{firing}"
+    );
+    assert!(
+        firing["summary"].as_str().unwrap().ends_with("(now)"),
+        "{firing}"
+    );
+
+    // The relay sends it (and deletes the row): resolved.
+    sqlx::query("DELETE FROM router.outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(WAIT, "the outbox-lag alert resolved", || {
+        alert(&base, "resolved")
+    })
+    .await;
+
+    // An outbox table that is not there fails the evaluation, which is counted.
+    sqlx::query("DROP TABLE router.outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(WAIT, "the failed evaluations counted", || async {
+        let metrics = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        common::series(
+            &metrics,
+            r#"colony_monitor_alert_evaluation_failures_total{rule="outbox-lag"}"#,
+        )
+        .filter(|failures| *failures >= 1.0)
+    })
+    .await;
+    let missing = colony_bus::outbox::oldest_age_seconds(&db.pool, "router.outbox")
+        .await
+        .unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .contains("\"router.outbox\" does not exist"),
+        "{missing}"
+    );
+
+    monitor.stop().await;
+}
