@@ -21,6 +21,8 @@ use serde_json::Value;
 pub struct StackOptions {
     /// The router's `[[deployments]]` and `default_deployment`, as TOML.
     pub router_toml: String,
+    /// Extra environment for the router (the variables its tenants' `api_key_env` name).
+    pub router_env: Vec<(String, String)>,
     /// Lease duration given to the orchestrator.
     pub lease: &'static str,
     /// Workers started with the stack.
@@ -50,6 +52,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             router_toml: String::new(),
+            router_env: Vec::new(),
             lease: "30s",
             workers: 1,
             worker_slots: 4,
@@ -132,20 +135,22 @@ fn spawn_orchestrator(
 }
 
 /// Starts the router binary alone on `db` and `bus` with the config file `config`, its HTTP
-/// edge on `http` and gRPC on `grpc` (both on loopback). It applies its migrations itself; wait
-/// for `/readyz` before calling it.
+/// edge on `http` and gRPC on `grpc` (both on loopback), and `extra_env` (say, the variables
+/// its tenants' `api_key_env` name). It applies its migrations itself; wait for `/readyz`
+/// before calling it.
 pub fn spawn_router(
     db: &TestDb,
     bus: &TestBus,
     config: &std::path::Path,
     log_filter: &str,
     otlp: Option<&Otlp>,
-    http: u16,
-    grpc: u16,
+    (http, grpc): (u16, u16),
+    extra_env: &[(String, String)],
 ) -> Process {
     let mut env = common_env("ROUTER", db, bus, log_filter, otlp);
     env.push(("ROUTER__HTTP__ADDR".into(), addr(http)));
     env.push(("ROUTER__GRPC__ADDR".into(), addr(grpc)));
+    env.extend_from_slice(extra_env);
     let config = config.to_string_lossy().into_owned();
     Process::spawn(
         "router",
@@ -216,8 +221,8 @@ impl Stack {
             &router_config,
             filter,
             otlp,
-            router_http,
-            router_grpc,
+            (router_http, router_grpc),
+            &options.router_env,
         ));
 
         let mut orch_env = common_env("ORCHESTRATOR", &db, &bus, filter, otlp);

@@ -26,7 +26,7 @@ const DASHBOARDS: [(&str, &str); 5] = [
 const DATASOURCE_UID: &str = "prometheus";
 
 /// Metrics with a `tenant` label: every selector of one must filter on `$tenant`.
-const TENANT_METRICS: [&str; 11] = [
+const TENANT_METRICS: [&str; 16] = [
     "colony_orchestrator_runs_total",
     "colony_orchestrator_tasks_total",
     "colony_orchestrator_retries_total",
@@ -34,6 +34,11 @@ const TENANT_METRICS: [&str; 11] = [
     "colony_router_requests_total",
     "colony_router_tokens_total",
     "colony_router_cost_micro_usd_total",
+    "colony_router_request_duration_seconds",
+    "colony_router_time_to_first_token_seconds",
+    "colony_router_tenant_budget_micro_usd",
+    "colony_router_tenant_budget_spent_micro_usd",
+    "colony_router_tenant_budget_reserved_micro_usd",
     "colony_orchestrator_queue_depth",
     "colony_orchestrator_queue_oldest_age_seconds",
     "colony_orchestrator_active_tasks",
@@ -119,7 +124,23 @@ fallbacks = ["primary"]
 
 [[deployments.script]]
 fail = "transient"
+
+# Budgets, so the tenant budget gauges have tenants; their keys guard the HTTP API.
+[[tenants]]
+name = "default"
+api_key_env = "COLONY_DASHBOARDS_DEFAULT_KEY"
+budget_usd = 1000.0
+
+[[tenants]]
+name = "acme"
+api_key_env = "COLONY_DASHBOARDS_ACME_KEY"
+budget_usd = 1000.0
 "#;
+
+/// The API key of `tenant` in the router's environment.
+fn api_key(tenant: &str) -> String {
+    format!("dashboards-{tenant}-key")
+}
 
 /// A generalist that may search memory (recalled into every prompt) and write it.
 const ORCHESTRATOR: &str = r#"
@@ -614,7 +635,7 @@ async fn chat(stack: &Stack, tenant: &str, model: &str, stream: bool) {
     let response = stack
         .http
         .post(format!("{}/v1/chat/completions", stack.router_http_url))
-        .header("x-colony-tenant", tenant)
+        .bearer_auth(api_key(tenant))
         .json(&json!({
             "model": model,
             "stream": stream,
@@ -700,6 +721,14 @@ async fn every_panel_returns_data_from_a_live_prometheus() {
     let queries = queries(&dashboards);
     let mut stack = Stack::start(StackOptions {
         router_toml: ROUTER.into(),
+        router_env: ["default", "acme"]
+            .map(|tenant| {
+                (
+                    format!("COLONY_DASHBOARDS_{}_KEY", tenant.to_uppercase()),
+                    api_key(tenant),
+                )
+            })
+            .to_vec(),
         orchestrator_toml: ORCHESTRATOR.into(),
         // Short, so the dead worker's lease expires within the test.
         lease: "3s",

@@ -1,7 +1,10 @@
 //! Telemetry for every Colony binary: JSON (or pretty) logs carrying the trace id, OpenTelemetry spans exported over
 //! OTLP when configured, a process-wide Prometheus recorder, and W3C trace-context helpers.
 
+mod gauges;
 mod log;
+
+pub use gauges::{GaugeKey, GaugeSet};
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -171,19 +171,16 @@ pub fn describe() {
     colony_bus::metrics::describe();
 }
 
-/// Sets the work gauges from one reading of the database, and sets to 0 the label sets an
-/// earlier reading had that this one has not (a tenant whose queue drained), so a drained
-/// queue reads 0 rather than its last depth.
+/// Sets the work gauges from one reading of the database (a drained queue reads 0 rather
+/// than its last depth).
 #[derive(Debug, Default)]
 pub struct WorkGauges {
-    written: std::collections::HashSet<GaugeKey>,
+    gauges: colony_telemetry::GaugeSet,
 }
-
-/// A gauge's name and its label pairs.
-type GaugeKey = (&'static str, Vec<(&'static str, String)>);
 
 impl WorkGauges {
     pub fn record(&mut self, work: &crate::store::ActiveWork) {
+        use colony_telemetry::GaugeKey;
         use std::collections::HashMap;
         let mut values: HashMap<GaugeKey, f64> = HashMap::new();
         for group in &work.tasks {
@@ -210,18 +207,6 @@ impl WorkGauges {
                 *count as f64,
             );
         }
-        for key in self.written.drain() {
-            values.entry(key).or_insert(0.0);
-        }
-        for ((name, labels), value) in values {
-            let pairs: Vec<::metrics::Label> = labels
-                .iter()
-                .map(|(key, value)| ::metrics::Label::new(*key, value.clone()))
-                .collect();
-            ::metrics::gauge!(name, pairs).set(value);
-            if value > 0.0 {
-                self.written.insert((name, labels));
-            }
-        }
+        self.gauges.record(values);
     }
 }

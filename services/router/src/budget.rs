@@ -246,6 +246,57 @@ impl Budgets {
     }
 }
 
+/// A tenant's budget as it stands, in micro-USD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantBudget {
+    pub tenant: String,
+    pub limit: u64,
+    pub spent: u64,
+    pub reserved: u64,
+}
+
+/// Every tenant budget in the database, those of tenants this process's configuration does
+/// not list included (another replica may enforce them; see [`Budgets::set_tenant_limits`]).
+pub async fn tenant_budgets(pool: &PgPool) -> Result<Vec<TenantBudget>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT key, limit_micros, spent_micros, reserved_micros FROM router.budgets \
+         WHERE scope = 'tenant' ORDER BY key",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| TenantBudget {
+            tenant: row.get("key"),
+            limit: from_db(row.get("limit_micros")),
+            spent: from_db(row.get("spent_micros")),
+            reserved: from_db(row.get("reserved_micros")),
+        })
+        .collect())
+}
+
+/// Sets the tenant budget gauges every `every` until `shutdown`. Every replica reads the
+/// whole table, so every replica reports every tenant: aggregate with `max`, not `sum`.
+pub async fn report_tenant_budgets(
+    pool: PgPool,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut gauges = colony_telemetry::GaugeSet::default();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match tenant_budgets(&pool).await {
+            Ok(budgets) => crate::metrics::tenant_budgets(&mut gauges, &budgets),
+            Err(error) => tracing::warn!(%error, "reading the tenant budget gauges failed"),
+        }
+    }
+}
+
 /// Settles one reservation to what the call actually cost (see [`settle_many`]); `actual` 0
 /// releases it.
 pub async fn settle(

@@ -65,6 +65,10 @@ pub struct Handle {
 /// (applying migrations) and the bus, binds both listeners (port 0 picks a free port; the bound
 /// addresses are in the handle), starts the gRPC server, the health endpoints, the outbox
 /// relay and the breaker-change publisher, and marks the runtime ready.
+/// How often the tenant budget gauges are read from the database: fresh enough for a scrape,
+/// cheap for the database.
+const TENANT_BUDGET_GAUGES_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> {
     // The recorder first: what is described or recorded before it exists is lost (the local
     // model records its size while the deployments are built).
@@ -116,6 +120,11 @@ pub async fn spawn(config: Config, runtime: &Runtime) -> anyhow::Result<Handle> 
         .map(|tenant| (tenant.name.clone(), tenant.budget_micros()))
         .collect();
     budgets.set_tenant_limits(&pool, &tenant_limits).await?;
+    runtime.spawn(budget::report_tenant_budgets(
+        pool.clone(),
+        TENANT_BUDGET_GAUGES_EVERY,
+        runtime.shutdown.clone(),
+    ));
     for deployment in deployments.iter() {
         deployment.limiter.sync().await?;
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram};
 
+use crate::budget::TenantBudget;
 use crate::error::ErrorClass;
 use crate::provider::TokenUsage;
 
@@ -31,6 +32,11 @@ pub const BREAKER_TRANSITIONS: &str = "colony_router_breaker_transitions_total";
 pub const BREAKER_REJECTIONS: &str = "colony_router_breaker_rejections_total";
 pub const BREAKER_EVENTS_FAILED: &str = "colony_router_breaker_events_failed_total";
 pub const RATE_LEASES: &str = "colony_router_rate_lease_total";
+
+/// Tenant budgets (budget.rs), read from `router.budgets` every few seconds.
+pub const TENANT_BUDGET: &str = "colony_router_tenant_budget_micro_usd";
+pub const TENANT_BUDGET_SPENT: &str = "colony_router_tenant_budget_spent_micro_usd";
+pub const TENANT_BUDGET_RESERVED: &str = "colony_router_tenant_budget_reserved_micro_usd";
 
 /// The ledger writer (ledger.rs).
 pub const WRITE_FAILURES: &str = "colony_router_ledger_write_failures_total";
@@ -141,7 +147,41 @@ pub fn describe() {
         Unit::Seconds,
         "Time to commit one ledger batch, retries excluded."
     );
+    describe_gauge!(
+        TENANT_BUDGET,
+        "A tenant's budget (its configured limit on total spend) in millionths of a US dollar, by tenant."
+    );
+    describe_gauge!(
+        TENANT_BUDGET_SPENT,
+        "What a tenant has spent of its budget in millionths of a US dollar, by tenant \
+         (may pass the budget by one call's overrun)."
+    );
+    describe_gauge!(
+        TENANT_BUDGET_RESERVED,
+        "Worst-case cost of a tenant's calls in flight, held on its budget until they settle, \
+         in millionths of a US dollar, by tenant."
+    );
     colony_bus::metrics::describe();
+}
+
+/// Sets the tenant budget gauges from one reading of `router.budgets`.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "micro-USD amounts far below 2^53"
+)]
+pub fn tenant_budgets(gauges: &mut colony_telemetry::GaugeSet, budgets: &[TenantBudget]) {
+    let mut values = std::collections::HashMap::new();
+    for budget in budgets {
+        let tenant = vec![("tenant", budget.tenant.clone())];
+        for (name, value) in [
+            (TENANT_BUDGET, budget.limit),
+            (TENANT_BUDGET_SPENT, budget.spent),
+            (TENANT_BUDGET_RESERVED, budget.reserved),
+        ] {
+            values.insert((name, tenant.clone()), value as f64);
+        }
+    }
+    gauges.record(values);
 }
 
 pub fn retried(deployment: &str) {

@@ -232,6 +232,49 @@ async fn tenant_run_and_task_budgets_reserve_together_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn tenant_budgets_read_limit_spent_and_reserved_of_every_tenant() {
+    let db = TestDb::new().await;
+    let budgets = Budgets::new();
+    budgets
+        .set_tenant_limits(
+            &db.pool,
+            &[("acme".into(), Some(10_000)), ("globex".into(), Some(500))],
+        )
+        .await
+        .unwrap();
+    let settled = budgets
+        .reserve(&db.pool, &request("acme", None, None), 700)
+        .await
+        .unwrap()
+        .unwrap();
+    budget::settle(&db.pool, &settled, 400).await.unwrap();
+    // In flight: reserved, not yet spent. A run budget is no tenant's.
+    budgets
+        .reserve(&db.pool, &request("acme", Some(("run-1", 900)), None), 300)
+        .await
+        .unwrap()
+        .unwrap();
+    let read = budget::tenant_budgets(&db.pool).await.unwrap();
+    assert_eq!(
+        read,
+        [
+            budget::TenantBudget {
+                tenant: "acme".into(),
+                limit: 10_000,
+                spent: 400,
+                reserved: 300,
+            },
+            budget::TenantBudget {
+                tenant: "globex".into(),
+                limit: 500,
+                spent: 0,
+                reserved: 0,
+            },
+        ]
+    );
+}
+
+#[tokio::test]
 async fn calls_without_a_budget_never_touch_the_database() {
     // Nothing listens there: any query would fail.
     let pool = PgPoolOptions::new()

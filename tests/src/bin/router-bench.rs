@@ -717,8 +717,15 @@ async fn bench_router(
     let config = dir.join(format!("router-{}.toml", bus.prefix));
     std::fs::write(&config, router_config(stub_port))?;
     let (http_port, grpc_port) = (free_port(), free_port());
-    let mut router =
-        colony_e2e::spawn_router(&db, &bus, &config, "warn", None, http_port, grpc_port);
+    let mut router = colony_e2e::spawn_router(
+        &db,
+        &bus,
+        &config,
+        "warn",
+        None,
+        (http_port, grpc_port),
+        &[],
+    );
     let base = format!("http://127.0.0.1:{http_port}");
     let probe = client(Duration::from_secs(2))?;
     let readyz = format!("{base}/readyz");
