@@ -71,12 +71,7 @@ async fn heartbeat(bus: &colony_bus::Bus, worker: &str) {
 }
 
 async fn alerts(base: &str) -> Vec<Value> {
-    let body: Value = reqwest::get(format!("{base}/v1/alerts"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = common::get_json(&format!("{base}/v1/alerts")).await;
     body["alerts"].as_array().unwrap().clone()
 }
 

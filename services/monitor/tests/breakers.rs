@@ -15,7 +15,7 @@ use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(20);
+use common::{WAIT, get_json, metric, wait_for_alert};
 
 async fn changed(
     bus: &colony_bus::Bus,
@@ -36,33 +36,6 @@ async fn changed(
     )
     .await
     .unwrap();
-}
-
-async fn get(url: &str) -> Value {
-    reqwest::get(url).await.unwrap().json().await.unwrap()
-}
-
-async fn metrics(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The rule's alert in `/v1/alerts` in `state`, once it is there.
-async fn alert_in(base: &str, state: &str) -> Value {
-    eventually(WAIT, &format!("a {state} breakers-open alert"), || async {
-        let body = get(&format!("{base}/v1/alerts")).await;
-        body["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|alert| alert["rule"] == "breakers-open" && alert["state"] == state)
-            .cloned()
-    })
-    .await
 }
 
 #[tokio::test]
@@ -87,14 +60,14 @@ async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
     // older one changes nothing. gpt opens.
     changed(&bus, "claude", v1::BreakerState::Closed, 2).await;
     eventually(WAIT, "claude's closed change handled", || async {
-        let status = get(&format!("{base}/v1/status")).await;
+        let status = get_json(&format!("{base}/v1/status")).await;
         (status["events"]["breaker.closed"] == 1).then_some(())
     })
     .await;
     changed(&bus, "claude", v1::BreakerState::Open, 1).await;
     changed(&bus, "gpt", v1::BreakerState::Open, 1).await;
     let listed = eventually(WAIT, "both open changes handled", || async {
-        let status = get(&format!("{base}/v1/status")).await;
+        let status = get_json(&format!("{base}/v1/status")).await;
         (status["events"]["breaker.open"] == 2).then(|| status["open_breakers"].clone())
     })
     .await;
@@ -104,10 +77,10 @@ async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
     assert_eq!(listed[0]["deployment"], "gpt");
     assert_eq!(listed[0]["state"], "open");
     assert!(listed[0]["since"].is_string(), "{listed:?}");
-    let gauge = common::series(&metrics(&base).await, "colony_monitor_open_breakers");
+    let gauge = metric(&base, "colony_monitor_open_breakers").await;
     assert_eq!(gauge, Some(1.0));
 
-    let firing = alert_in(&base, "firing").await;
+    let firing = wait_for_alert(&base, "breakers-open", "firing").await;
     assert_eq!(firing["fired_value"], 1.0);
     assert!(
         firing["summary"]
@@ -120,13 +93,13 @@ async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
     // Half-open still counts as open: the alert keeps firing.
     changed(&bus, "gpt", v1::BreakerState::HalfOpen, 2).await;
     eventually(WAIT, "gpt half-open", || async {
-        let status = get(&format!("{base}/v1/status")).await;
+        let status = get_json(&format!("{base}/v1/status")).await;
         (status["open_breakers"][0]["state"] == "half_open").then_some(())
     })
     .await;
     // The probe succeeded: closed, resolved, nothing listed, the gauge at 0.
     changed(&bus, "gpt", v1::BreakerState::Closed, 3).await;
-    let resolved = alert_in(&base, "resolved").await;
+    let resolved = wait_for_alert(&base, "breakers-open", "resolved").await;
     assert_eq!(resolved["last_value"], 0.0);
     let firings: i64 =
         sqlx::query_scalar("SELECT count(*) FROM monitor.alerts WHERE rule = 'breakers-open'")
@@ -134,11 +107,10 @@ async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
             .await
             .unwrap();
     assert_eq!(firings, 1, "half-open did not resolve and refire the alert");
-    let status = get(&format!("{base}/v1/status")).await;
+    let status = get_json(&format!("{base}/v1/status")).await;
     assert_eq!(status["open_breakers"], Value::Array(Vec::new()));
     eventually(WAIT, "the gauge back at 0", || async {
-        (common::series(&metrics(&base).await, "colony_monitor_open_breakers") == Some(0.0))
-            .then_some(())
+        (metric(&base, "colony_monitor_open_breakers").await == Some(0.0)).then_some(())
     })
     .await;
 

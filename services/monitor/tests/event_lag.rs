@@ -2,7 +2,6 @@
 //! task event whose `occurred_at` is five minutes old (an outbox that held it back) raises
 //! `colony_monitor_event_lag_seconds`, `/v1/status`'s `event_lag_seconds` and fires an
 //! `event_lag_seconds` rule.
-#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
 mod common;
 
@@ -15,11 +14,7 @@ use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn get(url: &str) -> Value {
-    reqwest::get(url).await.unwrap().json().await.unwrap()
-}
+use common::{WAIT, get_json, metric, wait_for_alert};
 
 #[tokio::test]
 async fn an_event_five_minutes_late_fires_the_event_lag_rule() {
@@ -51,13 +46,13 @@ async fn an_event_five_minutes_late_fires_the_event_lag_rule() {
     .await
     .unwrap();
     let lag = eventually(WAIT, "the heartbeat handled", || async {
-        let status = get(&format!("{base}/v1/status")).await;
+        let status = get_json(&format!("{base}/v1/status")).await;
         (status["events"]["worker.heartbeat"] == 1).then(|| status["event_lag_seconds"].clone())
     })
     .await;
     assert!(lag.as_f64().unwrap() < 30.0, "{lag}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let alerts = get(&format!("{base}/v1/alerts")).await;
+    let alerts = get_json(&format!("{base}/v1/alerts")).await;
     assert_eq!(alerts["alerts"], Value::Array(Vec::new()));
 
     // Five minutes late.
@@ -78,41 +73,16 @@ async fn an_event_five_minutes_late_fires_the_event_lag_rule() {
     )
     .await
     .unwrap();
-    let firing = eventually(WAIT, "the event-lag alert firing", || async {
-        let body = get(&format!("{base}/v1/alerts")).await;
-        body["alerts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|alert| alert["rule"] == "event-lag" && alert["state"] == "firing")
-            .cloned()
-    })
-    .await;
-    let fired = firing["fired_value"].as_f64().unwrap();
-    assert!((299.0..330.0).contains(&fired), "{firing}");
-    assert!(
-        firing["summary"]
-            .as_str()
-            .unwrap()
-            .contains("event_lag_seconds is 3"),
-        "{firing}"
-    );
-    assert!(
-        firing["summary"].as_str().unwrap().ends_with("(over 10m)"),
-        "{firing}"
-    );
+    let firing = wait_for_alert(&base, "event-lag", "firing").await;
+    common::assert_fired_five_minutes(&firing, "event_lag_seconds", "over 10m");
     let gauge = eventually(WAIT, "the lag gauge", || async {
-        let metrics = reqwest::get(format!("{base}/metrics"))
+        metric(&base, "colony_monitor_event_lag_seconds")
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        common::series(&metrics, "colony_monitor_event_lag_seconds").filter(|lag| *lag > 60.0)
+            .filter(|lag| *lag > 60.0)
     })
     .await;
     assert!((299.0..330.0).contains(&gauge), "{gauge}");
-    let status = get(&format!("{base}/v1/status")).await;
+    let status = get_json(&format!("{base}/v1/status")).await;
     assert!(
         status["event_lag_seconds"].as_f64().unwrap() >= 299.0,
         "{status}"

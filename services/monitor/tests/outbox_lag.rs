@@ -2,7 +2,6 @@
 //! minutes (a relay that sends nothing, so no event shows a lag) fires an `outbox_lag_seconds`
 //! rule; sending it resolves the rule; an outbox table that is gone fails the rule's
 //! evaluation, counted by rule.
-#![expect(clippy::unwrap_used, reason = "test helpers fail the test on error")]
 
 mod common;
 
@@ -11,24 +10,8 @@ use std::time::Duration;
 use colony_monitor::Config;
 use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_testkit::{TestBus, TestDb, eventually};
-use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn alert(base: &str, state: &str) -> Option<Value> {
-    let body: Value = reqwest::get(format!("{base}/v1/alerts"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|alert| alert["rule"] == "outbox-lag" && alert["state"] == state)
-        .cloned()
-}
+use common::{alert, metric, wait_for_alert};
 
 #[tokio::test]
 async fn a_held_back_outbox_row_fires_the_outbox_lag_rule_until_it_is_sent() {
@@ -48,7 +31,7 @@ async fn a_held_back_outbox_row_fires_the_outbox_lag_rule_until_it_is_sent() {
 
     // Empty outboxes: nothing fires.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(alert(&base, "firing").await.is_none());
+    assert!(alert(&base, "outbox-lag", "firing").await.is_none());
 
     sqlx::query(
         "INSERT INTO router.outbox (msg_id, subject, payload, created_at) \
@@ -57,50 +40,27 @@ async fn a_held_back_outbox_row_fires_the_outbox_lag_rule_until_it_is_sent() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let firing = eventually(WAIT, "the outbox-lag alert firing", || {
-        alert(&base, "firing")
-    })
-    .await;
-    let fired = firing["fired_value"].as_f64().unwrap();
-    assert!((299.0..330.0).contains(&fired), "{firing}");
-    assert!(
-        firing["summary"]
-            .as_str()
-            .unwrap()
-            .starts_with("outbox-lag: outbox_lag_seconds is 3"),
-        "{firing}"
-    );
-    assert!(
-        firing["summary"].as_str().unwrap().ends_with("(now)"),
-        "{firing}"
-    );
+    let firing = wait_for_alert(&base, "outbox-lag", "firing").await;
+    common::assert_fired_five_minutes(&firing, "outbox_lag_seconds", "now");
 
     // The relay sends it (and deletes the row): resolved.
     sqlx::query("DELETE FROM router.outbox")
         .execute(&db.pool)
         .await
         .unwrap();
-    eventually(WAIT, "the outbox-lag alert resolved", || {
-        alert(&base, "resolved")
-    })
-    .await;
+    wait_for_alert(&base, "outbox-lag", "resolved").await;
 
     // An outbox table that is not there fails the evaluation, which is counted.
     sqlx::query("DROP TABLE router.outbox")
         .execute(&db.pool)
         .await
         .unwrap();
-    eventually(WAIT, "the failed evaluations counted", || async {
-        let metrics = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        common::series(
-            &metrics,
+    eventually(common::WAIT, "the failed evaluations counted", || async {
+        metric(
+            &base,
             r#"colony_monitor_alert_evaluation_failures_total{rule="outbox-lag"}"#,
         )
+        .await
         .filter(|failures| *failures >= 1.0)
     })
     .await;

@@ -14,10 +14,9 @@ use colony_monitor::Config;
 use colony_monitor::alerts::{AlertsConfig, RuleKind};
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
-use serde_json::Value;
 use sqlx::PgPool;
 
-const WAIT: Duration = Duration::from_secs(20);
+use common::{WAIT, get_json, metric, wait_for_alert};
 
 /// Publishes a task event of `kind` for `task_id` at `attempt`, `ago` before now.
 async fn task_event(
@@ -64,39 +63,6 @@ async fn wait_for_task(pool: &PgPool, task_id: &str, state: &str, attempt: i64) 
         || async { (task(pool, task_id).await == Some((state.to_owned(), attempt))).then_some(()) },
     )
     .await;
-}
-
-async fn get_json(url: &str) -> Value {
-    let response = reqwest::get(url).await.unwrap();
-    assert!(
-        response.status().is_success(),
-        "{url}: {}",
-        response.status()
-    );
-    response.json().await.unwrap()
-}
-
-async fn metric(base: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    common::series(&text, name)
-}
-
-/// The alert of `rule` in `/v1/alerts`, once it is in `state`.
-async fn wait_for_alert(base: &str, rule: &str, state: &str) -> Value {
-    eventually(WAIT, &format!("{rule} {state}"), || async {
-        let alerts = get_json(&format!("{base}/v1/alerts")).await;
-        alerts["alerts"]
-            .as_array()?
-            .iter()
-            .find(|alert| alert["rule"] == rule && alert["state"] == state)
-            .cloned()
-    })
-    .await
 }
 
 #[tokio::test]

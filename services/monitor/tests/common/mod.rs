@@ -62,3 +62,56 @@ pub fn rule(name: &str, kind: RuleKind, threshold: f64) -> AlertRule {
         min_events: 1,
     }
 }
+
+/// How long a test waits for the monitor to see something.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// `GET url` as JSON; the status must be a success.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url).await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "{url}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+/// One series of the monitor's metrics at `base`, if it is there.
+pub async fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    series(&text, name)
+}
+
+/// The alert of `rule` in `/v1/alerts` in `state`, if there is one.
+pub async fn alert(base: &str, rule: &str, state: &str) -> Option<serde_json::Value> {
+    let alerts = get_json(&format!("{base}/v1/alerts")).await;
+    alerts["alerts"]
+        .as_array()?
+        .iter()
+        .find(|alert| alert["rule"] == rule && alert["state"] == state)
+        .cloned()
+}
+
+/// The alert of `rule` in `/v1/alerts`, once it is in `state`.
+pub async fn wait_for_alert(base: &str, rule: &str, state: &str) -> serde_json::Value {
+    colony_testkit::eventually(WAIT, &format!("{rule} {state}"), || {
+        alert(base, rule, state)
+    })
+    .await
+}
+
+/// Asserts that `firing` fired on a lag of five minutes (and a little for the test's own time),
+/// and that its summary says so: `<kind> is 3…`, ending with `(<scope>)`.
+pub fn assert_fired_five_minutes(firing: &serde_json::Value, kind: &str, scope: &str) {
+    let fired = firing["fired_value"].as_f64().unwrap();
+    assert!((299.0..330.0).contains(&fired), "{firing}");
+    let summary = firing["summary"].as_str().unwrap();
+    assert!(summary.contains(&format!("{kind} is 3")), "{firing}");
+    assert!(summary.ends_with(&format!("({scope})")), "{firing}");
+}
