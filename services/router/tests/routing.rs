@@ -466,11 +466,11 @@ async fn streams_speak_openai_sse_and_grpc_and_are_accounted() {
     assert_eq!(done.content, text);
     assert_eq!(done.usage.unwrap().completion_tokens, 3);
 
-    // The failed attempt and both streams are in the ledger.
-    colony_testkit::eventually(Duration::from_secs(5), "three ledger rows", || async {
-        (ledger_rows(&db).await == 3).then_some(())
-    })
-    .await;
+    // The failed attempt and both streams are in the ledger, in the order they were made.
+    // The writer commits in batches off the request path, with no bound on how soon (a failed
+    // write is retried with backoff of up to 5 s), so waiting for the rows under a deadline
+    // races it; an orderly stop writes every queued entry, so the rows are read after it.
+    stop(runtime, handle).await;
     let outcomes: Vec<(String, String)> =
         sqlx::query_as("SELECT deployment, outcome FROM router.usage_ledger ORDER BY id")
             .fetch_all(&db.pool)
@@ -484,7 +484,6 @@ async fn streams_speak_openai_sse_and_grpc_and_are_accounted() {
             ("canned".to_owned(), "ok".to_owned()),
         ]
     );
-    stop(runtime, handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
