@@ -38,6 +38,20 @@ pub enum Error {
     Database(#[from] sqlx::Error),
 }
 
+/// The longest wait before asking again for a stream the server failed to store (50 ms
+/// doubling: five retries within 1.6 s).
+const STREAM_STORE_RETRY_LIMIT: Duration = Duration::from_millis(800);
+
+/// Whether stream creation failed in the server's storage (JetStream's `STREAM_STORE_FAILED`),
+/// a server-side failure that a second request may not meet.
+fn is_store_failure(error: &jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(ref api)
+            if api.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED
+    )
+}
+
 impl Error {
     /// Publish and connection failures heal by themselves; configuration errors do not.
     pub fn is_retryable(&self) -> bool {
@@ -277,13 +291,28 @@ impl Bus {
         for kind in StreamKind::ALL {
             let config = self.stream_config(kind);
             let name = config.name.clone();
-            self.jetstream
-                .get_or_create_stream(config)
-                .await
-                .map_err(|e| Error::Stream {
-                    stream: name,
-                    message: e.to_string(),
-                })?;
+            let mut retry_in = Duration::from_millis(50);
+            loop {
+                match self.jetstream.get_or_create_stream(config.clone()).await {
+                    Ok(_) => break,
+                    // NATS servers (2.9 at least) remove an account's stream directory when
+                    // its last stream is deleted; a stream created at that moment fails with
+                    // "could not create storage directory". Asking again succeeds.
+                    Err(error)
+                        if is_store_failure(&error) && retry_in <= STREAM_STORE_RETRY_LIMIT =>
+                    {
+                        tracing::warn!(stream = %name, %error, "stream creation failed in the server's storage; retrying");
+                        tokio::time::sleep(retry_in).await;
+                        retry_in *= 2;
+                    }
+                    Err(error) => {
+                        return Err(Error::Stream {
+                            stream: name,
+                            message: error.to_string(),
+                        });
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -422,6 +451,29 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stream_the_server_failed_to_store_is_asked_for_again() {
+        use jetstream::context::{CreateStreamError, CreateStreamErrorKind};
+        let api = |err_code: u64, description: &str| -> CreateStreamError {
+            let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 500, "err_code": err_code, "description": description
+            }))
+            .expect("a JetStream API error as the server sends it");
+            error.into()
+        };
+        assert!(is_store_failure(&api(
+            10077,
+            "stream store failed: could not create storage directory"
+        )));
+        assert!(!is_store_failure(&api(
+            10058,
+            "stream name already in use with a different configuration"
+        )));
+        assert!(!is_store_failure(&CreateStreamError::new(
+            CreateStreamErrorKind::TimedOut
+        )));
+    }
 
     /// Whether the NATS subject filter `filter` (with `*` and `>` wildcards) matches `subject`.
     fn matches(filter: &str, subject: &str) -> bool {
