@@ -28,6 +28,8 @@ pub const QUEUED_TASKS: &str = "colony_monitor_queued_tasks";
 pub const RUNNING_TASKS: &str = "colony_monitor_running_tasks";
 /// Tasks running for longer than `stale_task_after` at the last sweep.
 pub const STALE_TASKS: &str = "colony_monitor_stale_tasks";
+/// Tasks found stale (running longer than `stale_task_after`), each attempt counted once.
+pub const STALE_TASKS_DETECTED: &str = "colony_monitor_stale_tasks_detected_total";
 /// How long the oldest queued task had waited at the last sweep, in seconds.
 pub const QUEUE_OLDEST_AGE: &str = "colony_monitor_queue_oldest_age_seconds";
 
@@ -92,6 +94,10 @@ pub fn describe() {
     describe_gauge!(
         STALE_TASKS,
         "Tasks running for longer than stale_task_after, as of the last sweep. The monitor only reports them."
+    );
+    describe_counter!(
+        STALE_TASKS_DETECTED,
+        "Tasks found running for longer than stale_task_after, each attempt once (and logged once, at warn, with its ids)."
     );
     describe_gauge!(
         QUEUE_OLDEST_AGE,

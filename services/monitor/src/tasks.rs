@@ -79,7 +79,7 @@ pub async fn record(pool: &PgPool, update: &TaskUpdate) -> Result<(), Error> {
              tenant = EXCLUDED.tenant, run_id = EXCLUDED.run_id, \
              role = CASE WHEN EXCLUDED.role <> '' THEN EXCLUDED.role ELSE monitor.tasks.role END, \
              attempt = EXCLUDED.attempt, stage = EXCLUDED.stage, state = EXCLUDED.state, \
-             since = EXCLUDED.since, updated_at = now() \
+             since = EXCLUDED.since, updated_at = now(), stale_reported_at = NULL \
          WHERE (monitor.tasks.attempt, monitor.tasks.stage, monitor.tasks.since) \
              < (EXCLUDED.attempt, EXCLUDED.stage, EXCLUDED.since)",
     )
@@ -162,6 +162,10 @@ pub async fn stale(
     .bind(limit)
     .fetch_all(pool)
     .await?;
+    stale_tasks(&rows)
+}
+
+fn stale_tasks(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<StaleTask>, Error> {
     let stale = rows
         .iter()
         .map(|row| {
@@ -177,6 +181,36 @@ pub async fn stale(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(stale)
 }
+
+/// Stale tasks not reported before, marked reported, oldest first, at most `limit`: each stale
+/// attempt is reported once, whatever the number of sweeps or monitor replicas.
+pub async fn newly_stale(
+    pool: &PgPool,
+    stale_after: Duration,
+    limit: i64,
+) -> Result<Vec<StaleTask>, Error> {
+    let rows = sqlx::query(
+        "WITH found AS ( \
+             SELECT task_id FROM monitor.tasks \
+             WHERE state = 'running' AND since <= now() - make_interval(secs => $1) \
+               AND stale_reported_at IS NULL \
+             ORDER BY since, task_id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         UPDATE monitor.tasks t SET stale_reported_at = now() FROM found \
+         WHERE t.task_id = found.task_id \
+         RETURNING t.task_id, t.tenant, t.run_id, t.role, t.attempt, t.since",
+    )
+    .bind(stale_after.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut stale = stale_tasks(&rows)?;
+    stale.sort_by(|a, b| (a.since, &a.task_id).cmp(&(b.since, &b.task_id)));
+    Ok(stale)
+}
+
+/// Stale tasks reported (logged and counted) per sweep at most; the next sweeps report the
+/// rest.
+const STALE_REPORTS_PER_SWEEP: i64 = 100;
 
 /// How long rows of ended or waiting tasks are kept after their last write: far longer than a
 /// redelivery or a reordering among concurrently handled events takes, so an older event
@@ -211,6 +245,20 @@ pub async fn sweep(pool: &PgPool, stale_after: Duration, retention: Duration) ->
             forgotten,
             ?retention,
             "forgot queued or running tasks without an event within task_retention"
+        );
+    }
+    let newly_stale = newly_stale(pool, stale_after, STALE_REPORTS_PER_SWEEP).await?;
+    ::metrics::counter!(metrics::STALE_TASKS_DETECTED).increment(newly_stale.len() as u64);
+    for task in &newly_stale {
+        tracing::warn!(
+            tenant = %task.tenant,
+            run_id = %task.run_id,
+            task_id = %task.task_id,
+            attempt = task.attempt,
+            role = %task.role,
+            since = %task.since,
+            ?stale_after,
+            "task stale: running longer than stale_task_after (reported, not acted upon)"
         );
     }
     let summary = summary(pool, stale_after).await?;

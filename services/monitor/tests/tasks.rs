@@ -158,6 +158,24 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
         .unwrap();
     assert!((1199.0..1300.0).contains(&oldest), "{oldest}");
 
+    // Reported once (counted, logged), however many sweeps see it.
+    eventually(WAIT, "the stale task reported", || async {
+        (metric(&base, "colony_monitor_stale_tasks_detected_total").await == Some(1.0))
+            .then_some(())
+    })
+    .await;
+    let reported: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT stale_reported_at FROM monitor.tasks WHERE task_id = 't-stuck'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert!(reported.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(&base, "colony_monitor_stale_tasks_detected_total").await,
+        Some(1.0)
+    );
+
     // The status lists it.
     let status = get_json(&format!("{base}/v1/status")).await;
     assert_eq!(status["tasks"]["queued"], 2, "{status}");
