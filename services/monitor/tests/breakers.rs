@@ -6,11 +6,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use colony_bus::subjects;
-use colony_monitor::Config;
-use colony_monitor::alerts::{AlertsConfig, RuleKind};
+use colony_monitor::alerts::RuleKind;
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
@@ -42,16 +39,11 @@ async fn changed(
 async fn an_open_breaker_is_listed_counted_and_alerted_until_it_closes() {
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
-    let config = Config {
-        sweep_interval: Duration::from_millis(100),
-        alerts: AlertsConfig {
-            evaluate_interval: Duration::from_millis(100),
-            cooldown: Duration::ZERO,
-            rules: vec![common::rule("breakers-open", RuleKind::OpenBreakers, 0.0)],
-            ..AlertsConfig::default()
-        },
-        ..Config::default()
-    };
+    let config = common::quick(vec![common::rule(
+        "breakers-open",
+        RuleKind::OpenBreakers,
+        0.0,
+    )]);
     let monitor = common::start(&db, &test_bus, config).await;
     let base = monitor.base.clone();
     let bus = test_bus.connect().await;

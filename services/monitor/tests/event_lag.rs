@@ -8,8 +8,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use colony_bus::subjects;
-use colony_monitor::Config;
-use colony_monitor::alerts::{AlertsConfig, RuleKind};
+use colony_monitor::alerts::RuleKind;
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use serde_json::Value;
@@ -20,15 +19,11 @@ use common::{WAIT, get_json, metric, wait_for_alert};
 async fn an_event_five_minutes_late_fires_the_event_lag_rule() {
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
-    let config = Config {
-        sweep_interval: Duration::from_millis(100),
-        alerts: AlertsConfig {
-            evaluate_interval: Duration::from_millis(100),
-            rules: vec![common::rule("event-lag", RuleKind::EventLagSeconds, 60.0)],
-            ..AlertsConfig::default()
-        },
-        ..Config::default()
-    };
+    let config = common::quick(vec![common::rule(
+        "event-lag",
+        RuleKind::EventLagSeconds,
+        60.0,
+    )]);
     let monitor = common::start(&db, &test_bus, config).await;
     let base = monitor.base.clone();
     let bus = test_bus.connect().await;

@@ -7,8 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use colony_monitor::Config;
-use colony_monitor::alerts::{AlertsConfig, RuleKind};
+use colony_monitor::alerts::RuleKind;
 use colony_testkit::{TestBus, TestDb, eventually};
 
 use common::{alert, metric, wait_for_alert};
@@ -17,15 +16,11 @@ use common::{alert, metric, wait_for_alert};
 async fn a_held_back_outbox_row_fires_the_outbox_lag_rule_until_it_is_sent() {
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
-    let config = Config {
-        alerts: AlertsConfig {
-            evaluate_interval: Duration::from_millis(100),
-            cooldown: Duration::ZERO,
-            rules: vec![common::rule("outbox-lag", RuleKind::OutboxLagSeconds, 60.0)],
-            ..AlertsConfig::default()
-        },
-        ..Config::default()
-    };
+    let config = common::quick(vec![common::rule(
+        "outbox-lag",
+        RuleKind::OutboxLagSeconds,
+        60.0,
+    )]);
     let monitor = common::start(&db, &test_bus, config).await;
     let base = monitor.base.clone();
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use colony_bus::{Bus, subjects};
 use colony_monitor::Config;
-use colony_monitor::alerts::{AlertsConfig, RuleKind};
+use colony_monitor::alerts::RuleKind;
 use colony_proto::v1;
 use colony_testkit::{TestBus, TestDb, eventually};
 use sqlx::PgPool;
@@ -72,19 +72,12 @@ async fn task_events_keep_a_task_view_that_reports_stale_tasks_and_the_queue() {
     let db = TestDb::new().await;
     let test_bus = TestBus::new();
     let config = Config {
-        sweep_interval: Duration::from_millis(100),
         stale_task_after: Duration::from_secs(600),
-        alerts: AlertsConfig {
-            evaluate_interval: Duration::from_millis(100),
-            cooldown: Duration::ZERO,
-            rules: vec![
-                common::rule("tasks-stale", RuleKind::StaleTasks, 0.0),
-                common::rule("queue-depth", RuleKind::QueueDepth, 1.0),
-                common::rule("queue-age", RuleKind::QueueAgeSeconds, 3600.0),
-            ],
-            ..AlertsConfig::default()
-        },
-        ..Config::default()
+        ..common::quick(vec![
+            common::rule("tasks-stale", RuleKind::StaleTasks, 0.0),
+            common::rule("queue-depth", RuleKind::QueueDepth, 1.0),
+            common::rule("queue-age", RuleKind::QueueAgeSeconds, 3600.0),
+        ])
     };
     let monitor = common::start(&db, &test_bus, config).await;
     let base = monitor.base.clone();

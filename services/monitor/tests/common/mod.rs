@@ -52,6 +52,20 @@ pub fn series(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// A monitor configuration that sweeps and evaluates `rules` every 100 ms, with no cooldown.
+pub fn quick(rules: Vec<AlertRule>) -> Config {
+    Config {
+        sweep_interval: Duration::from_millis(100),
+        alerts: colony_monitor::alerts::AlertsConfig {
+            evaluate_interval: Duration::from_millis(100),
+            cooldown: Duration::ZERO,
+            rules,
+            ..colony_monitor::alerts::AlertsConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
 /// A rule of `kind` named `name` that fires above `threshold`, over 10 minutes, from one event.
 pub fn rule(name: &str, kind: RuleKind, threshold: f64) -> AlertRule {
     AlertRule {
